@@ -1,0 +1,137 @@
+"""Multi-head latent attention (MLA), DeepSeek-V2/V3.
+
+Contract:
+- `MultiHeadLatentAttention.forward(x [T, D], rope, attention)` projects T flat tokens into
+  queries and the compact per-token cache entry (normalised latent [T, r] + roped key [T, dr]),
+  hands them to an `AttentionBackend`, and projects the per-head result back to [T, D].
+- The backend decides which keys each query sees (a causal batch, a paged cache...). It uses one
+  of two mathematically equal computations this module provides:
+  * `attend_expanded`: decompress keys and values per head from the latent (cheap for prefill,
+    where queries ~ keys);
+  * `attend_absorbed`: fold `kv_b_proj` into the query and output side and attend in latent
+    space, so the cache is read once per step regardless of head count (the decode path).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moeray.model.config import ModelArgs
+from moeray.model.layers import RMSNorm
+from moeray.model.rope import apply_rotary
+
+
+class AttentionBackend(Protocol):
+    """Computes attention outputs [T, H, dv] for T flat tokens of one layer."""
+
+    def __call__(self, attn: "MultiHeadLatentAttention", q_nope: torch.Tensor, q_pe: torch.Tensor,
+                 latent: torch.Tensor, k_pe: torch.Tensor) -> torch.Tensor: ...
+
+
+class MultiHeadLatentAttention(nn.Module):
+    def __init__(self, args: ModelArgs, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = args.num_attention_heads
+        self.nope_dim, self.rope_dim = args.qk_nope_head_dim, args.qk_rope_head_dim
+        self.v_dim, self.kv_lora_rank = args.v_head_dim, args.kv_lora_rank
+        self.rope_interleave = args.rope_interleave
+        self.q_lora_rank = args.q_lora_rank
+        self.softmax_scale = args.softmax_scale
+        d, h, bias = args.hidden_size, args.num_attention_heads, args.attention_bias
+
+        if args.q_lora_rank is None:
+            self.q_proj = nn.Linear(d, h * args.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(d, args.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(args.q_lora_rank, args.rms_norm_eps)
+            self.q_b_proj = nn.Linear(args.q_lora_rank, h * args.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(d, args.kv_lora_rank + args.qk_rope_head_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(args.kv_lora_rank, args.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(args.kv_lora_rank, h * (args.qk_nope_head_dim + args.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(h * args.v_head_dim, d, bias=bias)
+
+    def project(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
+        """x [T, D] -> q_nope [T, H, dn], q_pe [T, H, dr], latent [T, r], k_pe [T, dr]."""
+        cos, sin = rope
+        if self.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(x.shape[0], self.num_heads, self.nope_dim + self.rope_dim)
+        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        q_pe = apply_rotary(q_pe, cos, sin, self.rope_interleave)
+
+        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        latent = self.kv_a_layernorm(latent)
+        k_pe = apply_rotary(k_pe, cos, sin, self.rope_interleave)
+        return q_nope, q_pe, latent, k_pe
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                attention: AttentionBackend) -> torch.Tensor:
+        out = attention(self, *self.project(x, rope))  # [T, H, dv]
+        return self.o_proj(out.flatten(1))
+
+    # ---- the two attention computations ----------------------------------------------------
+    def _kv_b_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv_b_proj split per head: W_uk [H, dn, r] (latent -> key) and W_uv [H, dv, r]."""
+        w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        return w[:, : self.nope_dim], w[:, self.nope_dim:]
+
+    def attend_expanded(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
+                        k_pe: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+        """Batched attention with keys/values decompressed from the latent.
+
+        q_nope [B, T, H, dn], q_pe [B, T, H, dr], latent [B, S, r], k_pe [B, S, dr];
+        mask [B, T, S] (True = may attend) or `causal` when T == S. Returns [B, T, H, dv].
+        """
+        b, s = latent.shape[:2]
+        kv = self.kv_b_proj(latent).view(b, s, self.num_heads, self.nope_dim + self.v_dim)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        k = torch.cat((k_nope, k_pe[:, :, None, :].expand(-1, -1, self.num_heads, -1)), dim=-1)
+        q = torch.cat((q_nope, q_pe), dim=-1)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # [B, H, T|S, d]
+            attn_mask=None if mask is None else mask[:, None], is_causal=causal and mask is None,
+            scale=self.softmax_scale)
+        return out.transpose(1, 2)
+
+    def attend_absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
+                        k_pe: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The same attention computed in latent space against the compact cache.
+
+        score(t, s) = q_nope_t . (W_uk latent_s) + q_pe_t . k_pe_s = (W_uk^T q_nope_t) . latent_s + ...
+        so each query is mapped into the latent once and the per-head keys are never built;
+        likewise the output is sum_s p_ts (W_uv latent_s) = W_uv (sum_s p_ts latent_s).
+        Shapes as in `attend_expanded`; returns [B, T, H, dv].
+        """
+        w_uk, w_uv = self._kv_b_weights()
+        q_latent = torch.einsum("bthd,hdr->bthr", q_nope, w_uk)  # [B, T, H, r]
+        scores = torch.einsum("bthr,bsr->bhts", q_latent, latent)
+        scores = scores + torch.einsum("bthd,bsd->bhts", q_pe, k_pe)
+        scores = scores.float() * self.softmax_scale  # [B, H, T, S]
+        if mask is not None:
+            scores = scores.masked_fill(~mask[:, None], float("-inf"))
+        probs = scores.softmax(dim=-1).to(latent.dtype)
+        out_latent = torch.einsum("bhts,bsr->bthr", probs, latent)  # [B, T, H, r]
+        return torch.einsum("bthr,hvr->bthv", out_latent, w_uv)
+
+
+class DenseCausalAttention:
+    """Backend for a rectangular batch without a cache: each row attends causally to itself.
+
+    Tokens arrive flat ([B*S, ...], row-major); the expanded path is used throughout.
+    """
+
+    def __init__(self, batch: int, seq_len: int):
+        self.batch, self.seq_len = batch, seq_len
+
+    def __call__(self, attn: MultiHeadLatentAttention, q_nope, q_pe, latent, k_pe) -> torch.Tensor:
+        b, s = self.batch, self.seq_len
+        out = attn.attend_expanded(q_nope.view(b, s, *q_nope.shape[1:]), q_pe.view(b, s, *q_pe.shape[1:]),
+                                   latent.view(b, s, -1), k_pe.view(b, s, -1), causal=True)
+        return out.reshape(b * s, *out.shape[2:])

@@ -1,0 +1,128 @@
+"""DeepSeekMoE: the top-k gate, grouped routed experts, shared experts.
+
+Contract:
+- `TopkGate(x [T, D])` returns `(weights [T, k] float32, expert_ids [T, k] int64)` for every
+  scoring function / top-k method of DeepSeek-V2 and V3; weights already carry
+  `norm_topk_prob` and `routed_scaling_factor`.
+- `RoutedExperts` stores all routed experts of a layer in two tensors (`gate_up_proj`
+  [E, 2I, D], `down_proj` [E, D, I], the transformers-5 layout) and computes a step's tokens in
+  one grouped pass: pairs sorted by expert, one matmul per expert that received tokens.
+- `MoE.forward(x, experts=None)` adds the shared experts to the routed output. Routed experts
+  may be computed elsewhere: an `ExpertBackend` (experts in other processes) is passed in.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moeray.model.config import ModelArgs
+from moeray.model.layers import MLP
+
+
+class ExpertBackend(Protocol):
+    """Computes the weighted routed-expert output [T, D] for one MoE layer."""
+
+    def __call__(self, layer_idx: int, x: torch.Tensor, expert_ids: torch.Tensor,
+                 weights: torch.Tensor) -> torch.Tensor: ...
+
+
+class TopkGate(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.top_k = args.num_experts_per_tok
+        self.num_experts = args.n_routed_experts
+        self.scoring_func, self.topk_method = args.scoring_func, args.topk_method
+        self.n_group, self.topk_group = args.n_group, args.topk_group
+        self.norm_topk_prob = args.norm_topk_prob
+        self.routed_scaling_factor = args.routed_scaling_factor
+        # The router runs in float32 whatever the model dtype: routing is a discrete choice and
+        # bf16 logits flip near-ties.
+        self.weight = nn.Parameter(torch.empty(self.num_experts, args.hidden_size, dtype=torch.float32))
+        if self.topk_method == "noaux_tc":
+            # Aux-loss-free balancing: a per-expert bias that shifts the choice, never the weight.
+            self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts, dtype=torch.float32))
+        else:
+            self.e_score_correction_bias = None
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(x.float(), self.weight.float())  # [T, E]
+        return logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = self.scores(x)
+        choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
+        if self.topk_method != "greedy" and self.n_group > 1:
+            grouped = choice.view(-1, self.n_group, self.num_experts // self.n_group)  # [T, G, E/G]
+            if self.topk_method == "noaux_tc":
+                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+            else:
+                group_scores = grouped.amax(dim=-1)
+            keep = group_scores.topk(self.topk_group, dim=-1).indices  # [T, topk_group]
+            group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+            choice = grouped.masked_fill(~group_mask[..., None], float("-inf")).flatten(1)
+        expert_ids = choice.topk(self.top_k, dim=-1).indices
+        weights = scores.gather(1, expert_ids)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.routed_scaling_factor, expert_ids
+
+
+def grouped_expert_forward(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
+                           gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """Weighted SwiGLU expert output for routed tokens, one matmul per expert hit.
+
+    x [T, D]; expert_ids, weights [T, k] (ids index the first dim of gate_up [E, 2I, D] and
+    down [E, D, I]). Returns [T, D] in x's dtype.
+    """
+    num_tokens, top_k = expert_ids.shape
+    flat_ids = expert_ids.flatten()
+    order = flat_ids.argsort(stable=True)  # pairs grouped by expert
+    token_of_pair = order // top_k
+    counts = torch.bincount(flat_ids, minlength=gate_up.shape[0]).tolist()
+    x_sorted = x.index_select(0, token_of_pair)  # [T*k, D]
+    out_sorted = torch.empty_like(x_sorted)
+    start = 0
+    for expert, count in enumerate(counts):
+        if count == 0:
+            continue
+        end = start + count
+        gate, up = F.linear(x_sorted[start:end], gate_up[expert]).chunk(2, dim=-1)
+        out_sorted[start:end] = F.linear(F.silu(gate) * up, down[expert])
+        start = end
+    out_sorted.mul_(weights.flatten()[order, None].to(x.dtype))
+    return torch.zeros_like(x).index_add_(0, token_of_pair, out_sorted)
+
+
+class RoutedExperts(nn.Module):
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.num_experts, self.intermediate_size = num_experts, intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return grouped_expert_forward(x, expert_ids, weights, self.gate_up_proj, self.down_proj)
+
+
+class MoE(nn.Module):
+    def __init__(self, args: ModelArgs, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.gate = TopkGate(args)
+        self.experts = RoutedExperts(args.n_routed_experts, args.hidden_size, args.moe_intermediate_size)
+        self.shared_experts = (MLP(args.hidden_size, args.moe_intermediate_size * args.n_shared_experts)
+                               if args.n_shared_experts else None)
+
+    def forward(self, x: torch.Tensor, experts: ExpertBackend | None = None) -> torch.Tensor:
+        weights, expert_ids = self.gate(x)
+        if experts is None:
+            out = self.experts(x, expert_ids, weights)
+        else:
+            out = experts(self.layer_idx, x, expert_ids, weights)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out

@@ -1,0 +1,88 @@
+"""The DeepSeek-V2/V3 decoder stack and causal LM head.
+
+Contract:
+- `DeepseekForCausalLM(args)(input_ids [B, S])` returns logits [B, S, V]: causal, no cache.
+- `forward_tokens(token_ids [T], positions [T], attention, experts=None)` runs T flat tokens of
+  any number of sequences through the stack and returns final hidden states [T, D]; the
+  attention backend decides which keys each token sees and the expert backend where the routed
+  experts run. Every MoE layer routes all T tokens at once. `logits(hidden)` applies the head.
+- Parameter names are the Hugging Face names (`model.layers.N.self_attn.q_a_proj.weight`, ...);
+  routed experts use the grouped transformers-5 names (`...mlp.experts.gate_up_proj`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moeray.model.config import ModelArgs
+from moeray.model.layers import MLP, RMSNorm
+from moeray.model.mla import AttentionBackend, DenseCausalAttention, MultiHeadLatentAttention
+from moeray.model.moe import MoE, ExpertBackend
+from moeray.model.rope import RotaryEmbedding
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, layer_idx: int):
+        super().__init__()
+        self.self_attn = MultiHeadLatentAttention(args, layer_idx)
+        self.mlp = MoE(args, layer_idx) if args.is_moe_layer(layer_idx) else MLP(args.hidden_size, args.intermediate_size)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, rope, attention: AttentionBackend,
+                experts: ExpertBackend | None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, attention)
+        h = self.post_attention_layernorm(x)
+        return x + (self.mlp(h, experts) if isinstance(self.mlp, MoE) else self.mlp(h))
+
+
+class DeepseekModel(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_hidden_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+
+class DeepseekForCausalLM(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model = DeepseekModel(args)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(args)
+
+    def forward_tokens(self, token_ids: torch.Tensor, positions: torch.Tensor, attention: AttentionBackend,
+                       experts: ExpertBackend | None = None) -> torch.Tensor:
+        rope = self.rotary(positions)
+        x = self.model.embed_tokens(token_ids)  # [T, D]
+        for layer in self.model.layers:
+            x = layer(x, rope, attention, experts)
+        return self.model.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape [batch, seq], got {tuple(input_ids.shape)}")
+        batch, seq_len = input_ids.shape
+        positions = torch.arange(seq_len, device=input_ids.device).repeat(batch)
+        hidden = self.forward_tokens(input_ids.flatten(), positions, DenseCausalAttention(batch, seq_len))
+        return self.logits(hidden).view(batch, seq_len, -1)
+
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+        """Random initialisation for checkpoints built from scratch (tests, pre-training)."""
+        with torch.no_grad():
+            for name, param in self.named_parameters():
+                if name.endswith("norm.weight"):
+                    param.fill_(1.0)
+                elif param.dim() == 1:
+                    param.zero_()
+                else:
+                    param.normal_(0.0, std, generator=generator)
+            for module in self.modules():
+                bias = getattr(module, "e_score_correction_bias", None)
+                if isinstance(bias, torch.Tensor):
+                    bias.zero_()

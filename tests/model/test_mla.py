@@ -1,0 +1,56 @@
+"""The absorbed (latent-space) attention equals the expanded one."""
+
+import torch
+
+import moeray.model
+from moeray.model import ModelArgs
+
+
+def _inputs(model, tokens: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, model.args.hidden_size, generator=gen)
+    positions = torch.arange(tokens)
+    attn = model.model.layers[0].self_attn
+    return attn, attn.project(x, model.rotary(positions))
+
+
+def test_absorbed_equals_expanded_causal():
+    model = moeray.model.build(ModelArgs.preset("tiny"), seed=1)
+    attn, (q_nope, q_pe, latent, k_pe) = _inputs(model, 19)
+    mask = torch.ones(19, 19, dtype=torch.bool).tril()[None]
+    with torch.no_grad():
+        expanded = attn.attend_expanded(q_nope[None], q_pe[None], latent[None], k_pe[None], causal=True)
+        absorbed = attn.attend_absorbed(q_nope[None], q_pe[None], latent[None], k_pe[None], mask=mask)
+    assert expanded.shape == (1, 19, 4, 32)
+    torch.testing.assert_close(absorbed, expanded, atol=1e-5, rtol=1e-4)
+
+
+def test_absorbed_decode_against_a_prefix_with_padding():
+    """Decode-shaped: one query per sequence against cached keys of different lengths."""
+    model = moeray.model.build(ModelArgs.preset("tiny"), seed=2)
+    attn, (q_nope, q_pe, latent, k_pe) = _inputs(model, 24)
+    lengths = [24, 9]
+    # Batch of two sequences sharing the same keys buffer, the second only sees 9 of them.
+    mask = torch.zeros(2, 1, 24, dtype=torch.bool)
+    for b, n in enumerate(lengths):
+        mask[b, 0, :n] = True
+    q_idx = torch.tensor([23, 8])
+    with torch.no_grad():
+        absorbed = attn.attend_absorbed(q_nope[q_idx, None], q_pe[q_idx, None], latent.expand(2, -1, -1),
+                                        k_pe.expand(2, -1, -1), mask=mask)
+        for b, n in enumerate(lengths):
+            full = attn.attend_expanded(q_nope[None, :n], q_pe[None, :n], latent[None, :n], k_pe[None, :n],
+                                        causal=True)
+            torch.testing.assert_close(absorbed[b, 0], full[0, n - 1], atol=1e-5, rtol=1e-4)
+
+
+def test_prefill_chunk_after_prefix_equals_full_prefill():
+    model = moeray.model.build(ModelArgs.preset("tiny"), seed=3)
+    attn, (q_nope, q_pe, latent, k_pe) = _inputs(model, 30)
+    start = 17
+    chunk = torch.arange(start, 30)
+    mask = (torch.arange(30)[None, :] <= chunk[:, None])[None]  # [1, 13, 30]
+    with torch.no_grad():
+        full = attn.attend_expanded(q_nope[None], q_pe[None], latent[None], k_pe[None], causal=True)
+        part = attn.attend_expanded(q_nope[None, start:], q_pe[None, start:], latent[None], k_pe[None], mask=mask)
+    torch.testing.assert_close(part[0], full[0, start:], atol=1e-5, rtol=1e-4)
