@@ -1,10 +1,15 @@
-"""Shared test helpers: tiny random checkpoints written by transformers (the reference)."""
+"""Shared test helpers: tiny random checkpoints written by transformers (the reference) and a
+tiny DeepSeek-style byte-level BPE tokenizer with its chat template."""
 
 from __future__ import annotations
 
+import json
+from functools import lru_cache
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer as BackendTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
 
 TINY_V3 = dict(
     vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
@@ -47,3 +52,91 @@ def write_hf_checkpoint(folder: Path, kind: str = "v3", seed: int = 0, **overrid
                 gate.e_score_correction_bias.copy_(torch.rand(gate.e_score_correction_bias.shape, generator=gen) * 0.1)
     model.save_pretrained(folder)
     return model
+
+
+BOS = "<｜begin▁of▁sentence｜>"
+EOS = "<｜end▁of▁sentence｜>"
+USER = "<｜User｜>"
+ASSISTANT = "<｜Assistant｜>"
+
+# DeepSeek-V3 style. Block tags carry no whitespace-control dashes on purpose: the indentation and
+# newlines around them vanish only if trim_blocks/lstrip_blocks are set as transformers sets them.
+DEEPSEEK_STYLE_TEMPLATE = """\
+{{- bos_token -}}
+{% if messages and messages[0]['role'] == 'system' %}
+    {{- messages[0]['content'] -}}
+    {% set conversation = messages[1:] %}
+{% else %}
+    {% set conversation = messages %}
+{% endif %}
+{% if tools %}
+    {{- '\\n\\n## Tools\\n' + (tools | tojson) -}}
+{% endif %}
+{% for message in conversation %}
+    {% if message['role'] == 'user' %}
+        {{- '<｜User｜>' + message['content'] -}}
+    {% elif message['role'] == 'assistant' %}
+        {{- '<｜Assistant｜>' + message['content'] + '<｜end▁of▁sentence｜>' -}}
+    {% else %}
+        {{- raise_exception('unsupported role: ' + message['role']) -}}
+    {% endif %}
+{% endfor %}
+{% if add_generation_prompt %}
+    {{- '<｜Assistant｜>' -}}
+{% endif %}
+"""
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. Hello world, hello there!",
+    "Mixture-of-Experts models route every token to a few experts out of many.",
+    "def add(a: int, b: int) -> int:\n    return a + b\n\nfor i in range(10):\n    print(add(i, 2))\n",
+    "class Config:\n    def __init__(self, name='moe'):\n        self.name = name  # keep it\n",
+    "你好，世界！今天天气很好。我们在学习分词器。",
+    "日本語のテキストも少し入れておきます。",
+    "Emoji: 😀 🎉 👍🏽 🚀 ❤️ 👨‍👩‍👧",
+    "Accents: naïve café résumé façade über Ångström señor",
+]
+
+ROUND_TRIP_TEXTS = [
+    "Hello world, hello there!",
+    "def add(a: int, b: int) -> int:\n    return a + b\n",
+    "你好，世界！今天天气很好。",
+    "naïve café résumé — Ångström",
+    "rocket 🚀 party 🎉 thumbs 👍🏽 family 👨‍👩‍👧",
+    "mixed: 日本語 text with 😀 and tabs\tand  double  spaces",
+]
+
+
+@lru_cache(maxsize=None)
+def _trained_tokenizer_json() -> str:
+    """Trains once per session; every folder gets a copy of the same tokenizer.json."""
+    backend = BackendTokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=[BOS, EOS, USER, ASSISTANT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(CORPUS * 4, trainer=trainer)
+    return backend.to_str()
+
+
+def write_tiny_tokenizer(folder: Path) -> None:
+    """Writes tokenizer.json and tokenizer_config.json of a tiny DeepSeek-style tokenizer."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.json").write_text(_trained_tokenizer_json(), encoding="utf-8")
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        # bos as a serialized AddedToken, eos as a plain string: both forms occur in real folders.
+        "bos_token": {"__type": "AddedToken", "content": BOS, "lstrip": False, "normalized": True,
+                      "rstrip": False, "single_word": False},
+        "eos_token": EOS,
+        "pad_token": None,
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "model_max_length": 4096,
+        "chat_template": DEEPSEEK_STYLE_TEMPLATE,
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
