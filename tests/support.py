@@ -12,7 +12,7 @@ from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 TINY_V3 = dict(
-    vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+    vocab_size=512, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
     num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1,
     n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2, first_k_dense_replace=1,
     q_lora_rank=32, kv_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12,
@@ -140,3 +140,18 @@ def write_tiny_tokenizer(folder: Path) -> None:
         "chat_template": DEEPSEEK_STYLE_TEMPLATE,
     }
     (folder / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
+
+
+def write_hf_model_folder(folder: Path, kind: str = "v3", seed: int = 0, **overrides):
+    """A complete servable folder: transformers checkpoint plus the tiny tokenizer."""
+    model = write_hf_checkpoint(folder, kind, seed, **overrides)
+    write_tiny_tokenizer(folder)
+    return model
+
+
+def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """transformers' own greedy generate for one prompt (the reference), never stopping early."""
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens,
+                             min_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, len(prompt_ids):].tolist()

@@ -1,0 +1,129 @@
+"""The engine behind an event loop: many concurrent callers, one stepping thread.
+
+Contract:
+- `AsyncEngine.generate(prompt, params, request_id=None)` validates at once (raising
+  `InvalidRequestError` in the caller, before any work) and returns an async iterator of
+  `RequestOutput` deltas, the last one with `finished=True`.
+- Leaving the iteration early (a client that disconnects) or calling `abort(request_id)`
+  removes the request before the next step and frees its cache blocks.
+- One daemon thread owns the `Engine`; callers only enqueue commands, so no lock is held across
+  a model step. An exception in a step fails the requests of that step's batch, not the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+from moeray.engine.engine import Engine, RequestOutput
+from moeray.engine.params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread stopped; the request cannot finish."""
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._wakeup = threading.Event()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._ids = itertools.count()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="moeray-engine", daemon=True)
+        self._thread.start()
+
+    # ---- caller side (any event loop) --------------------------------------------------------
+    async def generate(self, prompt: str | list[int], params: SamplingParams,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Validate now, then stream deltas. (Call, then iterate: validation errors raise here.)"""
+        if self._stopped:
+            raise EngineDeadError("the engine has stopped")
+        request_id = request_id or f"req-{next(self._ids)}"
+        prompt_ids, _ = self.engine.validate(prompt, params)
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (asyncio.get_running_loop(), stream)
+        self._send(("add", request_id, prompt_ids, params))
+        return self._iterate(request_id, stream)
+
+    async def _iterate(self, request_id: str, stream: asyncio.Queue) -> AsyncIterator[RequestOutput]:
+        finished = False
+        try:
+            while not finished:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self._send(("abort", request_id))
+
+    def abort(self, request_id: str) -> None:
+        self._send(("abort", request_id))
+
+    def stats(self):
+        return self.engine.stats()
+
+    def shutdown(self) -> None:
+        self._stopped = True
+        self._send(("stop",))
+        self._thread.join(timeout=10)
+
+    def _send(self, command: tuple[Any, ...]) -> None:
+        self._commands.put(command)
+        self._wakeup.set()
+
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        target = self._streams.get(request_id)
+        if target is not None:
+            loop, stream = target
+            loop.call_soon_threadsafe(stream.put_nowait, item)
+
+    # ---- engine thread -----------------------------------------------------------------------
+    def _apply_commands(self) -> bool:
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return True
+            if command[0] == "stop":
+                return False
+            if command[0] == "abort":
+                self.engine.abort(command[1])
+            else:
+                _, request_id, prompt_ids, params = command
+                try:
+                    self.engine.add_request(request_id, prompt_ids, params)
+                except Exception as err:  # validated already; a race (duplicate id) ends up here
+                    self._deliver(request_id, err)
+
+    def _run(self) -> None:
+        while True:
+            if not self._apply_commands():
+                break
+            if not self.engine.has_unfinished:
+                self._wakeup.wait()
+                self._wakeup.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as err:
+                logger.exception("engine step failed; failing its requests")
+                for request_id in list(self.engine.requests):
+                    self.engine.abort(request_id)
+                    self._deliver(request_id, err)
+                continue
+            for output in outputs:
+                self._deliver(output.request_id, output)
+        for request_id in list(self._streams):
+            self._deliver(request_id, EngineDeadError("the engine was shut down"))

@@ -1,0 +1,66 @@
+"""Paged MLA attention for one engine step.
+
+Contract: `StepAttention` implements the model's `AttentionBackend` for the flat tokens of a
+step (decode tokens first, then prefill chunks, as the runner lays them out). For each layer it
+1. writes every token's latent + rope key into its cache slot (`slot_mapping`);
+2. decode tokens (one query each): the absorbed form, batched over sequences, reading each
+   sequence's cached latents through its block table (padded to the longest, masked);
+3. prefill chunks: the expanded form; a chunk that starts at position 0 attends causally to
+   itself, a later chunk (or one after a prefix-cache hit) gathers its cached prefix first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moeray.engine.cache import LatentCache
+from moeray.model.mla import MultiHeadLatentAttention
+
+
+@dataclass
+class PrefillSpan:
+    rows: slice  # rows of the step's flat tokens
+    start: int  # position of the chunk's first token
+    context_slots: torch.Tensor | None  # [start + n] slots of every key it sees; None when start == 0
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] cache slot of every token in the step
+    num_decodes: int  # the first rows are decode tokens
+    decode_slots: torch.Tensor | None  # [B, S_max] slots of each decode's keys (padding: slot 0)
+    decode_mask: torch.Tensor | None  # [B, 1, S_max] True where the key is real
+    prefills: list[PrefillSpan]
+
+
+class StepAttention:
+    def __init__(self, cache: LatentCache, meta: AttentionMetadata):
+        self.cache, self.meta = cache, meta
+
+    def __call__(self, attn: MultiHeadLatentAttention, q_nope: torch.Tensor, q_pe: torch.Tensor,
+                 latent: torch.Tensor, k_pe: torch.Tensor) -> torch.Tensor:
+        meta, r = self.meta, self.cache.latent_dim
+        layer = self.cache.layers[attn.layer_idx]  # [slots, r + dr]
+        layer[meta.slot_mapping] = torch.cat((latent, k_pe), dim=-1).to(layer.dtype)
+
+        out = q_nope.new_empty(q_nope.shape[0], attn.num_heads, attn.v_dim)  # [T, H, dv]
+        b = meta.num_decodes
+        if b:
+            keys = layer[meta.decode_slots].to(q_nope.dtype)  # [B, S_max, r + dr]
+            out[:b] = attn.attend_absorbed(q_nope[:b, None], q_pe[:b, None], keys[..., :r], keys[..., r:],
+                                           mask=meta.decode_mask)[:, 0]
+        for span in meta.prefills:
+            q_n, q_p = q_nope[span.rows][None], q_pe[span.rows][None]
+            if span.context_slots is None:
+                out[span.rows] = attn.attend_expanded(q_n, q_p, latent[span.rows][None], k_pe[span.rows][None],
+                                                      causal=True)[0]
+                continue
+            keys = layer[span.context_slots].to(q_nope.dtype)  # [S, r + dr]
+            n = span.rows.stop - span.rows.start
+            key_pos = torch.arange(keys.shape[0], device=keys.device)
+            query_pos = torch.arange(span.start, span.start + n, device=keys.device)
+            mask = (key_pos[None, :] <= query_pos[:, None])[None]  # [1, n, S]
+            out[span.rows] = attn.attend_expanded(q_n, q_p, keys[None, :, :r], keys[None, :, r:], mask=mask)[0]
+        return out

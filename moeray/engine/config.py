@@ -1,0 +1,67 @@
+"""Engine options, with defaults that work for a laptop CPU and scale to a GPU.
+
+Contract: `EngineConfig` holds every option an engine replica takes; `resolve(args, device)`
+fills in what depends on the model and the machine (context length, cache size) and rejects
+combinations that could never serve a request, naming the option.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from moeray.engine.cache import cache_bytes_per_token, device_memory_bytes
+from moeray.model import ModelArgs
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class EngineConfigError(ValueError):
+    """An engine option is out of range or contradicts another."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_model_len: int | None = None  # default: the model's max_position_embeddings, capped at 8192
+    block_size: int = 16  # tokens per cache block
+    num_cache_blocks: int | None = None  # explicit cache size; overrides cache_memory_fraction
+    cache_memory_fraction: float = 0.1  # of the device's memory (free GPU memory, or RAM on CPU)
+    max_num_batched_tokens: int = 2048  # token budget of one step
+    max_num_seqs: int = 64  # running sequences at most
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    dtype: str = "float32"
+    device: str = "cpu"
+    seed: int = 0  # for requests without a seed
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def resolve(self, args: ModelArgs) -> "EngineConfig":
+        def need(ok: bool, option: str, why: str) -> None:
+            if not ok:
+                raise EngineConfigError(f"engine option {option}: {why}, got {getattr(self, option)!r}")
+
+        need(self.dtype in DTYPES, "dtype", f"must be one of {sorted(DTYPES)}")
+        need(self.block_size >= 1, "block_size", "must be >= 1")
+        need(self.max_num_seqs >= 1, "max_num_seqs", "must be >= 1")
+        need(self.max_num_batched_tokens >= 1, "max_num_batched_tokens", "must be >= 1")
+        need(0 < self.cache_memory_fraction <= 0.95, "cache_memory_fraction", "must be in (0, 0.95]")
+        max_len = self.max_model_len or min(args.max_position_embeddings, 8192)
+        need(2 <= max_len <= args.max_position_embeddings, "max_model_len",
+             f"must be between 2 and the model's max_position_embeddings ({args.max_position_embeddings})")
+        if not self.enable_chunked_prefill:
+            need(self.max_num_batched_tokens >= max_len, "max_num_batched_tokens",
+                 f"without chunked prefill it must hold a whole prompt (max_model_len {max_len})")
+
+        blocks_per_seq = -(-max_len // self.block_size)
+        num_blocks = self.num_cache_blocks
+        if num_blocks is None:
+            block_bytes = cache_bytes_per_token(args, self.torch_dtype) * self.block_size
+            budget = int(device_memory_bytes(torch.device(self.device)) * self.cache_memory_fraction)
+            # More than every running sequence at full length can ever use is wasted memory.
+            num_blocks = min(budget // block_bytes, self.max_num_seqs * blocks_per_seq + 1)
+        need(num_blocks is not None and num_blocks >= 1, "num_cache_blocks", "the cache needs at least one block")
+        return replace(self, max_model_len=max_len, num_cache_blocks=num_blocks)

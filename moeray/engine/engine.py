@@ -1,0 +1,227 @@
+"""One model replica: requests in, token deltas out, one batched step at a time.
+
+Contract:
+- `Engine.add_request(request_id, prompt, params)` validates everything first and raises
+  `InvalidRequestError` (naming the parameter) before any work; a request that is accepted can
+  always be served, alone if need be.
+- `Engine.step()` schedules, runs the model once, samples, and returns a `RequestOutput` delta
+  for every request that produced something. Finished and aborted requests free their cache
+  blocks at once.
+- n > 1: the prompt is computed once; the completions fork from it and share its blocks.
+- Not thread-safe: `AsyncEngine` drives it from one thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+from moeray.engine.block_manager import BlockManager, CacheUsage
+from moeray.engine.cache import LatentCache
+from moeray.engine.config import EngineConfig
+from moeray.engine.output import RequestOutput, SequenceOutput
+from moeray.engine.params import InvalidRequestError, SamplingParams
+from moeray.engine.runner import ModelRunner
+from moeray.engine.sampler import Sampler, SamplingRow
+from moeray.engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
+from moeray.engine.sequence import Sequence
+from moeray.model.moe import ExpertBackend
+from moeray.model.tokenizer import Tokenizer
+from moeray.model.transformer import DeepseekForCausalLM
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    outputs: list[SequenceOutput]
+    seqs: dict[int, Sequence] = field(default_factory=dict)  # index -> live sequence
+    num_cached_tokens: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return all(o.finish_reason is not None for o in self.outputs)
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    cache: CacheUsage
+    prompt_tokens_total: int
+    generation_tokens_total: int
+    preemptions_total: int
+
+
+def _sequence_generator(seed: int | None, index: int) -> torch.Generator | None:
+    """Per-completion RNG: the same (seed, index) gives the same stream in any batch."""
+    if seed is None:
+        return None
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+
+
+class Engine:
+    def __init__(self, model: DeepseekForCausalLM, tokenizer: Tokenizer, config: EngineConfig = EngineConfig(),
+                 experts: ExpertBackend | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.args = model.args
+        self.config = config.resolve(self.args)
+        self.block_manager = BlockManager(self.config.num_cache_blocks, self.config.block_size,
+                                          self.config.enable_prefix_caching)
+        self.scheduler = Scheduler(SchedulerConfig(self.config.max_num_batched_tokens, self.config.max_num_seqs,
+                                                   self.config.enable_chunked_prefill), self.block_manager)
+        self.cache = LatentCache(self.args, self.config.num_cache_blocks, self.config.block_size,
+                                 self.config.torch_dtype, self.config.device)
+        self.runner = ModelRunner(model, self.cache, experts)
+        self.sampler = Sampler(self.config.seed)
+        self.requests: dict[str, _Request] = {}
+        self._generators: dict[int, torch.Generator | None] = {}
+        self._arrivals = itertools.count()
+        self._pending_copies: list[tuple[int, int]] = []
+        self._prompt_tokens_total = self._generation_tokens_total = 0
+
+    # ---- requests ---------------------------------------------------------------------------
+    def tokenize_prompt(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt must not be empty", "prompt")
+            return self.tokenizer.encode(prompt)
+        if not isinstance(prompt, list) or not prompt:
+            raise InvalidRequestError("prompt must be a non-empty string or list of token ids", "prompt")
+        vocab = self.args.vocab_size
+        for i, token in enumerate(prompt):
+            if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < vocab:
+                raise InvalidRequestError(f"prompt[{i}] = {token!r} is not a token id in [0, {vocab})", "prompt")
+        return list(prompt)
+
+    def validate(self, prompt: str | list[int], params: SamplingParams) -> tuple[list[int], int]:
+        """Tokenize and check a request; returns (prompt ids, max output tokens). No side effects."""
+        params.validate()
+        prompt_ids = self.tokenize_prompt(prompt)
+        max_len = self.config.max_model_len
+        if len(prompt_ids) >= max_len:
+            raise InvalidRequestError(f"the prompt has {len(prompt_ids)} tokens, but this model's maximum "
+                                      f"context length is {max_len} tokens (prompt plus output)", "prompt")
+        room = max_len - len(prompt_ids)
+        if params.max_tokens is not None and params.max_tokens > room:
+            raise InvalidRequestError(f"max_tokens is {params.max_tokens}, but the prompt has {len(prompt_ids)} "
+                                      f"tokens and the maximum context length is {max_len}: at most {room} "
+                                      f"tokens can be generated", "max_tokens")
+        max_output = params.max_tokens or room
+        blocks = self.block_manager.blocks_needed(len(prompt_ids) + max_output)
+        if blocks > self.block_manager.num_blocks:
+            raise InvalidRequestError(f"prompt plus max_tokens ({len(prompt_ids) + max_output} tokens) does not "
+                                      f"fit in the KV cache ({self.block_manager.num_blocks} blocks of "
+                                      f"{self.config.block_size})", "max_tokens")
+        for token in params.stop_token_ids:
+            if token >= self.args.vocab_size:
+                raise InvalidRequestError(f"stop_token_ids holds {token}, not a token id", "stop_token_ids")
+        return prompt_ids, max_output
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
+        prompt_ids, max_output = self.validate(prompt, params)
+        outputs = [SequenceOutput.create(i, params, self.tokenizer, prompt_ids, max_output) for i in range(params.n)]
+        request = _Request(request_id, prompt_ids, params, outputs)
+        seq = Sequence(request_id, 0, list(prompt_ids), len(prompt_ids), params, next(self._arrivals),
+                       fork_pending=params.n - 1)
+        request.seqs[0] = seq
+        self._generators[seq.seq_id] = _sequence_generator(params.seed, 0)
+        self.requests[request_id] = request
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> bool:
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return False
+        for seq in self.scheduler.abort(request_id):
+            self._generators.pop(seq.seq_id, None)
+        return True
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.block_manager.usage(),
+                           self._prompt_tokens_total, self._generation_tokens_total,
+                           self.scheduler.num_preemptions)
+
+    # ---- the step ---------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
+        if not plan.chunks:
+            return []
+        logits = self.runner.execute(plan.chunks, self._pending_copies)
+        self._pending_copies = []
+        self.scheduler.complete(plan.chunks)
+        for chunk in plan.chunks:
+            if chunk.start < chunk.seq.num_prompt_tokens:
+                self._prompt_tokens_total += min(chunk.num_tokens, chunk.seq.num_prompt_tokens - chunk.start)
+            if chunk.seq.index == 0 and chunk.start == chunk.seq.num_cached_tokens:  # first chunk of the prompt
+                self.requests[chunk.seq.request_id].num_cached_tokens = chunk.seq.num_cached_tokens
+
+        rows, targets, logit_index = [], [], []
+        for i, chunk in enumerate(c for c in plan.chunks if c.samples):
+            for seq in self._sequences_to_sample(chunk):
+                request = self.requests[seq.request_id]
+                rows.append(SamplingRow(seq.params, request.prompt_token_ids, seq.output_token_ids,
+                                        self._generators[seq.seq_id]))
+                targets.append(seq)
+                logit_index.append(i)
+        if not rows:
+            return []
+        sampled = self.sampler(logits[logit_index], rows)
+
+        touched: dict[str, _Request] = {}
+        for seq, token, logprobs in zip(targets, sampled.token_ids, sampled.logprobs):
+            request = self.requests[seq.request_id]
+            touched[request.request_id] = request
+            seq.token_ids.append(token)
+            self._generation_tokens_total += 1
+            reason = request.outputs[seq.index].add_token(token, logprobs)
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+                self._generators.pop(seq.seq_id, None)
+        return [self._collect(request) for request in touched.values()]
+
+    def _sequences_to_sample(self, chunk: ScheduledChunk) -> list[Sequence]:
+        """The sequence itself, plus its n-1 siblings when its prompt has just been computed."""
+        parent = chunk.seq
+        if not parent.fork_pending:
+            return [parent]
+        request = self.requests[parent.request_id]
+        siblings = []
+        for index in range(1, parent.fork_pending + 1):
+            child = Sequence(parent.request_id, index, list(parent.token_ids), parent.num_prompt_tokens,
+                             parent.params, parent.arrival)
+            self._generators[child.seq_id] = _sequence_generator(parent.params.seed, index)
+            request.seqs[index] = child
+            siblings.append(child)
+        parent.fork_pending = 0
+        for child in siblings:
+            # Share the prompt's blocks; with no block free for the partial tail, recompute it
+            # later instead (the prefix cache still shares the full blocks).
+            if self.block_manager.num_free_blocks > 0:
+                copy = self.block_manager.fork(parent, child)
+                if copy is not None:
+                    self._pending_copies.append(copy)
+                self.scheduler.add_running(child)
+            else:
+                self.scheduler.add(child)
+        return [parent, *siblings]
+
+    def _collect(self, request: _Request) -> RequestOutput:
+        deltas = [o.take_delta() for o in request.outputs]
+        deltas = [d for d in deltas if d.token_ids or d.text or d.finish_reason]
+        finished = request.finished
+        if finished:
+            del self.requests[request.request_id]
+        return RequestOutput(request.request_id, deltas, finished, len(request.prompt_token_ids),
+                             request.num_cached_tokens)

@@ -1,0 +1,81 @@
+"""Per-request generation parameters and the error every invalid request raises.
+
+Contract: `SamplingParams.validate()` checks every field and raises `InvalidRequestError` whose
+`param` names the offending field (the HTTP layer turns it into a 400 naming that parameter).
+No torch: the scheduler side of the engine imports this.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class InvalidRequestError(ValueError):
+    """A request that can never be served as asked; raised before any work is done."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+MAX_LOGPROBS = 20
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    max_tokens: int | None = 16  # None: until a stop condition or the model's context is full
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1 = no top-k
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: no logprobs; k: the sampled token's plus the top k alternatives
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.validate()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def validate(self) -> None:
+        def need(ok: bool, param: str, why: str) -> None:
+            if not ok:
+                raise InvalidRequestError(f"{param} {why}, got {getattr(self, param)!r}", param)
+
+        def is_int(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        need(is_int(self.n) and self.n >= 1, "n", "must be an integer >= 1")
+        need(self.max_tokens is None or (is_int(self.max_tokens) and self.max_tokens >= 1), "max_tokens",
+             "must be an integer >= 1")
+        need(isinstance(self.temperature, (int, float)) and 0.0 <= self.temperature, "temperature", "must be >= 0")
+        need(isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]")
+        need(is_int(self.top_k) and (self.top_k >= 0 or self.top_k == -1), "top_k",
+             "must be -1, 0 (disabled) or a positive integer")
+        need(isinstance(self.min_p, (int, float)) and 0.0 <= self.min_p <= 1.0, "min_p", "must be in [0, 1]")
+        need(isinstance(self.presence_penalty, (int, float)) and -2.0 <= self.presence_penalty <= 2.0,
+             "presence_penalty", "must be in [-2, 2]")
+        need(isinstance(self.frequency_penalty, (int, float)) and -2.0 <= self.frequency_penalty <= 2.0,
+             "frequency_penalty", "must be in [-2, 2]")
+        need(isinstance(self.repetition_penalty, (int, float)) and 0.0 < self.repetition_penalty <= 10.0,
+             "repetition_penalty", "must be in (0, 10]")
+        need(self.seed is None or is_int(self.seed), "seed", "must be an integer")
+        need(isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop), "stop",
+             "must be a non-empty string or a list of non-empty strings")
+        need(len(self.stop) <= 16, "stop", "may hold at most 16 strings")
+        need(isinstance(self.stop_token_ids, list) and all(is_int(t) and t >= 0 for t in self.stop_token_ids),
+             "stop_token_ids", "must be a list of token ids")
+        need(self.logprobs is None or (is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
+             "logprobs", f"must be between 0 and {MAX_LOGPROBS}")
+        self.temperature = float(self.temperature)

@@ -1,0 +1,68 @@
+"""Turns a scheduled step into flat tensors and runs the model's cached path.
+
+Contract: `ModelRunner.execute(chunks)` takes the scheduler's chunks (decodes first, then
+prefill chunks), builds token ids [T], positions [T], the slot mapping [T] and the per-sequence
+block tables, runs every layer once over all T tokens (so each MoE layer routes the whole step
+at once, through the given expert backend), and returns logits [N, V] (float32) for the N
+chunks that reach the end of their sequence, in chunk order.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moeray.engine.attention import AttentionMetadata, PrefillSpan, StepAttention
+from moeray.engine.cache import LatentCache
+from moeray.engine.scheduler import ScheduledChunk
+from moeray.model.moe import ExpertBackend
+from moeray.model.transformer import DeepseekForCausalLM
+
+
+class ModelRunner:
+    def __init__(self, model: DeepseekForCausalLM, cache: LatentCache, experts: ExpertBackend | None = None):
+        self.model, self.cache, self.experts = model, cache, experts
+        self.device = next(model.parameters()).device
+
+    def _slots(self, block_table: list[int], start: int, end: int) -> list[int]:
+        bs = self.cache.block_size
+        return [block_table[p // bs] * bs + p % bs for p in range(start, end)]
+
+    def prepare(self, chunks: list[ScheduledChunk]):
+        token_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        decode_slots: list[list[int]] = []
+        prefills: list[PrefillSpan] = []
+        logit_rows: list[int] = []
+        for chunk in chunks:
+            seq, start, n = chunk.seq, chunk.start, chunk.num_tokens
+            row = len(token_ids)
+            token_ids += seq.token_ids[start:start + n]
+            positions += range(start, start + n)
+            slots += self._slots(seq.block_table, start, start + n)
+            if n == 1 and not prefills:
+                decode_slots.append(self._slots(seq.block_table, 0, start + 1))
+            else:
+                context = None if start == 0 else torch.tensor(self._slots(seq.block_table, 0, start + n),
+                                                               device=self.device)
+                prefills.append(PrefillSpan(slice(row, row + n), start, context))
+            if chunk.samples:
+                logit_rows.append(row + n - 1)
+
+        decode_slot_tensor = decode_mask = None
+        if decode_slots:
+            longest = max(map(len, decode_slots))
+            decode_slot_tensor = torch.tensor([s + [0] * (longest - len(s)) for s in decode_slots], device=self.device)
+            lengths = torch.tensor([len(s) for s in decode_slots], device=self.device)
+            decode_mask = (torch.arange(longest, device=self.device)[None, :] < lengths[:, None])[:, None, :]
+        meta = AttentionMetadata(torch.tensor(slots, device=self.device), len(decode_slots), decode_slot_tensor,
+                                 decode_mask, prefills)
+        as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)  # noqa: E731
+        return as_tensor(token_ids), as_tensor(positions), meta, as_tensor(logit_rows)
+
+    @torch.inference_mode()
+    def execute(self, chunks: list[ScheduledChunk], block_copies: list[tuple[int, int]] = ()) -> torch.Tensor:
+        self.cache.copy_blocks(list(block_copies))
+        token_ids, positions, meta, logit_rows = self.prepare(chunks)
+        hidden = self.model.forward_tokens(token_ids, positions, StepAttention(self.cache, meta), self.experts)
+        return self.model.logits(hidden[logit_rows]).float()
