@@ -6,7 +6,7 @@ Contract:
   far, and its own `torch.Generator` when the request has a seed. It returns a `SamplerOutput`:
   N token ids and, per row, `TokenLogprobs` (None where `params.logprobs` is None).
   `logits` is never modified.
-- Order, as in vLLM: penalties on a float32 copy (repetition over tokens in prompt or output:
+- Order: penalties on a float32 copy (repetition over tokens in prompt or output:
   positive logits divided by the penalty, negative ones multiplied; `frequency_penalty * count`
   and `presence_penalty * (count > 0)` subtracted, output tokens only). Greedy rows
   (temperature 0) take the argmax of the penalised logits; top-k/top-p/min-p do not apply.
@@ -15,8 +15,8 @@ Contract:
   (drop tokens whose probability is below min_p * the top probability), then draw by
   exponential race: argmax(probs / q), q ~ Exp(1) per vocabulary entry, which samples from
   probs without normalising them.
-- Randomness: a row with a generator draws its V noise values from it, exactly one draw per
-  sampled step (greedy steps draw nothing); rows without one share the Sampler's generator.
+- Randomness: a row with a generator draws V uniforms from it per sampled step, nothing on a
+  greedy step; rows without one share the Sampler's generator.
   Every filter is row-wise, so a seeded row's tokens depend only on its own logits, params and
   generator: never on which rows share its batch, their order or their params.
 - logprobs come from log_softmax of the RAW logits (before penalties and temperature, as vLLM
@@ -182,8 +182,8 @@ class Sampler:
             token_ids = self._sample(penalised, list(rows))
         else:
             token_ids = torch.empty(len(rows), dtype=torch.long, device=device)
-            greedy_index = torch.tensor([i for i in range(len(rows)) if rows[i].params.temperature == 0.0],
-                                        device=device)
+            greedy = [i for i, row in enumerate(rows) if row.params.temperature == 0.0]
+            greedy_index = torch.tensor(greedy, device=device)
             token_ids[greedy_index] = penalised.index_select(0, greedy_index).argmax(dim=-1)
             sampled_index = torch.tensor(sampled, device=device)
             token_ids[sampled_index] = self._sample(penalised.index_select(0, sampled_index),
@@ -198,13 +198,13 @@ class Sampler:
         temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
         scaled = logits / temperature[:, None]  # [M, V], a new tensor
 
-        # Each filter runs on the rows that ask for it only; others stay exactly as they were.
+        # Each filter runs on the rows that ask for it only: the others stay bit for bit.
         top_k_rows = [j for j, p in enumerate(params) if 0 < p.top_k < vocab_size]
-        scaled = _filter_rows(scaled, top_k_rows, torch.tensor([params[j].top_k for j in top_k_rows], device=device),
-                     _apply_top_k)
+        top_k = torch.tensor([params[j].top_k for j in top_k_rows], dtype=torch.long, device=device)
+        scaled = _filter_rows(scaled, top_k_rows, top_k, _apply_top_k)
         top_p_rows = [j for j, p in enumerate(params) if p.top_p < 1.0]
-        scaled = _filter_rows(scaled, top_p_rows, torch.tensor([params[j].top_p for j in top_p_rows], device=device),
-                     _apply_top_p)
+        top_p = torch.tensor([params[j].top_p for j in top_p_rows], dtype=torch.float32, device=device)
+        scaled = _filter_rows(scaled, top_p_rows, top_p, _apply_top_p)
 
         probs = scaled.softmax(dim=-1)  # [M, V]
         if any(p.min_p > 0.0 for p in params):
