@@ -1,10 +1,23 @@
-"""Small building blocks shared by attention and MoE: RMSNorm and the SwiGLU MLP."""
+"""Small building blocks shared by attention and MoE: Linear, RMSNorm and the SwiGLU MLP."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from moeray import kernels
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and names) whose product goes through `moeray.kernels.linear`,
+    so small-batch decode on CPU uses the weight-streaming kernel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = kernels.linear(x.reshape(-1, x.shape[-1]), self.weight)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.view(*x.shape[:-1], out.shape[-1])
 
 
 class RMSNorm(nn.Module):
@@ -25,9 +38,9 @@ class MLP(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

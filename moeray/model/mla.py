@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeray.model.config import ModelArgs
-from moeray.model.layers import RMSNorm
+from moeray.model.layers import Linear, RMSNorm
 from moeray.model.rope import apply_rotary
 
 
@@ -45,15 +45,15 @@ class MultiHeadLatentAttention(nn.Module):
         d, h, bias = args.hidden_size, args.num_attention_heads, args.attention_bias
 
         if args.q_lora_rank is None:
-            self.q_proj = nn.Linear(d, h * args.qk_head_dim, bias=False)
+            self.q_proj = Linear(d, h * args.qk_head_dim, bias=False)
         else:
-            self.q_a_proj = nn.Linear(d, args.q_lora_rank, bias=bias)
+            self.q_a_proj = Linear(d, args.q_lora_rank, bias=bias)
             self.q_a_layernorm = RMSNorm(args.q_lora_rank, args.rms_norm_eps)
-            self.q_b_proj = nn.Linear(args.q_lora_rank, h * args.qk_head_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(d, args.kv_lora_rank + args.qk_rope_head_dim, bias=bias)
+            self.q_b_proj = Linear(args.q_lora_rank, h * args.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = Linear(d, args.kv_lora_rank + args.qk_rope_head_dim, bias=bias)
         self.kv_a_layernorm = RMSNorm(args.kv_lora_rank, args.rms_norm_eps)
-        self.kv_b_proj = nn.Linear(args.kv_lora_rank, h * (args.qk_nope_head_dim + args.v_head_dim), bias=False)
-        self.o_proj = nn.Linear(h * args.v_head_dim, d, bias=bias)
+        self.kv_b_proj = Linear(args.kv_lora_rank, h * (args.qk_nope_head_dim + args.v_head_dim), bias=False)
+        self.o_proj = Linear(h * args.v_head_dim, d, bias=bias)
 
     def project(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
         """x [T, D] -> q_nope [T, H, dn], q_pe [T, H, dr], latent [T, r], k_pe [T, dr]."""

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moeray import kernels
 from moeray.model.config import ModelArgs
 from moeray.model.layers import MLP
 
@@ -49,7 +50,7 @@ class TopkGate(nn.Module):
             self.e_score_correction_bias = None
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(x.float(), self.weight.float())  # [T, E]
+        logits = kernels.linear(x.float(), self.weight.float())  # [T, E]
         return logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,6 +106,9 @@ class RoutedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        fused = kernels.fused_routed_experts(x, expert_ids, weights, self.gate_up_proj, self.down_proj)
+        if fused is not None:
+            return fused
         return grouped_expert_forward(x, expert_ids, weights, self.gate_up_proj, self.down_proj)
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from moeray.model.config import ModelArgs
-from moeray.model.layers import MLP, RMSNorm
+from moeray.model.layers import MLP, Linear, RMSNorm
 from moeray.model.mla import AttentionBackend, DenseCausalAttention, MultiHeadLatentAttention
 from moeray.model.moe import MoE, ExpertBackend
 from moeray.model.rope import RotaryEmbedding
@@ -50,7 +50,7 @@ class DeepseekForCausalLM(nn.Module):
         super().__init__()
         self.args = args
         self.model = DeepseekModel(args)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(args)
 
     def forward_tokens(self, token_ids: torch.Tensor, positions: torch.Tensor, attention: AttentionBackend,

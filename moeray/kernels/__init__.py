@@ -1,0 +1,88 @@
+"""Kernels behind the model's hot operations, chosen by device, dtype and shape.
+
+Contract: every function here computes exactly what its torch reference computes (tests compare
+them); the choice of implementation never changes results beyond float rounding.
+- `linear(x, weight)`: x [M, in] @ weight[out, in]^T. On CPU in float32 with M <= 4 (decode), a
+  weight-streaming matrix-vector kernel; otherwise `torch.nn.functional.linear`.
+- `routed_experts(x, expert_ids, weights, gate_up, down)`: weighted SwiGLU experts. On CPU in
+  float32 for a few (token, expert) pairs, one fused call; otherwise the grouped torch path.
+`set_enabled(False)` forces the torch reference everywhere (tests, debugging).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from moeray.kernels import cpu
+
+MAX_DECODE_TOKENS = 4  # beyond this GEMM reuses each weight enough that MKL/oneDNN wins
+MAX_FUSED_PAIRS = 32
+
+_enabled = True
+
+
+def set_enabled(enabled: bool) -> None:
+    global _enabled
+    _enabled = enabled
+
+
+def _cpu_fp32(*tensors: torch.Tensor) -> bool:
+    return _enabled and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    if (x.dim() == 2 and x.shape[0] <= MAX_DECODE_TOKENS and _cpu_fp32(x, weight) and weight.stride(1) == 1
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+        lib = cpu.library()
+        if lib is not None:
+            x = x.contiguous()
+            out = torch.empty(x.shape[0], weight.shape[0])
+            lib.moeray_gemv(weight.data_ptr(), weight.shape[0], weight.shape[1], weight.stride(0),
+                            x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), x.shape[0])
+            return out
+    return F.linear(x, weight)
+
+
+def fused_routed_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
+                         down: torch.Tensor) -> torch.Tensor | None:
+    """The CPU fused path, or None when it does not apply (the caller uses the grouped path)."""
+    if (expert_ids.numel() > MAX_FUSED_PAIRS or not _cpu_fp32(x, gate_up, down)
+            or not (gate_up.is_contiguous() and down.is_contiguous())
+            or (torch.is_grad_enabled() and (x.requires_grad or gate_up.requires_grad))):
+        return None
+    lib = cpu.library()
+    if lib is None:
+        return None
+    num_tokens, top_k = expert_ids.shape
+    x = x.contiguous()
+    token_of_pair = torch.arange(num_tokens).repeat_interleave(top_k)
+    experts = expert_ids.flatten().to(torch.long).contiguous()
+    pair_weights = weights.flatten().to(torch.float32).contiguous()
+    out = torch.empty_like(x)
+    lib.moeray_moe_pairs(x.data_ptr(), x.shape[1], token_of_pair.data_ptr(), experts.data_ptr(),
+                         pair_weights.data_ptr(), experts.numel(), gate_up.data_ptr(), down.data_ptr(),
+                         down.shape[2], out.data_ptr(), num_tokens)
+    return out
+
+
+def stream_read_bandwidth(num_bytes: int = 512 << 20, repeats: int = 5) -> float:
+    """Bytes per second of a streaming read with all threads (the roofline's memory ceiling).
+
+    The best of the C probe (when built) and torch's sum, so the ceiling is never understated.
+    """
+    import time
+
+    data = torch.ones(num_bytes // 4)
+    lib = cpu.library()
+    probes = [lambda: data.sum()]
+    if lib is not None:
+        probes.append(lambda: lib.moeray_stream_sum(data.data_ptr(), data.numel()))
+    best = 0.0
+    for probe in probes:
+        probe()
+        for _ in range(repeats):
+            start = time.perf_counter()
+            probe()
+            best = max(best, num_bytes / (time.perf_counter() - start))
+    return best

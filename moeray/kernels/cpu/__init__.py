@@ -1,0 +1,78 @@
+"""CPU decode kernels (`decode.c`), compiled with the system C compiler on first use.
+
+Contract: `library()` returns the loaded ctypes library, or None when no compiler is available
+or the build fails (the reason is logged once and `unavailable_reason()` says it); callers then
+use the torch reference path. Builds are cached per source hash and machine under
+`$MOERAY_CACHE_DIR` (default `~/.cache/moeray`), so a Ray worker on another host builds its own.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("decode.c")
+_failure: str | None = None
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("MOERAY_CACHE_DIR", Path.home() / ".cache" / "moeray")) / "kernels"
+
+
+def _build(target: Path) -> None:
+    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if compiler is None:
+        raise RuntimeError("no C compiler (cc or gcc) on PATH")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        cmd = [compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(SOURCE), "-o", str(out)]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed: {result.stderr.strip()[:2000]}")
+        os.replace(out, target)  # atomic: concurrent processes never load a half-written file
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    global _failure
+    if os.environ.get("MOERAY_DISABLE_CPU_KERNELS") == "1":
+        _failure = "disabled by MOERAY_DISABLE_CPU_KERNELS=1"
+        return None
+    key = hashlib.sha256(SOURCE.read_bytes() + platform.machine().encode() + platform.node().encode()).hexdigest()[:16]
+    target = _cache_dir() / f"decode-{key}.so"
+    try:
+        if not target.exists():
+            _build(target)
+        # torch is imported first, so libgomp.so.1 resolves to the OpenMP runtime torch uses:
+        # one thread pool, not two fighting over the cores.
+        import torch  # noqa: F401
+
+        lib = ctypes.CDLL(str(target))
+    except (OSError, RuntimeError) as err:
+        _failure = str(err)
+        logger.warning("moeray CPU decode kernels unavailable, using torch: %s", err)
+        return None
+    p, i = ctypes.c_void_p, ctypes.c_long
+    lib.moeray_gemv.argtypes = [p, i, i, i, p, i, p, i, i]
+    lib.moeray_gemv.restype = None
+    lib.moeray_moe_pairs.argtypes = [p, i, p, p, p, i, p, p, i, p, i]
+    lib.moeray_moe_pairs.restype = None
+    lib.moeray_stream_sum.argtypes = [p, i]
+    lib.moeray_stream_sum.restype = ctypes.c_double
+    return lib
+
+
+def unavailable_reason() -> str | None:
+    library()
+    return _failure
