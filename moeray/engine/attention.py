@@ -48,7 +48,8 @@ class StepAttention:
         out = q_nope.new_empty(q_nope.shape[0], attn.num_heads, attn.v_dim)  # [T, H, dv]
         b = meta.num_decodes
         if b:
-            keys = layer[meta.decode_slots].to(q_nope.dtype)  # [B, S_max, r + dr]
+            slots = meta.decode_slots
+            keys = layer.index_select(0, slots.flatten()).view(*slots.shape, -1).to(q_nope.dtype)  # [B, S_max, r+dr]
             out[:b] = attn.attend_absorbed(q_nope[:b, None], q_pe[:b, None], keys[..., :r], keys[..., r:],
                                            mask=meta.decode_mask)[:, 0]
         for span in meta.prefills:
@@ -57,7 +58,7 @@ class StepAttention:
                 out[span.rows] = attn.attend_expanded(q_n, q_p, latent[span.rows][None], k_pe[span.rows][None],
                                                       causal=True)[0]
                 continue
-            keys = layer[span.context_slots].to(q_nope.dtype)  # [S, r + dr]
+            keys = layer.index_select(0, span.context_slots).to(q_nope.dtype)  # [S, r + dr]
             n = span.rows.stop - span.rows.start
             key_pos = torch.arange(keys.shape[0], device=keys.device)
             query_pos = torch.arange(span.start, span.start + n, device=keys.device)

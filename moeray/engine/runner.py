@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from moeray import kernels
 from moeray.engine.attention import AttentionMetadata, PrefillSpan, StepAttention
 from moeray.engine.cache import LatentCache
 from moeray.engine.scheduler import ScheduledChunk
@@ -21,6 +22,7 @@ from moeray.model.transformer import DeepseekForCausalLM
 class ModelRunner:
     def __init__(self, model: DeepseekForCausalLM, cache: LatentCache, experts: ExpertBackend | None = None):
         self.model, self.cache, self.experts = model, cache, experts
+        kernels.prepare_for_decode(model)
         self.device = next(model.parameters()).device
 
     def _slots(self, block_table: list[int], start: int, end: int) -> list[int]:

@@ -3,7 +3,11 @@
 Contract: every function here computes exactly what its torch reference computes (tests compare
 them); the choice of implementation never changes results beyond float rounding.
 - `linear(x, weight)`: x [M, in] @ weight[out, in]^T. On CPU in float32 with M <= 4 (decode), a
-  weight-streaming matrix-vector kernel; otherwise `torch.nn.functional.linear`.
+  weight-streaming matrix-vector kernel (row- or column-major weights); otherwise
+  `torch.nn.functional.linear`.
+- `batched_linear(x, weight)`: the same per attention head, [B, M, in] x [B, out, in]^T.
+- `prepare_for_decode(model)`: on CPU, stores short-row Linear weights column-major (same shape and
+  values, other strides), the layout the streaming kernel reads fastest.
 - `routed_experts(x, expert_ids, weights, gate_up, down)`: weighted SwiGLU experts. On CPU in
   float32 for a few (token, expert) pairs, one fused call; otherwise the grouped torch path.
 `set_enabled(False)` forces the torch reference everywhere (tests, debugging).
@@ -31,24 +35,63 @@ def _cpu_fp32(*tensors: torch.Tensor) -> bool:
     return _enabled and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
 
 
+def _layout(weight: torch.Tensor) -> tuple[int, int] | None:
+    """(column_major, leading stride) when the kernel can read `weight` [out, in] directly."""
+    if weight.stride(1) == 1:
+        return 0, weight.stride(0)
+    if weight.stride(0) == 1:
+        return 1, weight.stride(1)
+    return None
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    if (x.dim() == 2 and x.shape[0] <= MAX_DECODE_TOKENS and _cpu_fp32(x, weight) and weight.stride(1) == 1
+    if (x.dim() == 2 and x.shape[0] <= MAX_DECODE_TOKENS and _cpu_fp32(x, weight)
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
-        lib = cpu.library()
-        if lib is not None:
+        lib, layout = cpu.library(), _layout(weight)
+        if lib is not None and layout is not None:
             x = x.contiguous()
             out = torch.empty(x.shape[0], weight.shape[0])
-            lib.moeray_gemv(weight.data_ptr(), weight.shape[0], weight.shape[1], weight.stride(0),
+            lib.moeray_gemv(weight.data_ptr(), weight.shape[0], weight.shape[1], layout[1], layout[0],
                             x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), x.shape[0])
             return out
     return F.linear(x, weight)
+
+
+def batched_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [B, M, in] times weight [B, out, in]^T -> [B, M, out] (per-head projections of MLA)."""
+    if (x.shape[1] <= MAX_DECODE_TOKENS and _cpu_fp32(x, weight)
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+        lib, layout = cpu.library(), _layout(weight[0])
+        if lib is not None and layout is not None:
+            x = x.contiguous()
+            out = torch.empty(x.shape[0], x.shape[1], weight.shape[1])
+            lib.moeray_gemv_batched(weight.data_ptr(), weight.stride(0), weight.shape[1], weight.shape[2], layout[1],
+                                    layout[0], x.data_ptr(), x.stride(0), x.stride(1), out.data_ptr(), out.stride(0),
+                                    out.stride(1), x.shape[1], x.shape[0])
+            return out
+    return torch.matmul(x, weight.transpose(1, 2))
+
+
+SHORT_ROW = 512  # inputs per row below which a row-major dot product streams poorly
+
+
+def prepare_for_decode(model: torch.nn.Module) -> None:
+    """Re-lay short-row Linear weights column-major on CPU (values, names and shapes unchanged)."""
+    if not _enabled or cpu.library() is None:
+        return
+    with torch.no_grad():
+        for module in model.modules():
+            weight = getattr(module, "weight", None)
+            if (isinstance(module, torch.nn.Linear) and weight.device.type == "cpu"
+                    and weight.dtype == torch.float32 and weight.shape[1] <= SHORT_ROW and weight.stride(1) == 1):
+                module.weight.data = weight.t().contiguous().t()
 
 
 def fused_routed_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
                          down: torch.Tensor) -> torch.Tensor | None:
     """The CPU fused path, or None when it does not apply (the caller uses the grouped path)."""
     if (expert_ids.numel() > MAX_FUSED_PAIRS or not _cpu_fp32(x, gate_up, down)
-            or not (gate_up.is_contiguous() and down.is_contiguous())
+            or not (gate_up.is_contiguous() and down.transpose(1, 2).is_contiguous())
             or (torch.is_grad_enabled() and (x.requires_grad or gate_up.requires_grad))):
         return None
     lib = cpu.library()

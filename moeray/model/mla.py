@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moeray import kernels
 from moeray.model.config import ModelArgs
 from moeray.model.layers import Linear, RMSNorm
 from moeray.model.rope import apply_rotary
@@ -110,15 +111,22 @@ class MultiHeadLatentAttention(nn.Module):
         Shapes as in `attend_expanded`; returns [B, T, H, dv].
         """
         w_uk, w_uv = self._kv_b_weights()
-        q_latent = torch.einsum("bthd,hdr->bthr", q_nope, w_uk)  # [B, T, H, r]
-        scores = torch.einsum("bthr,bsr->bhts", q_latent, latent)
-        scores = scores + torch.einsum("bthd,bsd->bhts", q_pe, k_pe)
-        scores = scores.float() * self.softmax_scale  # [B, H, T, S]
+        b, t, h, _ = q_nope.shape
+        # Plain batched matmuls rather than einsum: at decode sizes the einsum planning costs more
+        # than the arithmetic.
+        q_latent = kernels.batched_linear(q_nope.reshape(b * t, h, -1).transpose(0, 1), w_uk.transpose(1, 2))
+        # q_latent: [H, B*T, r]
+        q_latent = q_latent.view(h, b, t, -1).permute(1, 0, 2, 3).reshape(b, h * t, -1)  # [B, H*T, r]
+        q_rope = q_pe.permute(0, 2, 1, 3).reshape(b, h * t, -1)  # [B, H*T, dr]
+        scores = torch.baddbmm(torch.bmm(q_rope, k_pe.transpose(1, 2)), q_latent, latent.transpose(1, 2))
+        scores = scores.view(b, h, t, -1).float() * self.softmax_scale  # [B, H, T, S]
         if mask is not None:
             scores = scores.masked_fill(~mask[:, None], float("-inf"))
         probs = scores.softmax(dim=-1).to(latent.dtype)
-        out_latent = torch.einsum("bhts,bsr->bthr", probs, latent)  # [B, T, H, r]
-        return torch.einsum("bthr,hvr->bthv", out_latent, w_uv)
+        out_latent = torch.bmm(probs.view(b, h * t, -1), latent)  # [B, H*T, r]
+        out_latent = out_latent.view(b, h, t, -1).permute(1, 0, 2, 3).reshape(h, b * t, -1)  # [H, B*T, r]
+        out = kernels.batched_linear(out_latent, w_uv)  # [H, B*T, dv]
+        return out.view(h, b, t, -1).permute(1, 2, 0, 3)
 
 
 class DenseCausalAttention:

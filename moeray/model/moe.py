@@ -5,8 +5,10 @@ Contract:
   scoring function / top-k method of DeepSeek-V2 and V3; weights already carry
   `norm_topk_prob` and `routed_scaling_factor`.
 - `RoutedExperts` stores all routed experts of a layer in two tensors (`gate_up_proj`
-  [E, 2I, D], `down_proj` [E, D, I], the transformers-5 layout) and computes a step's tokens in
+  [E, 2I, D], `down_proj` [E, D, I], the transformers-5 shapes) and computes a step's tokens in
   one grouped pass: pairs sorted by expert, one matmul per expert that received tokens.
+  `down_proj` is stored column-major per expert ([E, I, D] in memory): its rows are short (I), and
+  reading it as I rows of D streams better in the decode kernels; GEMMs do not mind.
 - `MoE.forward(x, experts=None)` adds the shared experts to the routed output. Routed experts
   may be computed elsewhere: an `ExpertBackend` (experts in other processes) is passed in.
 """
@@ -103,7 +105,7 @@ class RoutedExperts(nn.Module):
         super().__init__()
         self.num_experts, self.intermediate_size = num_experts, intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
-        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size).transpose(1, 2))
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         fused = kernels.fused_routed_experts(x, expert_ids, weights, self.gate_up_proj, self.down_proj)

@@ -64,8 +64,10 @@ def library() -> ctypes.CDLL | None:
         logger.warning("moeray CPU decode kernels unavailable, using torch: %s", err)
         return None
     p, i = ctypes.c_void_p, ctypes.c_long
-    lib.moeray_gemv.argtypes = [p, i, i, i, p, i, p, i, i]
+    lib.moeray_gemv.argtypes = [p, i, i, i, ctypes.c_int, p, i, p, i, i]
     lib.moeray_gemv.restype = None
+    lib.moeray_gemv_batched.argtypes = [p, i, i, i, i, ctypes.c_int, p, i, i, p, i, i, i, i]
+    lib.moeray_gemv_batched.restype = None
     lib.moeray_moe_pairs.argtypes = [p, i, p, p, p, i, p, p, i, p, i]
     lib.moeray_moe_pairs.restype = None
     lib.moeray_stream_sum.argtypes = [p, i]

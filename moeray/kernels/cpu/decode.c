@@ -53,6 +53,31 @@ static void gemv_rows(const float* W, long ldw, const float* x, long cols, float
     }
     for (; r < row_end; r++) y[r] = dot(W + r * ldw, x, cols);
 }
+
+/*
+ * Column-major weights (W^T stored row-major as [cols, rows], row stride ldw): y[c] for c in
+ * [col_begin, col_end) accumulates x[i] * WT[i, c] over i, 256 outputs at a time in registers,
+ * so every weight row segment is read once, contiguously. Short-row matrices (expert down
+ * projections: 256 inputs) stream much better this way than as 1 KB dot products.
+ */
+static void gemv_cols(const float* WT, long ldw, const float* x, long inner, float* y, long col_begin, long col_end) {
+    long c = col_begin;
+    for (; c + 256 <= col_end; c += 256) {
+        __m512 acc[16];
+        for (int j = 0; j < 16; j++) acc[j] = _mm512_setzero_ps();
+        for (long i = 0; i < inner; i++) {
+            __m512 xi = _mm512_set1_ps(x[i]);
+            const float* row = WT + i * ldw + c;
+            for (int j = 0; j < 16; j++) acc[j] = _mm512_fmadd_ps(xi, _mm512_loadu_ps(row + 16 * j), acc[j]);
+        }
+        for (int j = 0; j < 16; j++) _mm512_storeu_ps(y + c + 16 * j, acc[j]);
+    }
+    for (; c < col_end; c++) {
+        float s = 0.0f;
+        for (long i = 0; i < inner; i++) s += x[i] * WT[i * ldw + c];
+        y[c] = s;
+    }
+}
 #else
 /* Portable path: the compiler vectorises the reduction for whatever -march=native offers. */
 static void gemv_rows(const float* W, long ldw, const float* x, long cols, float* y, long row_begin, long row_end) {
@@ -64,23 +89,63 @@ static void gemv_rows(const float* W, long ldw, const float* x, long cols, float
         y[r] = s;
     }
 }
+
+static void gemv_cols(const float* WT, long ldw, const float* x, long inner, float* y, long col_begin, long col_end) {
+    for (long c = col_begin; c < col_end; c++) y[c] = 0.0f;
+    for (long i = 0; i < inner; i++) {
+        const float* row = WT + i * ldw;
+        #pragma omp simd
+        for (long c = col_begin; c < col_end; c++) y[c] += x[i] * row[c];
+    }
+}
 #endif
 
-/* Y[m, :] = W X[m, :] for m < M: each token's product, rows split across threads. */
-void moeray_gemv(const float* W, long rows, long cols, long ldw, const float* X, long ldx, float* Y, long ldy,
-                 long M) {
-    long blocks = (rows + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK;
+/*
+ * Y[m, :] = W X[m, :] for m < M, W of shape [rows, cols]. Row-major W (column_major = 0): W[r, k]
+ * at W[r * ldw + k]; column-major (column_major = 1): W[r, k] at W[k * ldw + r]. Output rows are
+ * split across threads in blocks, so each thread streams its own part of W.
+ */
+void moeray_gemv(const float* W, long rows, long cols, long ldw, int column_major, const float* X, long ldx,
+                 float* Y, long ldy, long M) {
+    long block = column_major ? 256 : ROWS_PER_BLOCK;
+    long blocks = (rows + block - 1) / block;
     #pragma omp parallel for schedule(static)
     for (long b = 0; b < blocks; b++) {
-        long begin = b * ROWS_PER_BLOCK, end = begin + ROWS_PER_BLOCK < rows ? begin + ROWS_PER_BLOCK : rows;
-        for (long m = 0; m < M; m++) gemv_rows(W, ldw, X + m * ldx, cols, Y + m * ldy, begin, end);
+        long begin = b * block, end = begin + block < rows ? begin + block : rows;
+        for (long m = 0; m < M; m++) {
+            if (column_major) gemv_cols(W, ldw, X + m * ldx, cols, Y + m * ldy, begin, end);
+            else gemv_rows(W, ldw, X + m * ldx, cols, Y + m * ldy, begin, end);
+        }
+    }
+}
+
+/*
+ * The same product for B independent matrices (one per attention head): Y[b, m, :] = W[b] X[b, m, :].
+ * W[b] starts at W + b * w_batch; X[b, m] at X + b * x_batch + m * ldx; Y likewise. Work is split
+ * over (matrix, row block) pairs so two threads share even a handful of heads.
+ */
+void moeray_gemv_batched(const float* W, long w_batch, long rows, long cols, long ldw, int column_major,
+                         const float* X, long x_batch, long ldx, float* Y, long y_batch, long ldy, long M, long B) {
+    long block = column_major ? 256 : ROWS_PER_BLOCK;
+    long blocks = (rows + block - 1) / block;
+    #pragma omp parallel for schedule(static)
+    for (long job = 0; job < B * blocks; job++) {
+        long b = job / blocks, begin = (job % blocks) * block;
+        long end = begin + block < rows ? begin + block : rows;
+        for (long m = 0; m < M; m++) {
+            const float* x = X + b * x_batch + m * ldx;
+            float* y = Y + b * y_batch + m * ldy;
+            if (column_major) gemv_cols(W + b * w_batch, ldw, x, cols, y, begin, end);
+            else gemv_rows(W + b * w_batch, ldw, x, cols, y, begin, end);
+        }
     }
 }
 
 /*
  * Routed experts for a handful of (token, expert) pairs, in one call:
  *   out[t] += weight * down[e] (silu(gate[e] x_t) * up[e] x_t)
- * gate_up: [E, 2I, D] (gate rows then up rows), down: [E, D, I]. Pairs are spread over threads;
+ * gate_up: [E, 2I, D] row-major (gate rows then up rows); down: [E, D, I] stored column-major,
+ * i.e. as [E, I, D] in memory (see RoutedExperts). Pairs are spread over threads;
  * each writes its own scratch row, and the rows are summed per token afterwards in pair order,
  * so the result does not depend on the thread count.
  */
@@ -100,7 +165,7 @@ void moeray_moe_pairs(const float* X, long D, const long* token_of_pair, const l
                 float g = hidden[i];
                 hidden[i] = g / (1.0f + expf(-g)) * hidden[I + i];
             }
-            gemv_rows(down + expert_of_pair[p] * D * I, I, hidden, I, scratch + p * D, 0, D);
+            gemv_cols(down + expert_of_pair[p] * D * I, D, hidden, I, scratch + p * D, 0, D);
         }
         free(hidden);
     }
