@@ -155,3 +155,4 @@ def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
         out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens,
                              min_new_tokens=max_new_tokens, do_sample=False)
     return out[0, len(prompt_ids):].tolist()
+API_KEY = "sk-test-moeray"

@@ -153,6 +153,15 @@ class Engine:
                            self._prompt_tokens_total, self._generation_tokens_total,
                            self.scheduler.num_preemptions)
 
+    def routed_token_counts(self) -> dict[int, list[int]]:
+        """MoE layer index -> tokens routed to each of its experts since start."""
+        counts = {}
+        for layer in self.model.model.layers:
+            routed = getattr(layer.mlp, "routed_tokens", None)
+            if routed is not None:
+                counts[layer.mlp.layer_idx] = routed.tolist()
+        return counts
+
     # ---- the step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         plan = self.scheduler.schedule()

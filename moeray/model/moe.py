@@ -122,9 +122,18 @@ class MoE(nn.Module):
         self.experts = RoutedExperts(args.n_routed_experts, args.hidden_size, args.moe_intermediate_size)
         self.shared_experts = (MLP(args.hidden_size, args.moe_intermediate_size * args.n_shared_experts)
                                if args.n_shared_experts else None)
+        # Tokens routed to each expert since start (serving metrics, load balancing). A plain
+        # attribute, not a buffer: it is runtime state, never part of a checkpoint.
+        self.routed_tokens: torch.Tensor | None = None
+
+    def _count(self, expert_ids: torch.Tensor) -> None:
+        counts = torch.bincount(expert_ids.flatten(), minlength=self.gate.num_experts)
+        self.routed_tokens = counts if self.routed_tokens is None else self.routed_tokens + counts
 
     def forward(self, x: torch.Tensor, experts: ExpertBackend | None = None) -> torch.Tensor:
         weights, expert_ids = self.gate(x)
+        if not self.training:
+            self._count(expert_ids)
         if experts is None:
             out = self.experts(x, expert_ids, weights)
         else:

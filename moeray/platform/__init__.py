@@ -1,0 +1,1 @@
+"""What operators touch: settings, the OpenAI API, the Ray Serve app, metrics and the CLI."""

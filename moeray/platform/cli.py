@@ -1,0 +1,75 @@
+"""The `moeray` command line.
+
+    moeray serve [MODEL] [--host H] [--port P] [--config FILE] [--api-key KEY ...]
+
+Settings resolve as `ServeSettings.load` describes: defaults < --config YAML < MOERAY_* env < flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+
+from moeray.platform.settings import ServeSettings, SettingsError
+
+
+def _serve(opts: argparse.Namespace) -> int:
+    overrides = {"model": opts.model, "host": opts.host, "port": opts.port, "served_model_name": opts.served_model_name,
+                 "api_keys": opts.api_key or None}
+    if opts.max_replicas is not None:
+        overrides["autoscaling"] = {"max_replicas": opts.max_replicas}
+    settings = ServeSettings.load(opts.config, overrides)
+
+    import ray
+    from ray import serve
+
+    from moeray.platform.serve_app import build_app
+
+    if opts.address:
+        ray.init(address=opts.address)
+    elif not ray.is_initialized():
+        # Logical CPUs: replicas are mostly waiting on each other's steps, not busy in parallel.
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, 4), include_dashboard=False)
+    serve.start(http_options={"host": settings.host, "port": settings.port})
+    serve.run(build_app(settings.model_dump(mode="json") | {"api_keys": settings.api_key_values()}),
+              name=settings.app_name, route_prefix="/", blocking=False)
+    print(f"moeray: serving '{settings.model_name}' at http://{settings.host}:{settings.port}/v1 "
+          f"(OpenAI API; Ctrl-C stops)", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    serve.shutdown()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="moeray", description="Serve and fine-tune DeepSeek-style MoE models on Ray")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve_cmd = commands.add_parser("serve", help="start the OpenAI-compatible endpoint")
+    serve_cmd.add_argument("model", nargs="?", help="checkpoint folder (default: the embedded default model)")
+    serve_cmd.add_argument("--host")
+    serve_cmd.add_argument("--port", type=int)
+    serve_cmd.add_argument("--config", help="settings YAML file")
+    serve_cmd.add_argument("--api-key", action="append", help="accepted API key (repeatable)")
+    serve_cmd.add_argument("--served-model-name")
+    serve_cmd.add_argument("--max-replicas", type=int, help="autoscale the model deployment up to this many")
+    serve_cmd.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    serve_cmd.set_defaults(run=_serve)
+    opts = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return opts.run(opts)
+    except (SettingsError, FileNotFoundError) as err:
+        print(f"moeray: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

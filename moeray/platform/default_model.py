@@ -1,0 +1,25 @@
+"""The embedded default model: a tiny DeepSeek-architecture model shipped inside the package.
+
+Contract: `resolve_model(None)` is the folder of the embedded model (config, safetensors,
+tokenizer with its chat template); any other value must be an existing checkpoint folder.
+`scripts/build_default_model.py` rebuilds it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "default-model"
+DEFAULT_MODEL_NAME = "moeray-default"
+
+
+def resolve_model(model: str | None) -> Path:
+    if not model:
+        if not (DEFAULT_MODEL_DIR / "config.json").exists():
+            raise FileNotFoundError(f"the embedded default model is missing from {DEFAULT_MODEL_DIR}; "
+                                    f"rebuild it with scripts/build_default_model.py")
+        return DEFAULT_MODEL_DIR
+    path = Path(model).expanduser()
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"model {model!r}: no config.json there; expected a Hugging Face checkpoint folder")
+    return path

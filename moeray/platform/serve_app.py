@@ -1,0 +1,104 @@
+"""The Ray Serve application: an OpenAI ingress and an autoscaled model deployment.
+
+Contract:
+- `build_app(args)` returns a bound Serve `Application`; `args` is the `ServeSettings` as a
+  dict, so it works as a Serve `import_path` (`moeray.platform.serve_app:build_app`) from a YAML
+  config (a KubeRay RayService) and from Python (`serve.run(build_app({...}))`).
+- `ModelDeployment` replicas each load the model and run one engine; `OpenAIIngress` owns the
+  HTTP routes and reaches the replicas through a streaming deployment handle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from moeray.platform.openai_api import build_openai_app
+from moeray.platform.service import GenerateChunk, GenerateRequest, ReplicaService
+from moeray.platform.settings import ServeSettings
+
+
+def load_replica_service(settings: ServeSettings) -> ReplicaService:
+    from moeray.engine import Engine
+    from moeray.engine.llm import check_tokenizer_matches
+    from moeray.model import load
+    from moeray.model.tokenizer import Tokenizer
+    from moeray.platform.default_model import resolve_model
+
+    folder = resolve_model(settings.model)
+    engine_config = settings.engine.to_engine_config()
+    model = load(folder, dtype=engine_config.torch_dtype, device=engine_config.device)
+    tokenizer = Tokenizer.from_pretrained(folder)
+    check_tokenizer_matches(tokenizer, model.args, str(folder))
+    return ReplicaService(Engine(model, tokenizer, engine_config))
+
+
+@serve.deployment
+class ModelDeployment:
+    def __init__(self, settings: dict[str, Any]):
+        self.service = load_replica_service(ServeSettings.model_validate(settings))
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+        async for chunk in self.service.generate(request):
+            yield chunk
+
+    async def stats(self) -> dict[str, Any]:
+        return self.service.stats().as_dict()
+
+    def check_health(self) -> None:
+        if self.service.async_engine._stopped:
+            raise RuntimeError("engine stopped")
+
+    def __del__(self):
+        service = getattr(self, "service", None)
+        if service is not None:
+            service.shutdown()
+
+
+class HandleClient:
+    """`ModelClient` over a Serve deployment handle."""
+
+    def __init__(self, handle: DeploymentHandle):
+        self.streaming = handle.options(stream=True, method_name="generate")
+        self.handle = handle
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+        response = self.streaming.remote(request)
+        finished = False
+        try:
+            async for chunk in response:
+                finished = chunk.finished
+                yield chunk
+        finally:
+            if not finished:
+                response.cancel()  # the replica's generator is closed, which aborts the request
+
+    async def stats(self) -> dict[str, Any] | None:
+        return await self.handle.stats.remote()
+
+
+@serve.deployment
+@serve.ingress()
+class OpenAIIngress:
+    def __init__(self, model: DeploymentHandle, settings: dict[str, Any]):
+        self.settings = ServeSettings.model_validate(settings)
+        self.client = HandleClient(model)
+
+    def __serve_build_asgi_app__(self):
+        return build_openai_app(self.client, self.settings)
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    settings = ServeSettings.model_validate(args)
+    config = settings.model_dump(mode="json")
+    config["api_keys"] = settings.api_key_values()
+    resources = {"num_cpus": settings.replica_cpus, "num_gpus": settings.replica_gpus}
+    model = ModelDeployment.options(
+        name="model", autoscaling_config=settings.autoscaling.to_serve(), ray_actor_options=resources,
+        max_ongoing_requests=settings.max_ongoing_requests, max_queued_requests=settings.max_queued_requests,
+    ).bind(config)
+    return OpenAIIngress.options(name="openai", ray_actor_options={"num_cpus": 0.1},
+                                 max_ongoing_requests=max(1000, settings.max_queued_requests * 4)).bind(model, config)

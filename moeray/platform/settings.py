@@ -1,0 +1,189 @@
+"""Serving settings: one pydantic model, loaded from YAML, overridden by environment and CLI.
+
+Contract: `ServeSettings.load(config_file, overrides)` merges, lowest first: field defaults, the
+YAML file, `MOERAY_*` environment variables (`MOERAY_PORT=9000`, nested with a double underscore:
+`MOERAY_ENGINE__MAX_NUM_SEQS=32`, `MOERAY_API_KEYS=k1,k2`), then CLI overrides. Unknown keys and
+wrong types raise `SettingsError` naming the key, and for YAML the file and line.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+
+from moeray.engine.config import EngineConfig
+
+ENV_PREFIX = "MOERAY_"
+
+
+class SettingsError(ValueError):
+    """A serving setting is unknown or invalid."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class EngineSettings(_Strict):
+    """Options of the engine inside every model replica (see `moeray.engine.EngineConfig`)."""
+
+    max_model_len: int | None = Field(None, ge=2, description="Longest prompt plus output, in tokens; default: "
+                                      "the model's max_position_embeddings capped at 8192.")
+    block_size: int = Field(16, ge=1, description="Tokens per block of the paged latent cache.")
+    num_cache_blocks: int | None = Field(None, ge=1, description="Cache size in blocks; overrides "
+                                         "cache_memory_fraction.")
+    cache_memory_fraction: float = Field(0.1, gt=0, le=0.95, description="Share of device memory (RAM on CPU) "
+                                         "for the latent cache.")
+    max_num_batched_tokens: int = Field(2048, ge=1, description="Token budget of one engine step.")
+    max_num_seqs: int = Field(64, ge=1, description="Sequences running at once per replica.")
+    enable_prefix_caching: bool = Field(True, description="Share cache blocks of common prompt prefixes.")
+    enable_chunked_prefill: bool = Field(True, description="Split long prompts so decodes never stall.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights and activations.")
+    device: str = Field("cpu", description="torch device of each replica: cpu or cuda.")
+    seed: int = Field(0, description="Seed for requests that do not set one.")
+
+    def to_engine_config(self) -> EngineConfig:
+        return EngineConfig(**self.model_dump())
+
+
+class AutoscalingSettings(_Strict):
+    """Ray Serve autoscaling of the model deployment."""
+
+    min_replicas: int = Field(1, ge=0, description="Fewest model replicas.")
+    max_replicas: int = Field(1, ge=1, description="Most model replicas.")
+    target_ongoing_requests: float = Field(8.0, gt=0, description="Requests per replica the autoscaler aims for.")
+    upscale_delay_s: float = Field(10.0, ge=0, description="Load must stay high this long before scaling up.")
+    downscale_delay_s: float = Field(60.0, ge=0, description="Load must stay low this long before scaling down.")
+    look_back_period_s: float = Field(10.0, gt=0, description="Window over which load is averaged.")
+
+    def to_serve(self) -> dict[str, Any]:
+        config = self.model_dump()
+        config["initial_replicas"] = max(self.min_replicas, 1)
+        return config
+
+
+class ServeSettings(_Strict):
+    """Everything `moeray serve` and the Serve application builder take."""
+
+    model: str | None = Field(None, description="Hugging Face checkpoint folder; empty: the embedded default model.")
+    served_model_name: str | None = Field(None, description="Model name clients send; default: the folder name.")
+    host: str = Field("127.0.0.1", description="HTTP listen address.")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
+    api_keys: list[SecretStr] = Field(default_factory=list, description="Accepted bearer keys; empty: no auth.")
+    engine: EngineSettings = Field(default_factory=EngineSettings, description="Engine options per replica.")
+    autoscaling: AutoscalingSettings = Field(default_factory=AutoscalingSettings,
+                                             description="Model deployment autoscaling.")
+    replica_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves for each model replica.")
+    replica_gpus: float = Field(0.0, ge=0, description="GPUs Ray reserves for each model replica.")
+    max_ongoing_requests: int = Field(64, ge=1, description="Requests a model replica accepts at once.")
+    max_queued_requests: int = Field(256, ge=0, description="Requests queued for busy replicas before new ones "
+                                     "get 503 with Retry-After.")
+    retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with 503 when the queue is full.")
+    app_name: str = Field("moeray", description="Ray Serve application name.")
+
+    @property
+    def model_name(self) -> str:
+        if self.served_model_name:
+            return self.served_model_name
+        return Path(self.model).name if self.model else "moeray-default"
+
+    def api_key_values(self) -> list[str]:
+        return [key.get_secret_value() for key in self.api_keys]
+
+    @classmethod
+    def load(cls, config_file: str | Path | None = None, overrides: dict[str, Any] | None = None,
+             environ: dict[str, str] | None = None) -> "ServeSettings":
+        data: dict[str, Any] = {}
+        document = None
+        if config_file is not None:
+            document = _read_yaml(Path(config_file))
+            data = document[0]
+        _deep_merge(data, _from_environment(os.environ if environ is None else environ))
+        _deep_merge(data, {k: v for k, v in (overrides or {}).items() if v is not None})
+        try:
+            return cls.model_validate(data)
+        except ValidationError as err:
+            raise SettingsError(_explain(err, config_file, document)) from None
+
+    def to_yaml(self) -> str:
+        data = self.model_dump(mode="json")
+        data["api_keys"] = [key.get_secret_value() for key in self.api_keys]
+        return yaml.safe_dump(data, sort_keys=False)
+
+
+def _read_yaml(path: Path) -> tuple[dict[str, Any], yaml.Node | None]:
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise SettingsError(f"cannot read settings file {path}: {err.strerror}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+        node = yaml.compose(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise SettingsError(f"{where}: invalid YAML ({getattr(err, 'problem', err)})") from None
+    if not isinstance(data, dict):
+        raise SettingsError(f"{path}: expected a mapping of settings at the top level")
+    return data, (path, node)
+
+
+def _line_of(node: yaml.Node | None, keys: tuple) -> int | None:
+    """1-based line of the deepest key of `keys` present in the YAML node tree."""
+    line = None
+    for key in keys:
+        if not isinstance(node, yaml.MappingNode):
+            break
+        for key_node, value_node in node.value:
+            if key_node.value == str(key):
+                line, node = key_node.start_mark.line + 1, value_node
+                break
+        else:
+            break
+    return line
+
+
+def _explain(err: ValidationError, config_file, document) -> str:
+    problems = []
+    for problem in err.errors():
+        key = ".".join(str(p) for p in problem["loc"])
+        message = "unknown setting" if problem["type"] == "extra_forbidden" else problem["msg"]
+        where = ""
+        if document is not None:
+            line = _line_of(document[1][1], problem["loc"])
+            where = f"{config_file}:{line}: " if line else f"{config_file}: "
+        problems.append(f"{where}setting '{key}': {message}")
+    return "; ".join(problems)
+
+
+def _from_environment(environ: dict[str, str]) -> dict[str, Any]:
+    data: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or name in ("MOERAY_CACHE_DIR", "MOERAY_DISABLE_CPU_KERNELS"):
+            continue
+        path = name[len(ENV_PREFIX):].lower().split("__")
+        if path == ["api_keys"]:
+            value: Any = [k.strip() for k in raw.split(",") if k.strip()]
+        else:
+            try:
+                value = yaml.safe_load(raw)
+            except yaml.YAMLError:
+                value = raw
+        target = data
+        for part in path[:-1]:
+            target = target.setdefault(part, {})
+        target[path[-1]] = value
+    return data
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_merge(base[key], value)
+        else:
+            base[key] = value
+    return base

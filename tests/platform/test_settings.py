@@ -1,0 +1,49 @@
+import pytest
+
+from moeray.platform.settings import ServeSettings, SettingsError
+
+
+def test_defaults():
+    settings = ServeSettings.load(environ={})
+    assert (settings.host, settings.port, settings.model_name) == ("127.0.0.1", 8000, "moeray-default")
+    assert settings.engine.to_engine_config().block_size == 16
+
+
+def test_yaml_then_env_then_overrides(tmp_path):
+    config = tmp_path / "serve.yaml"
+    config.write_text("port: 9000\nengine:\n  max_num_seqs: 8\n  block_size: 32\nautoscaling:\n  max_replicas: 3\n")
+    env = {"MOERAY_ENGINE__MAX_NUM_SEQS": "16", "MOERAY_API_KEYS": "sk-first, sk-second", "OTHER": "x"}
+    settings = ServeSettings.load(config, {"port": 9100, "host": None}, environ=env)
+    assert settings.port == 9100  # flag beats file
+    assert settings.engine.max_num_seqs == 16 and settings.engine.block_size == 32  # env beats file, file kept
+    assert settings.autoscaling.max_replicas == 3
+    assert settings.api_key_values() == ["sk-first", "sk-second"]
+    assert "sk-first" not in repr(settings)  # keys are secrets in logs and reprs
+
+
+def test_unknown_key_names_file_and_line(tmp_path):
+    config = tmp_path / "serve.yaml"
+    config.write_text("port: 9000\nengine:\n  block_size: 32\n  max_num_sqes: 8\n")
+    with pytest.raises(SettingsError, match=r"serve\.yaml:4: setting 'engine\.max_num_sqes': unknown setting"):
+        ServeSettings.load(config, environ={})
+
+
+def test_wrong_type_names_key(tmp_path):
+    config = tmp_path / "serve.yaml"
+    config.write_text("port: lots\n")
+    with pytest.raises(SettingsError, match=r"serve\.yaml:1: setting 'port'"):
+        ServeSettings.load(config, environ={})
+    with pytest.raises(SettingsError, match="setting 'engine.max_num_seqs'"):
+        ServeSettings.load(environ={"MOERAY_ENGINE__MAX_NUM_SEQS": "-3"})
+
+
+def test_invalid_yaml_names_line(tmp_path):
+    config = tmp_path / "serve.yaml"
+    config.write_text("port: 9000\nengine: [unclosed\n")
+    with pytest.raises(SettingsError, match=r"serve\.yaml:\d+: invalid YAML"):
+        ServeSettings.load(config, environ={})
+
+
+def test_missing_file():
+    with pytest.raises(SettingsError, match="cannot read settings file"):
+        ServeSettings.load("/nonexistent/serve.yaml", environ={})
