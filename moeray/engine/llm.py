@@ -54,11 +54,30 @@ def check_tokenizer_matches(tokenizer: Tokenizer, args: moeray.model.ModelArgs, 
                          f"vocab_size is {args.vocab_size}: tokenizer and model do not match")
 
 
+def start_experts(model: str | Path, expert_shards: int, redundant_experts: int, transport: str, **options):
+    """The sharded expert backend (experts in Ray actors), or None for experts in this process."""
+    if not expert_shards:
+        if redundant_experts:
+            raise ValueError("redundant_experts needs expert_shards > 0")
+        return None
+    from moeray.actors import TRANSPORTS
+    from moeray.actors.dispatch import start_expert_parallel
+
+    if transport not in TRANSPORTS:
+        raise ValueError(f"transport {transport!r} is not available; choose one of {TRANSPORTS}")
+    return start_expert_parallel(str(model), expert_shards, redundant_experts, **options)[1]
+
+
 class LLM:
+    """Offline engine. `expert_shards=N` puts the routed experts in N ExpertShard actors (Ray)."""
+
     def __init__(self, model: str | Path, tokenizer: str | Path | None = None, dtype: str = "float32",
-                 device: str = "cpu", experts: ExpertBackend | None = None, **engine_options: Any):
+                 device: str = "cpu", experts: ExpertBackend | None = None, expert_shards: int = 0,
+                 redundant_experts: int = 0, transport: str = "ray", **engine_options: Any):
         config = EngineConfig(dtype=dtype, device=device, **engine_options)
-        loaded = moeray.model.load(model, dtype=config.torch_dtype, device=device)
+        if experts is None:
+            experts = start_experts(model, expert_shards, redundant_experts, transport, dtype=dtype)
+        loaded = moeray.model.load(model, dtype=config.torch_dtype, device=device, local_experts=experts is None)
         tok = Tokenizer.from_pretrained(tokenizer or model)
         check_tokenizer_matches(tok, loaded.args, str(tokenizer or model))
         self.engine = Engine(loaded, tok, config, experts)

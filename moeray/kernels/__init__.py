@@ -8,8 +8,9 @@ them); the choice of implementation never changes results beyond float rounding.
 - `batched_linear(x, weight)`: the same per attention head, [B, M, in] x [B, out, in]^T.
 - `prepare_for_decode(model)`: on CPU, stores short-row Linear weights column-major (same shape and
   values, other strides), the layout the streaming kernel reads fastest.
-- `routed_experts(x, expert_ids, weights, gate_up, down)`: weighted SwiGLU experts. On CPU in
-  float32 for a few (token, expert) pairs, one fused call; otherwise the grouped torch path.
+- `fused_expert_pairs(x, token_of_pair, expert_of_pair, weight_of_pair, gate_up, down)`: weighted
+  SwiGLU experts; on CPU in float32 for a few pairs, one fused call, else None (the caller runs
+  the grouped torch path).
 `set_enabled(False)` forces the torch reference everywhere (tests, debugging).
 """
 
@@ -87,25 +88,24 @@ def prepare_for_decode(model: torch.nn.Module) -> None:
                 module.weight.data = weight.t().contiguous().t()
 
 
-def fused_routed_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
-                         down: torch.Tensor) -> torch.Tensor | None:
-    """The CPU fused path, or None when it does not apply (the caller uses the grouped path)."""
-    if (expert_ids.numel() > MAX_FUSED_PAIRS or not _cpu_fp32(x, gate_up, down)
+def fused_expert_pairs(x: torch.Tensor, token_of_pair: torch.Tensor, expert_of_pair: torch.Tensor,
+                       weight_of_pair: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor | None:
+    """The CPU fused path over (token, expert, weight) pairs, or None when it does not apply."""
+    if (expert_of_pair.numel() > MAX_FUSED_PAIRS or not _cpu_fp32(x, gate_up, down)
             or not (gate_up.is_contiguous() and down.transpose(1, 2).is_contiguous())
             or (torch.is_grad_enabled() and (x.requires_grad or gate_up.requires_grad))):
         return None
     lib = cpu.library()
     if lib is None:
         return None
-    num_tokens, top_k = expert_ids.shape
     x = x.contiguous()
-    token_of_pair = torch.arange(num_tokens).repeat_interleave(top_k)
-    experts = expert_ids.flatten().to(torch.long).contiguous()
-    pair_weights = weights.flatten().to(torch.float32).contiguous()
+    tokens = token_of_pair.to(torch.long).contiguous()
+    experts = expert_of_pair.to(torch.long).contiguous()
+    pair_weights = weight_of_pair.to(torch.float32).contiguous()
     out = torch.empty_like(x)
-    lib.moeray_moe_pairs(x.data_ptr(), x.shape[1], token_of_pair.data_ptr(), experts.data_ptr(),
-                         pair_weights.data_ptr(), experts.numel(), gate_up.data_ptr(), down.data_ptr(),
-                         down.shape[2], out.data_ptr(), num_tokens)
+    lib.moeray_moe_pairs(x.data_ptr(), x.shape[1], tokens.data_ptr(), experts.data_ptr(), pair_weights.data_ptr(),
+                         experts.numel(), gate_up.data_ptr(), down.data_ptr(), down.shape[2], out.data_ptr(),
+                         x.shape[0])
     return out
 
 

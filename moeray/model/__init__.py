@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from moeray.model.checkpoint import CheckpointError, CheckpointReader, load_weights, save_checkpoint
+from moeray.model.checkpoint import (CheckpointError, CheckpointReader, is_routed_expert, load_weights,
+                                     save_checkpoint)
 from moeray.model.config import ConfigError, ModelArgs
 from moeray.model.moe import TopkGate
 from moeray.model.transformer import DeepseekForCausalLM
@@ -41,15 +42,19 @@ def build(args: ModelArgs, dtype: torch.dtype = torch.float32, device: str | tor
 
 
 def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-         progress: bool | None = None) -> DeepseekForCausalLM:
-    """Load a Hugging Face DeepSeek-V2/V3 checkpoint folder; weights stream in one at a time."""
+         progress: bool | None = None, local_experts: bool = True) -> DeepseekForCausalLM:
+    """Load a Hugging Face DeepSeek-V2/V3 checkpoint folder; weights stream in one at a time.
+
+    With `local_experts=False` the routed experts are left out (they live in expert shards).
+    """
     path = Path(path)
     config_path = path / "config.json"
     if not config_path.exists():
         raise CheckpointError(f"{config_path} not found: not a Hugging Face checkpoint folder")
     args = ModelArgs.from_file(config_path)
     with torch.device("meta"):
-        model = DeepseekForCausalLM(args)
+        model = DeepseekForCausalLM(args, local_experts)
     model = _cast(model, dtype).to_empty(device=device)
-    load_weights(model, CheckpointReader(path, args.fp8_block_size), args.num_hidden_layers, progress)
+    load_weights(model, CheckpointReader(path, args.fp8_block_size), args.num_hidden_layers, progress,
+                 skip=None if local_experts else is_routed_expert)
     return model.eval()

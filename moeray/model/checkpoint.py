@@ -148,9 +148,17 @@ class _ExpertTarget:
     rows: slice
 
 
+def is_routed_expert(name: str) -> bool:
+    return ".mlp.experts." in name
+
+
 def load_weights(model: torch.nn.Module, reader: CheckpointReader, num_layers: int,
-                 progress: bool | None = None) -> LoadReport:
-    """Copy every checkpoint tensor into `model`'s parameters and buffers, tensor by tensor."""
+                 progress: bool | None = None, skip=None) -> LoadReport:
+    """Copy every checkpoint tensor into `model`'s parameters and buffers, tensor by tensor.
+
+    `skip(name)` marks tensors the model deliberately does not hold (routed experts that live
+    in expert shards); they are neither loaded nor unexpected.
+    """
     targets = dict(model.state_dict(keep_vars=True))
     filled: dict[str, torch.Tensor] = {}  # name -> bool mask of loaded experts / rows
     report = LoadReport()
@@ -161,6 +169,8 @@ def load_weights(model: torch.nn.Module, reader: CheckpointReader, num_layers: i
         layer_match = _LAYER_RE.match(name)
         if layer_match and int(layer_match.group(1)) >= num_layers:
             report.skipped.append(name)
+            continue
+        if skip is not None and skip(name):
             continue
         dest, expert_idx, target_name = _resolve(name, targets)
         if dest is None:

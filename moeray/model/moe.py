@@ -74,19 +74,21 @@ class TopkGate(nn.Module):
         return weights * self.routed_scaling_factor, expert_ids
 
 
-def grouped_expert_forward(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
-                           gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    """Weighted SwiGLU expert output for routed tokens, one matmul per expert hit.
+def expert_pairs_forward(x: torch.Tensor, token_of_pair: torch.Tensor, expert_of_pair: torch.Tensor,
+                         weight_of_pair: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """sum over pairs p of weight_p * expert_p(x[token_p]), one matmul per expert hit.
 
-    x [T, D]; expert_ids, weights [T, k] (ids index the first dim of gate_up [E, 2I, D] and
-    down [E, D, I]). Returns [T, D] in x's dtype.
+    x [T, D]; token_of_pair, expert_of_pair, weight_of_pair [P] (experts index the first dim of
+    gate_up [E, 2I, D] and down [E, D, I]). Returns [T, D] in x's dtype. The same computation
+    serves local experts and expert shards (which receive only their pairs).
     """
-    num_tokens, top_k = expert_ids.shape
-    flat_ids = expert_ids.flatten()
-    order = flat_ids.argsort(stable=True)  # pairs grouped by expert
-    token_of_pair = order // top_k
-    counts = torch.bincount(flat_ids, minlength=gate_up.shape[0]).tolist()
-    x_sorted = x.index_select(0, token_of_pair)  # [T*k, D]
+    fused = kernels.fused_expert_pairs(x, token_of_pair, expert_of_pair, weight_of_pair, gate_up, down)
+    if fused is not None:
+        return fused
+    order = expert_of_pair.argsort(stable=True)  # pairs grouped by expert
+    tokens_sorted = token_of_pair[order]
+    counts = torch.bincount(expert_of_pair, minlength=gate_up.shape[0]).tolist()
+    x_sorted = x.index_select(0, tokens_sorted)  # [P, D]
     out_sorted = torch.empty_like(x_sorted)
     start = 0
     for expert, count in enumerate(counts):
@@ -96,8 +98,16 @@ def grouped_expert_forward(x: torch.Tensor, expert_ids: torch.Tensor, weights: t
         gate, up = F.linear(x_sorted[start:end], gate_up[expert]).chunk(2, dim=-1)
         out_sorted[start:end] = F.linear(F.silu(gate) * up, down[expert])
         start = end
-    out_sorted.mul_(weights.flatten()[order, None].to(x.dtype))
-    return torch.zeros_like(x).index_add_(0, token_of_pair, out_sorted)
+    out_sorted.mul_(weight_of_pair[order, None].to(x.dtype))
+    return torch.zeros_like(x).index_add_(0, tokens_sorted, out_sorted)
+
+
+def grouped_expert_forward(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
+                           gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """Routed-expert output for x [T, D] with expert_ids, weights [T, k]; returns [T, D]."""
+    num_tokens, top_k = expert_ids.shape
+    token_of_pair = torch.arange(num_tokens, device=x.device).repeat_interleave(top_k)
+    return expert_pairs_forward(x, token_of_pair, expert_ids.flatten(), weights.flatten(), gate_up, down)
 
 
 class RoutedExperts(nn.Module):
@@ -108,18 +118,18 @@ class RoutedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size).transpose(1, 2))
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        fused = kernels.fused_routed_experts(x, expert_ids, weights, self.gate_up_proj, self.down_proj)
-        if fused is not None:
-            return fused
         return grouped_expert_forward(x, expert_ids, weights, self.gate_up_proj, self.down_proj)
 
 
 class MoE(nn.Module):
-    def __init__(self, args: ModelArgs, layer_idx: int):
+    def __init__(self, args: ModelArgs, layer_idx: int, local_experts: bool = True):
         super().__init__()
         self.layer_idx = layer_idx
         self.gate = TopkGate(args)
-        self.experts = RoutedExperts(args.n_routed_experts, args.hidden_size, args.moe_intermediate_size)
+        # Without local experts the routed experts live elsewhere (expert shards) and every
+        # forward must be given the backend that reaches them.
+        self.experts = (RoutedExperts(args.n_routed_experts, args.hidden_size, args.moe_intermediate_size)
+                        if local_experts else None)
         self.shared_experts = (MLP(args.hidden_size, args.moe_intermediate_size * args.n_shared_experts)
                                if args.n_shared_experts else None)
         # Tokens routed to each expert since start (serving metrics, load balancing). A plain
@@ -135,6 +145,8 @@ class MoE(nn.Module):
         if not self.training:
             self._count(expert_ids)
         if experts is None:
+            if self.experts is None:
+                raise RuntimeError(f"MoE layer {self.layer_idx} has no local experts and no expert backend was given")
             out = self.experts(x, expert_ids, weights)
         else:
             out = experts(self.layer_idx, x, expert_ids, weights)

@@ -23,10 +23,11 @@ from moeray.model.rope import RotaryEmbedding
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs, layer_idx: int):
+    def __init__(self, args: ModelArgs, layer_idx: int, local_experts: bool = True):
         super().__init__()
         self.self_attn = MultiHeadLatentAttention(args, layer_idx)
-        self.mlp = MoE(args, layer_idx) if args.is_moe_layer(layer_idx) else MLP(args.hidden_size, args.intermediate_size)
+        self.mlp = (MoE(args, layer_idx, local_experts) if args.is_moe_layer(layer_idx)
+                    else MLP(args.hidden_size, args.intermediate_size))
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
@@ -38,18 +39,19 @@ class DecoderLayer(nn.Module):
 
 
 class DeepseekModel(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, local_experts: bool = True):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(args, i, local_experts) for i in range(args.num_hidden_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
 
 class DeepseekForCausalLM(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, local_experts: bool = True):
         super().__init__()
         self.args = args
-        self.model = DeepseekModel(args)
+        self.local_experts = local_experts
+        self.model = DeepseekModel(args, local_experts)
         self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(args)
 

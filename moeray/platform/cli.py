@@ -1,6 +1,7 @@
 """The `moeray` command line.
 
     moeray serve [MODEL] [--host H] [--port P] [--config FILE] [--api-key KEY ...]
+                 [--expert-shards N] [--redundant-experts K] [--transport ray]
 
 Settings resolve as `ServeSettings.load` describes: defaults < --config YAML < MOERAY_* env < flags.
 """
@@ -22,6 +23,10 @@ def _serve(opts: argparse.Namespace) -> int:
                  "api_keys": opts.api_key or None}
     if opts.max_replicas is not None:
         overrides["autoscaling"] = {"max_replicas": opts.max_replicas}
+    expert_parallel = {"shards": opts.expert_shards, "redundant_experts": opts.redundant_experts,
+                       "transport": opts.transport}
+    if any(v is not None for v in expert_parallel.values()):
+        overrides["expert_parallel"] = {k: v for k, v in expert_parallel.items() if v is not None}
     settings = ServeSettings.load(opts.config, overrides)
 
     import ray
@@ -61,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     serve_cmd.add_argument("--served-model-name")
     serve_cmd.add_argument("--max-replicas", type=int, help="autoscale the model deployment up to this many")
     serve_cmd.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    serve_cmd.add_argument("--expert-shards", type=int, help="routed experts in this many ExpertShard actors")
+    serve_cmd.add_argument("--redundant-experts", type=int, help="extra replicas of the hottest experts per layer")
+    serve_cmd.add_argument("--transport", choices=["ray"], help="replica-to-shard transport")
     serve_cmd.set_defaults(run=_serve)
     opts = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -63,7 +63,7 @@ def _translate(err: BaseException) -> OpenAIError:
     if "BackPressure" in name:
         return OpenAIError(503, "the server is at capacity, retry later", type="server_overloaded",
                            code="queue_full")
-    if "Unavailable" in name or "Dead" in name or "ActorDied" in name:
+    if "Unavailable" in name or "Dead" in name or "ActorDied" in name or "ExpertsUnavailable" in str(err):
         return OpenAIError(503, f"the model is unavailable: {err}", type="server_error", code="unavailable")
     logger.exception("request failed", exc_info=err)
     return OpenAIError(500, f"internal error: {name}", type="server_error")

@@ -30,10 +30,21 @@ def load_replica_service(settings: ServeSettings) -> ReplicaService:
 
     folder = resolve_model(settings.model)
     engine_config = settings.engine.to_engine_config()
-    model = load(folder, dtype=engine_config.torch_dtype, device=engine_config.device)
+    experts = None
+    ep = settings.expert_parallel
+    if ep.shards:
+        from moeray.actors.dispatch import start_expert_parallel
+
+        # One Router per deployed model, shared by every model replica (first one creates it).
+        _, experts = start_expert_parallel(
+            str(folder), ep.shards, ep.redundant_experts, name=f"{settings.app_name}-router", namespace="moeray",
+            num_cpus=ep.shard_cpus, num_gpus=ep.shard_gpus, strategy=ep.placement_strategy,
+            dtype=engine_config.dtype, rebalance_interval_s=ep.rebalance_interval_s, detached=True)
+        experts.timeout_s = ep.timeout_s
+    model = load(folder, dtype=engine_config.torch_dtype, device=engine_config.device, local_experts=experts is None)
     tokenizer = Tokenizer.from_pretrained(folder)
     check_tokenizer_matches(tokenizer, model.args, str(folder))
-    return ReplicaService(Engine(model, tokenizer, engine_config))
+    return ReplicaService(Engine(model, tokenizer, engine_config, experts))
 
 
 @serve.deployment

@@ -66,6 +66,22 @@ class AutoscalingSettings(_Strict):
         return config
 
 
+class ExpertParallelSettings(_Strict):
+    """Routed experts in ExpertShard actors (0 shards: experts stay inside each model replica)."""
+
+    shards: int = Field(0, ge=0, description="ExpertShard actors holding the routed experts.")
+    redundant_experts: int = Field(0, ge=0, description="Extra replicas per MoE layer for the hottest experts.")
+    transport: Literal["ray"] = Field("ray", description="How replicas reach shards: Ray actor calls.")
+    shard_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves for each shard.")
+    shard_gpus: float = Field(0.0, ge=0, description="GPUs Ray reserves for each shard.")
+    placement_strategy: Literal["SPREAD", "PACK"] = Field("SPREAD", description="Placement group strategy for "
+                                                          "the shards: spread over nodes or pack onto few.")
+    rebalance_interval_s: float | None = Field(None, gt=0, description="Rebalance experts this often; "
+                                               "empty: only on demand.")
+    timeout_s: float = Field(120.0, gt=0, description="How long a layer waits for a failed shard's experts "
+                             "before requests fail with 503.")
+
+
 class ServeSettings(_Strict):
     """Everything `moeray serve` and the Serve application builder take."""
 
@@ -77,6 +93,8 @@ class ServeSettings(_Strict):
     engine: EngineSettings = Field(default_factory=EngineSettings, description="Engine options per replica.")
     autoscaling: AutoscalingSettings = Field(default_factory=AutoscalingSettings,
                                              description="Model deployment autoscaling.")
+    expert_parallel: ExpertParallelSettings = Field(default_factory=ExpertParallelSettings,
+                                                    description="Expert shards, redundancy and transport.")
     replica_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves for each model replica.")
     replica_gpus: float = Field(0.0, ge=0, description="GPUs Ray reserves for each model replica.")
     max_ongoing_requests: int = Field(64, ge=1, description="Requests a model replica accepts at once.")

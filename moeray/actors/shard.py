@@ -1,0 +1,109 @@
+"""ExpertShard: a Ray actor holding some routed experts of every MoE layer.
+
+Contract:
+- A shard owns slots: for each MoE layer, a list of logical experts whose weights it keeps in
+  two grouped tensors (the same layout as the model's `RoutedExperts`). It reads only those
+  experts' tensors from the checkpoint.
+- `compute(layout, layer, x, token_of_pair, slot_of_pair, weight_of_pair)` returns the weighted
+  expert output for the tokens it was sent ([U, D]), using the slot table of that `layout`; it
+  counts tokens per expert for load balancing.
+- Slot tables are versioned so a rebalance never stops traffic: `prepare(layout, slots)` loads
+  a new table beside the old one, callers switch when the Router publishes it, and
+  `retire(below)` frees older tables.
+- On (re)start it asks the Router for its current slots and registers, so a restarted shard
+  reloads what it served before it died.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import torch
+
+from moeray.model import ModelArgs
+from moeray.model.checkpoint import CheckpointReader
+from moeray.model.moe import expert_pairs_forward
+
+
+class StaleLayoutError(KeyError):
+    """The caller used a slot layout this shard no longer (or not yet) holds: refresh and retry."""
+
+
+class _SlotTable:
+    def __init__(self, reader: CheckpointReader, args: ModelArgs, slots: dict[int, list[int]], dtype: torch.dtype):
+        self.slots = {int(layer): list(experts) for layer, experts in slots.items()}
+        d, i = args.hidden_size, args.moe_intermediate_size
+        self.gate_up: dict[int, torch.Tensor] = {}
+        self.down: dict[int, torch.Tensor] = {}
+        for layer, experts in self.slots.items():
+            gate_up = torch.empty(len(experts), 2 * i, d, dtype=dtype)
+            down = torch.empty(len(experts), i, d, dtype=dtype).transpose(1, 2)  # as RoutedExperts stores it
+            for slot, expert in enumerate(experts):
+                expert_gate_up, expert_down = reader.routed_expert(layer, expert)
+                gate_up[slot].copy_(expert_gate_up)
+                down[slot].copy_(expert_down)
+            self.gate_up[layer], self.down[layer] = gate_up, down
+
+
+class ExpertShard:
+    def __init__(self, shard_id: int, model_path: str, slots: dict[int, list[int]], router_name: str | None = None,
+                 namespace: str | None = None, dtype: str = "float32"):
+        self.shard_id = shard_id
+        self.dtype = getattr(torch, dtype)
+        self.reader = CheckpointReader(model_path)
+        self.args = ModelArgs.from_file(f"{model_path}/config.json")
+        self._lock = threading.Lock()
+        self.router = None
+        layout = 1
+        if router_name is not None:
+            import ray
+
+            self.router = ray.get_actor(router_name, namespace=namespace)
+            layout, slots = ray.get(self.router.slots_of.remote(shard_id))
+        self.tables = {layout: _SlotTable(self.reader, self.args, slots, self.dtype)}
+        self.counts = {layer: torch.zeros(self.args.n_routed_experts, dtype=torch.long) for layer in slots}
+        if self.router is not None:
+            import ray
+
+            ray.get(self.router.register.remote(shard_id, os.getpid()))
+
+    def compute(self, layout: int, layer: int, x: torch.Tensor, token_of_pair: torch.Tensor,
+                slot_of_pair: torch.Tensor, weight_of_pair: torch.Tensor) -> torch.Tensor:
+        table = self.tables.get(layout)
+        if table is None:
+            raise StaleLayoutError(f"shard {self.shard_id} has no slot table for layout {layout} "
+                                   f"(has {sorted(self.tables)})")
+        with torch.inference_mode():
+            out = expert_pairs_forward(x.to(self.dtype), token_of_pair, slot_of_pair, weight_of_pair,
+                                       table.gate_up[layer], table.down[layer])
+        experts = torch.tensor(table.slots[layer])[slot_of_pair]
+        with self._lock:
+            self.counts.setdefault(layer, torch.zeros(self.args.n_routed_experts, dtype=torch.long))
+            self.counts[layer] += torch.bincount(experts, minlength=self.args.n_routed_experts)
+        return out.to(x.dtype)
+
+    def prepare(self, layout: int, slots: dict[int, list[int]]) -> None:
+        table = _SlotTable(self.reader, self.args, slots, self.dtype)  # loads while old layouts keep serving
+        with self._lock:
+            self.tables[layout] = table
+
+    def retire(self, below: int) -> None:
+        with self._lock:
+            for version in [v for v in self.tables if v < below]:
+                del self.tables[version]
+
+    def expert_counts(self) -> dict[int, list[int]]:
+        with self._lock:
+            return {layer: counts.tolist() for layer, counts in self.counts.items()}
+
+    def reset_counts(self) -> None:
+        with self._lock:
+            for counts in self.counts.values():
+                counts.zero_()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def layouts(self) -> list[int]:
+        return sorted(self.tables)
