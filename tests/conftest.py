@@ -17,7 +17,7 @@ def ray_session():
     env = {"RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
            "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5", "RAY_USAGE_STATS_ENABLED": "0"}
     os.environ.update(env)
-    ray.init(num_cpus=16, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=16, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {**env, "OMP_NUM_THREADS": "1"}})
     yield ray
     try:

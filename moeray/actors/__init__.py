@@ -2,4 +2,4 @@
 owns placement, health and load balancing, and `ShardedExperts` is the engine's expert backend
 that dispatches each MoE layer's tokens to the shards."""
 
-TRANSPORTS = ("ray",)
+TRANSPORTS = ("ray", "collective")

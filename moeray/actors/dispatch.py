@@ -3,7 +3,8 @@
 Contract: `ShardedExperts` is an `ExpertBackend`. For one MoE layer it maps every
 (token, expert) pair to a replica of that expert (the only one, or the least loaded so far in
 this call when there are several), sends each shard its tokens once (unique rows) with the
-pairs' slots and weights, and adds the weighted results back in token order.
+pairs' slots and weights over the chosen transport (`transport.py`: Ray actor calls or a gloo
+collective group), and adds the weighted results back in token order.
 - The placement is cached; the hot path never calls the Router per layer. A version probe runs
   at most once per `refresh_interval_s`, without blocking, and a failure refreshes at once.
 - A shard that dies mid-layer is reported to the Router and the whole layer is re-run on the
@@ -18,21 +19,15 @@ import time
 
 import ray
 import torch
-from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
 from moeray.actors.placement import Placement
+from moeray.actors.transport import TRANSPORT_TYPES, ShardFailed, ShardWork
 
 logger = logging.getLogger(__name__)
 
 
 class ExpertsUnavailableError(RuntimeError):
     """Some routed experts have no live shard: requests cannot be served right now."""
-
-
-class _ShardFailed(Exception):
-    def __init__(self, shards: set[int], stale: bool = False):
-        super().__init__(f"shards {sorted(shards)} failed")
-        self.shards, self.stale = shards, stale
 
 
 class _LayerRoutes:
@@ -46,9 +41,12 @@ class _LayerRoutes:
 
 
 class ShardedExperts:
-    def __init__(self, router, timeout_s: float = 120.0, refresh_interval_s: float = 1.0):
+    def __init__(self, router, transport: str = "ray", timeout_s: float = 120.0, refresh_interval_s: float = 1.0):
+        if transport not in TRANSPORT_TYPES:
+            raise ValueError(f"unknown expert transport {transport!r}; choose one of {sorted(TRANSPORT_TYPES)}")
         self.router = router
         self.shards = ray.get(router.shard_handles.remote())
+        self.transport = TRANSPORT_TYPES[transport](self.shards)
         self.timeout_s, self.refresh_interval_s = timeout_s, refresh_interval_s
         self._probe = None
         self._last_probe = time.monotonic()
@@ -80,7 +78,7 @@ class ShardedExperts:
         while True:
             try:
                 return self._dispatch(layer, x, expert_ids, weights)
-            except _ShardFailed as failure:
+            except ShardFailed as failure:
                 if not failure.stale:
                     for shard in failure.shards:
                         ray.get(self.router.report_failure.remote(shard))
@@ -99,7 +97,7 @@ class ShardedExperts:
     def _dispatch(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         routes = self.routes[layer]
         if routes.missing:
-            raise _ShardFailed(set(), stale=True)
+            raise ShardFailed(set(), stale=True)
         num_tokens, top_k = expert_ids.shape
         experts = expert_ids.flatten().cpu()
         token_of_pair = torch.arange(num_tokens).repeat_interleave(top_k)
@@ -110,25 +108,15 @@ class ShardedExperts:
             self._spread_replicas(routes, experts, shard_of_pair, slot_of_pair)
 
         x_cpu = x.cpu()
-        calls = {}
+        works = []
         for shard in shard_of_pair.unique().tolist():
             mask = shard_of_pair == shard
             tokens, local = token_of_pair[mask].unique(return_inverse=True)
-            calls[shard] = (tokens, self.shards[shard].compute.remote(
-                self.placement.layout, layer, x_cpu[tokens], local, slot_of_pair[mask], weight_of_pair[mask]))
+            works.append(ShardWork(shard, tokens, x_cpu[tokens], local, slot_of_pair[mask], weight_of_pair[mask]))
+        results = self.transport.exchange(self.placement.layout, layer, works)
         out = torch.zeros_like(x_cpu)
-        failed, stale = set(), False
-        for shard, (tokens, ref) in calls.items():
-            try:
-                out.index_add_(0, tokens, ray.get(ref))
-            except (RayActorError, ActorUnavailableError):
-                failed.add(shard)
-            except RayTaskError as err:
-                if "StaleLayoutError" not in str(err):
-                    raise
-                stale = True
-        if failed or stale:
-            raise _ShardFailed(failed, stale=not failed)
+        for work in works:
+            out.index_add_(0, work.tokens, results[work.shard])
         return out.to(x.device)
 
     @staticmethod
@@ -151,7 +139,7 @@ class ShardedExperts:
 def start_expert_parallel(model_path: str, num_shards: int, redundant: int = 0, name: str | None = None,
                           namespace: str | None = None, num_cpus: float = 1.0, num_gpus: float = 0.0,
                           strategy: str = "SPREAD", dtype: str = "float32", rebalance_interval_s: float | None = None,
-                          detached: bool = False):
+                          detached: bool = False, transport: str = "ray"):
     """Create (or join, by name) the Router and its shards; returns (router handle, backend)."""
     from moeray.actors.router import Router, ShardOptions
 
@@ -170,4 +158,4 @@ def start_expert_parallel(model_path: str, num_shards: int, redundant: int = 0, 
         if time.monotonic() > deadline:
             raise TimeoutError(f"expert shards of {name} did not start")
         time.sleep(0.1)
-    return router, ShardedExperts(router)
+    return router, ShardedExperts(router, transport)

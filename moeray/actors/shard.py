@@ -83,6 +83,14 @@ class ExpertShard:
             self.counts[layer] += torch.bincount(experts, minlength=self.args.n_routed_experts)
         return out.to(x.dtype)
 
+    def join_collective(self, host: str, port: int, rank: int, world: int, timeout_s: float) -> None:
+        """Join a replica's gloo group and serve its expert work on a thread (collective transport)."""
+        from moeray.actors.transport import open_group, serve_collective
+
+        group = open_group(host, port, rank, world, timeout_s)
+        threading.Thread(target=serve_collective, args=(group, self.compute, self.args.hidden_size),
+                         name=f"collective-{host}:{port}", daemon=True).start()
+
     def prepare(self, layout: int, slots: dict[int, list[int]]) -> None:
         table = _SlotTable(self.reader, self.args, slots, self.dtype)  # loads while old layouts keep serving
         with self._lock:

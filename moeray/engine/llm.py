@@ -65,7 +65,7 @@ def start_experts(model: str | Path, expert_shards: int, redundant_experts: int,
 
     if transport not in TRANSPORTS:
         raise ValueError(f"transport {transport!r} is not available; choose one of {TRANSPORTS}")
-    return start_expert_parallel(str(model), expert_shards, redundant_experts, **options)[1]
+    return start_expert_parallel(str(model), expert_shards, redundant_experts, transport=transport, **options)[1]
 
 
 class LLM:

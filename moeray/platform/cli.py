@@ -1,7 +1,7 @@
 """The `moeray` command line.
 
     moeray serve [MODEL] [--host H] [--port P] [--config FILE] [--api-key KEY ...]
-                 [--expert-shards N] [--redundant-experts K] [--transport ray]
+                 [--expert-shards N] [--redundant-experts K] [--transport ray|collective]
 
 Settings resolve as `ServeSettings.load` describes: defaults < --config YAML < MOERAY_* env < flags.
 """
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     serve_cmd.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     serve_cmd.add_argument("--expert-shards", type=int, help="routed experts in this many ExpertShard actors")
     serve_cmd.add_argument("--redundant-experts", type=int, help="extra replicas of the hottest experts per layer")
-    serve_cmd.add_argument("--transport", choices=["ray"], help="replica-to-shard transport")
+    serve_cmd.add_argument("--transport", choices=["ray", "collective"], help="replica-to-shard transport")
     serve_cmd.set_defaults(run=_serve)
     opts = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

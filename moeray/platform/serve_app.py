@@ -39,7 +39,8 @@ def load_replica_service(settings: ServeSettings) -> ReplicaService:
         _, experts = start_expert_parallel(
             str(folder), ep.shards, ep.redundant_experts, name=f"{settings.app_name}-router", namespace="moeray",
             num_cpus=ep.shard_cpus, num_gpus=ep.shard_gpus, strategy=ep.placement_strategy,
-            dtype=engine_config.dtype, rebalance_interval_s=ep.rebalance_interval_s, detached=True)
+            dtype=engine_config.dtype, rebalance_interval_s=ep.rebalance_interval_s, detached=True,
+            transport=ep.transport)
         experts.timeout_s = ep.timeout_s
     model = load(folder, dtype=engine_config.torch_dtype, device=engine_config.device, local_experts=experts is None)
     tokenizer = Tokenizer.from_pretrained(folder)

@@ -27,15 +27,18 @@ def sharded_llm(folder, shards, redundant=0, name=None, **kwargs):
     return router, LLM(folder, max_model_len=256, experts=backend)
 
 
+@pytest.mark.parametrize("transport", ["ray", "collective"])
 @pytest.mark.parametrize("shards", [2, 4])
-def test_sharded_greedy_equals_local(ray_session, hf_folder, prompts, local_outputs, shards):
-    router, llm = sharded_llm(hf_folder[0], shards, name=f"eq-{shards}")
+def test_sharded_greedy_equals_local(ray_session, hf_folder, prompts, local_outputs, shards, transport):
+    router, llm = sharded_llm(hf_folder[0], shards, name=f"eq-{shards}-{transport}", transport=transport)
+    assert llm.engine.runner.experts.transport.name == transport
     try:
         assert [r.outputs[0].token_ids for r in llm.generate(prompts, GREEDY)] == local_outputs
         # Every shard did work: the experts really ran remotely.
         loads = ray.get(router.expert_loads.remote())
         assert sum(sum(v) for v in loads.values()) > 0
         assert llm.engine.model.model.layers[1].mlp.experts is None  # no local copy of routed experts
+        assert not getattr(llm.engine.runner.experts.transport, "broken", False)  # no fallback happened
     finally:
         ray.get(router.shutdown.remote())
 
@@ -51,8 +54,10 @@ async def stream_all(engine, prompts, params, on_progress=None):
     return await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
 
 
-def test_sigkill_a_shard_mid_stream_restarts_it_and_changes_nothing(ray_session, hf_folder, prompts, local_outputs):
-    router, llm = sharded_llm(hf_folder[0], 2, name="failover")
+@pytest.mark.parametrize("transport", ["ray", "collective"])
+def test_sigkill_a_shard_mid_stream_restarts_it_and_changes_nothing(ray_session, hf_folder, prompts, local_outputs,
+                                                                   transport):
+    router, llm = sharded_llm(hf_folder[0], 2, name=f"failover-{transport}", transport=transport)
     engine = AsyncEngine(llm.engine)
     victim = ray.get(router.health.remote())["pids"][1]
     killed = []
@@ -67,6 +72,8 @@ def test_sigkill_a_shard_mid_stream_restarts_it_and_changes_nothing(ray_session,
         assert killed and outputs == local_outputs
         health = ray.get(router.health.remote())
         assert health["dead"] == [] and health["restarts"][1] == 1 and health["pids"][1] != victim
+        if transport == "collective":  # a gloo group cannot lose a member: it handed over to Ray calls
+            assert llm.engine.runner.experts.transport.broken
         # The restarted shard serves again.
         ray.get(router.reset_loads.remote())
         assert [r.outputs[0].token_ids for r in llm.generate(prompts, GREEDY)] == local_outputs
