@@ -85,7 +85,7 @@ def main() -> None:
                                             "layer_round_trip_ms": round(trip * 1e3, 2)}
         rows += [(f"{opts.shards} shards, {transport} transport tok/s", f"{rate:.1f}", f"{local_rate:.1f}",
                   f"{rate / local_rate:.2f}"),
-                 (f"  MoE layer dispatch round trip (ms)", f"{trip * 1e3:.1f}", f"{local_trip * 1e3:.1f}", "")]
+                 ("  MoE layer dispatch round trip (ms)", f"{trip * 1e3:.1f}", f"{local_trip * 1e3:.1f}", "")]
     ray.shutdown()
     report("expert_parallel", results, rows)
 
