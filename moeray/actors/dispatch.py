@@ -94,7 +94,8 @@ class ShardedExperts:
             time.sleep(0.2)
             self._refresh()
 
-    def _dispatch(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def _plan(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> list[ShardWork]:
+        """Group the layer's (token, expert) pairs by the shard that will compute them."""
         routes = self.routes[layer]
         if routes.missing:
             raise ShardFailed(set(), stale=True)
@@ -106,18 +107,34 @@ class ShardedExperts:
         slot_of_pair = routes.slot[experts]
         if routes.multi:
             self._spread_replicas(routes, experts, shard_of_pair, slot_of_pair)
-
         x_cpu = x.cpu()
         works = []
         for shard in shard_of_pair.unique().tolist():
             mask = shard_of_pair == shard
             tokens, local = token_of_pair[mask].unique(return_inverse=True)
             works.append(ShardWork(shard, tokens, x_cpu[tokens], local, slot_of_pair[mask], weight_of_pair[mask]))
-        results = self.transport.exchange(self.placement.layout, layer, works)
-        out = torch.zeros_like(x_cpu)
+        return works
+
+    @staticmethod
+    def _combine(x: torch.Tensor, works: list[ShardWork], results: dict[int, torch.Tensor]) -> torch.Tensor:
+        out = torch.zeros(x.shape, dtype=x.dtype)
         for work in works:
             out.index_add_(0, work.tokens, results[work.shard])
         return out.to(x.device)
+
+    def _dispatch(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        works = self._plan(layer, x, expert_ids, weights)
+        return self._combine(x, works, self.transport.exchange(self.placement.layout, layer, works))
+
+    def submit(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> "PendingExperts":
+        """Start a layer's expert work without waiting (micro-batch overlap); `.wait()` finishes it."""
+        self._maybe_refresh()
+        try:
+            works = self._plan(layer, x, expert_ids, weights)
+            handle = self.transport.start(self.placement.layout, layer, works)
+        except ShardFailed:
+            works, handle = None, None
+        return PendingExperts(self, layer, x, expert_ids, weights, works, handle)
 
     @staticmethod
     def _spread_replicas(routes: _LayerRoutes, experts, shard_of_pair, slot_of_pair) -> None:
@@ -134,6 +151,22 @@ class ShardedExperts:
 
     def health(self) -> dict:
         return ray.get(self.router.health.remote())
+
+
+class PendingExperts:
+    """One micro-batch's routed-expert work in flight; a failure falls back to the retrying path."""
+
+    def __init__(self, backend: ShardedExperts, layer, x, expert_ids, weights, works, handle):
+        self.backend, self.layer, self.x, self.expert_ids, self.weights = backend, layer, x, expert_ids, weights
+        self.works, self.handle = works, handle
+
+    def wait(self) -> torch.Tensor:
+        if self.handle is not None:
+            try:
+                return self.backend._combine(self.x, self.works, self.backend.transport.finish(self.handle))
+            except ShardFailed:
+                pass
+        return self.backend(self.layer, self.x, self.expert_ids, self.weights)
 
 
 def start_expert_parallel(model_path: str, num_shards: int, redundant: int = 0, name: str | None = None,

@@ -5,8 +5,9 @@ Contract:
   resources, restartable (Ray restarts a dead shard, which reloads its slots and re-registers).
 - `placement()` returns the current `Placement` (with its version and the shards known dead);
   model replicas cache it and refresh only when the version changes or a shard fails.
-- `report_failure(shard)` marks a shard dead (its experts are then served by their other
-  replicas, if any); `register(shard, pid)` marks it alive again. Both bump the version.
+- `report_failure(shard)` marks a shard dead unless it answers a ping (it may already have been
+  restarted); its experts are then served by their other replicas, if any. `register(shard, pid)`
+  marks it alive again. Both bump the version.
 - `rebalance()` plans from the shards' per-expert counters (EPLB-style, `placement.rebalance`),
   loads the new slot tables beside the old ones, then publishes the new version: traffic never
   stops. It also runs every `rebalance_interval_s` when that is set.
@@ -87,6 +88,13 @@ class Router:
             return self._placement
 
     def report_failure(self, shard: int) -> Placement:
+        # The shard may already be back (restarted and re-registered before this report arrived):
+        # believe the report only if the shard does not answer now.
+        try:
+            ray.get(self.shards[shard].pid.remote(), timeout=5)
+            return self.placement()
+        except Exception:  # noqa: BLE001 - any failure to answer means down
+            pass
         with self._lock:
             if shard in self._placement.dead:
                 return self._placement

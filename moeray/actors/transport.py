@@ -1,7 +1,9 @@
 """How a model replica's token groups reach the expert shards: two transports, one interface.
 
 Contract: `transport.exchange(layout, layer, works)` sends every `ShardWork` (the rows of x a
-shard needs plus its (token, slot, weight) pairs) to its shard and returns {shard: output rows}.
+shard needs plus its (token, slot, weight) pairs) to its shard and returns {shard: output rows};
+`start` / `finish` are its two halves, so the caller can compute something else (the other
+micro-batch's attention) while the shards work.
 A shard that cannot answer raises `ShardFailed` naming it; a shard that no longer holds the
 caller's slot layout raises `ShardFailed(stale=True)`.
 - `RayTransport`: one actor call per shard (any topology, tensors through the object store).
@@ -51,9 +53,11 @@ class RayTransport:
     def __init__(self, shards: list):
         self.shards = shards
 
-    def exchange(self, layout: int, layer: int, works: list[ShardWork]) -> dict[int, torch.Tensor]:
-        refs = {w.shard: self.shards[w.shard].compute.remote(layout, layer, w.x, w.token_of_pair, w.slot_of_pair,
-                                                            w.weight_of_pair) for w in works}
+    def start(self, layout: int, layer: int, works: list[ShardWork]):
+        return {w.shard: self.shards[w.shard].compute.remote(layout, layer, w.x, w.token_of_pair, w.slot_of_pair,
+                                                             w.weight_of_pair) for w in works}
+
+    def finish(self, refs) -> dict[int, torch.Tensor]:
         results, failed, stale = {}, set(), False
         for shard, ref in refs.items():
             try:
@@ -67,6 +71,9 @@ class RayTransport:
         if failed or stale:
             raise ShardFailed(failed, stale=not failed)
         return results
+
+    def exchange(self, layout: int, layer: int, works: list[ShardWork]) -> dict[int, torch.Tensor]:
+        return self.finish(self.start(layout, layer, works))
 
     def close(self) -> None:
         pass
@@ -98,32 +105,49 @@ class CollectiveTransport:
         self.group = open_group(host, port, 0, world, timeout_s)
         ray.get(joins)
 
-    def exchange(self, layout: int, layer: int, works: list[ShardWork]) -> dict[int, torch.Tensor]:
+    def start(self, layout: int, layer: int, works: list[ShardWork]):
+        """Post the sends and the receives; nothing waits here (the shards start computing)."""
         if self.broken:
-            return self.fallback.exchange(layout, layer, works)
+            return ("ray", self.fallback.start(layout, layer, works))
         try:
-            pending = []
+            handles = []
             for w in works:
                 dst = w.shard + 1
                 header = torch.tensor([OP_COMPUTE, layout, layer, w.x.shape[0], w.token_of_pair.numel()])
                 for tensor in (header, w.x.float().contiguous(), w.token_of_pair.long(), w.slot_of_pair.long(),
                                w.weight_of_pair.float()):
-                    pending.append(self.group.send([tensor], dst, 0))
+                    handles.append(self.group.send([tensor], dst, 0))
             outputs = {w.shard: torch.empty(w.x.shape[0], w.x.shape[1]) for w in works}
             status = {w.shard: torch.empty(1, dtype=torch.long) for w in works}
-            receives = []
             for w in works:  # the status says whether the output that follows is valid
-                receives.append(self.group.recv([status[w.shard]], w.shard + 1, 1))
-                receives.append(self.group.recv([outputs[w.shard]], w.shard + 1, 1))
-            for work in pending + receives:
-                work.wait()
-        except RuntimeError as err:  # a member died: the group is unusable from now on
-            logger.warning("collective expert transport broken (%s); continuing over Ray actor calls", err)
-            self.broken = True
-            return self.fallback.exchange(layout, layer, works)
+                handles.append(self.group.recv([status[w.shard]], w.shard + 1, 1))
+                handles.append(self.group.recv([outputs[w.shard]], w.shard + 1, 1))
+        except RuntimeError as err:
+            return self._break(err, layout, layer, works)
+        return ("collective", (handles, outputs, status, (layout, layer, works)))
+
+    def _break(self, err, layout, layer, works):
+        logger.warning("collective expert transport broken (%s); continuing over Ray actor calls", err)
+        self.broken = True  # a member died: the group is unusable from now on
+        return ("ray", self.fallback.start(layout, layer, works))
+
+    def finish(self, pending) -> dict[int, torch.Tensor]:
+        kind, state = pending
+        if kind == "ray":
+            return self.fallback.finish(state)
+        handles, outputs, status, request = state
+        try:
+            for handle in handles:
+                handle.wait()
+        except RuntimeError as err:
+            return self.fallback.finish(self._break(err, *request)[1])
         if any(int(s) != 0 for s in status.values()):
             raise ShardFailed(set(), stale=True)
-        return {shard: out.to(works[0].x.dtype) for shard, out in outputs.items()}
+        dtype = request[2][0].x.dtype
+        return {shard: out.to(dtype) for shard, out in outputs.items()}
+
+    def exchange(self, layout: int, layer: int, works: list[ShardWork]) -> dict[int, torch.Tensor]:
+        return self.finish(self.start(layout, layer, works))
 
     def close(self) -> None:
         if not self.broken:

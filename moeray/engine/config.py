@@ -34,6 +34,7 @@ class EngineConfig:
     dtype: str = "float32"
     device: str = "cpu"
     seed: int = 0  # for requests without a seed
+    overlap_microbatches: bool = True  # with remote experts: two micro-batches, attention || experts
 
     @property
     def torch_dtype(self) -> torch.dtype:

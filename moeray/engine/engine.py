@@ -77,7 +77,7 @@ class Engine:
                                                    self.config.enable_chunked_prefill), self.block_manager)
         self.cache = LatentCache(self.args, self.config.num_cache_blocks, self.config.block_size,
                                  self.config.torch_dtype, self.config.device)
-        self.runner = ModelRunner(model, self.cache, experts)
+        self.runner = ModelRunner(model, self.cache, experts, self.config.overlap_microbatches)
         self.sampler = Sampler(self.config.seed)
         self.requests: dict[str, _Request] = {}
         self._generators: dict[int, torch.Generator | None] = {}

@@ -4,7 +4,8 @@ Contract: `ModelRunner.execute(chunks)` takes the scheduler's chunks (decodes fi
 prefill chunks), builds token ids [T], positions [T], the slot mapping [T] and the per-sequence
 block tables, runs every layer once over all T tokens (so each MoE layer routes the whole step
 at once, through the given expert backend), and returns logits [N, V] (float32) for the N
-chunks that reach the end of their sequence, in chunk order.
+chunks that reach the end of their sequence, in chunk order. With remote experts that can be
+submitted asynchronously, the step runs as two micro-batches so attention overlaps expert work.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ from moeray.model.transformer import DeepseekForCausalLM
 
 
 class ModelRunner:
-    def __init__(self, model: DeepseekForCausalLM, cache: LatentCache, experts: ExpertBackend | None = None):
+    def __init__(self, model: DeepseekForCausalLM, cache: LatentCache, experts: ExpertBackend | None = None,
+                 overlap_microbatches: bool = True):
         self.model, self.cache, self.experts = model, cache, experts
+        self.overlap_microbatches = overlap_microbatches
         kernels.prepare_for_decode(model)
         self.device = next(model.parameters()).device
 
@@ -62,9 +65,31 @@ class ModelRunner:
         as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)  # noqa: E731
         return as_tensor(token_ids), as_tensor(positions), meta, as_tensor(logit_rows)
 
+    @property
+    def overlaps(self) -> bool:
+        """Remote experts that can be submitted asynchronously: run two micro-batches."""
+        return self.overlap_microbatches and hasattr(self.experts, "submit")
+
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk], block_copies: list[tuple[int, int]] = ()) -> torch.Tensor:
         self.cache.copy_blocks(list(block_copies))
+        if self.overlaps and len(chunks) >= 2:
+            return self._execute_overlapped(chunks)
         token_ids, positions, meta, logit_rows = self.prepare(chunks)
         hidden = self.model.forward_tokens(token_ids, positions, StepAttention(self.cache, meta), self.experts)
         return self.model.logits(hidden[logit_rows]).float()
+
+    def _execute_overlapped(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        # Split at the chunk closest to half the tokens; each half keeps decodes before prefills.
+        total, running, split = sum(c.num_tokens for c in chunks), 0, 1
+        for i, chunk in enumerate(chunks[:-1]):
+            running += chunk.num_tokens
+            split = i + 1
+            if running * 2 >= total:
+                break
+        halves = [self.prepare(chunks[:split]), self.prepare(chunks[split:])]
+        hidden = self.model.forward_microbatches(
+            [(tokens, positions, StepAttention(self.cache, meta)) for tokens, positions, meta, _ in halves],
+            self.experts)
+        rows = [h[logit_rows] for h, (_, _, _, logit_rows) in zip(hidden, halves)]
+        return self.model.logits(torch.cat(rows)).float()

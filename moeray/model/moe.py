@@ -15,7 +15,7 @@ Contract:
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -139,6 +139,16 @@ class MoE(nn.Module):
     def _count(self, expert_ids: torch.Tensor) -> None:
         counts = torch.bincount(expert_ids.flatten(), minlength=self.gate.num_experts)
         self.routed_tokens = counts if self.routed_tokens is None else self.routed_tokens + counts
+
+    def start(self, x: torch.Tensor, experts) -> "Callable[[], torch.Tensor]":
+        """Route x and submit its routed experts to an async backend (`submit(...).wait()`); the
+        shared experts run here meanwhile. Returns the function that completes the layer's output."""
+        weights, expert_ids = self.gate(x)
+        if not self.training:
+            self._count(expert_ids)
+        pending = experts.submit(self.layer_idx, x, expert_ids, weights)
+        shared = self.shared_experts(x) if self.shared_experts is not None else None
+        return lambda: pending.wait() if shared is None else pending.wait() + shared
 
     def forward(self, x: torch.Tensor, experts: ExpertBackend | None = None) -> torch.Tensor:
         weights, expert_ids = self.gate(x)

@@ -31,9 +31,12 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
+    def attend(self, x: torch.Tensor, rope, attention: AttentionBackend) -> torch.Tensor:
+        return x + self.self_attn(self.input_layernorm(x), rope, attention)
+
     def forward(self, x: torch.Tensor, rope, attention: AttentionBackend,
                 experts: ExpertBackend | None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, attention)
+        x = self.attend(x, rope, attention)
         h = self.post_attention_layernorm(x)
         return x + (self.mlp(h, experts) if isinstance(self.mlp, MoE) else self.mlp(h))
 
@@ -62,6 +65,38 @@ class DeepseekForCausalLM(nn.Module):
         for layer in self.model.layers:
             x = layer(x, rope, attention, experts)
         return self.model.norm(x)
+
+    def forward_microbatches(self, batches: list[tuple[torch.Tensor, torch.Tensor, AttentionBackend]],
+                             experts) -> list[torch.Tensor]:
+        """`forward_tokens` for several micro-batches, interleaved so that one micro-batch's
+        attention runs while another's routed experts are computed remotely.
+
+        `experts` must offer `submit(layer, x, ids, weights) -> pending` with `pending.wait()`.
+        Per layer: attention of micro-batch 0, submit its experts; finish micro-batch 1's previous
+        layer, its attention, submit; ... so every remote expert call overlaps local work.
+        """
+        states = []
+        for token_ids, positions, attention in batches:
+            states.append({"x": self.model.embed_tokens(token_ids), "rope": self.rotary(positions),
+                           "attention": attention, "finish": None})
+        for layer in self.model.layers:
+            for state in states:
+                if state["finish"] is not None:
+                    state["x"] = state["x"] + state["finish"]()
+                    state["finish"] = None
+                x = layer.attend(state["x"], state["rope"], state["attention"])
+                h = layer.post_attention_layernorm(x)
+                state["x"] = x
+                if isinstance(layer.mlp, MoE):
+                    state["finish"] = layer.mlp.start(h, experts)
+                else:
+                    state["x"] = x + layer.mlp(h)
+        outputs = []
+        for state in states:
+            if state["finish"] is not None:
+                state["x"] = state["x"] + state["finish"]()
+            outputs.append(self.model.norm(state["x"]))
+        return outputs
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
