@@ -34,7 +34,9 @@ class EngineConfig:
     dtype: str = "float32"
     device: str = "cpu"
     seed: int = 0  # for requests without a seed
-    overlap_microbatches: bool = True  # with remote experts: two micro-batches, attention || experts
+    # With remote experts: run each step as two micro-batches so one's attention overlaps the other's
+    # experts. Pays off when shards have their own devices; on a few shared CPU cores it does not.
+    overlap_microbatches: bool = False
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -45,8 +45,9 @@ class EngineSettings(_Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights and activations.")
     device: str = Field("cpu", description="torch device of each replica: cpu or cuda.")
     seed: int = Field(0, description="Seed for requests that do not set one.")
-    overlap_microbatches: bool = Field(True, description="With expert shards: split each step in two "
-                                       "micro-batches so attention overlaps remote expert work.")
+    overlap_microbatches: bool = Field(False, description="With expert shards: split each step in two "
+                                       "micro-batches so attention overlaps remote expert work (for shards on "
+                                       "their own devices).")
 
     def to_engine_config(self) -> EngineConfig:
         return EngineConfig(**self.model_dump())
