@@ -132,14 +132,22 @@ class MultiHeadLatentAttention(nn.Module):
 class DenseCausalAttention:
     """Backend for a rectangular batch without a cache: each row attends causally to itself.
 
-    Tokens arrive flat ([B*S, ...], row-major); the expanded path is used throughout.
+    Tokens arrive flat ([B*S, ...], row-major); the expanded path is used throughout. With
+    `segment_ids` [B, S] (packed training rows) a token only sees earlier tokens of its own
+    segment, so packed sequences never attend to each other.
     """
 
-    def __init__(self, batch: int, seq_len: int):
+    def __init__(self, batch: int, seq_len: int, segment_ids: torch.Tensor | None = None):
         self.batch, self.seq_len = batch, seq_len
+        self.mask = None
+        if segment_ids is not None:
+            causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=segment_ids.device).tril()
+            same = segment_ids[:, :, None] == segment_ids[:, None, :]  # [B, S, S]
+            self.mask = same & causal
 
     def __call__(self, attn: MultiHeadLatentAttention, q_nope, q_pe, latent, k_pe) -> torch.Tensor:
         b, s = self.batch, self.seq_len
         out = attn.attend_expanded(q_nope.view(b, s, *q_nope.shape[1:]), q_pe.view(b, s, *q_pe.shape[1:]),
-                                   latent.view(b, s, -1), k_pe.view(b, s, -1), causal=True)
+                                   latent.view(b, s, -1), k_pe.view(b, s, -1), mask=self.mask,
+                                   causal=self.mask is None)
         return out.reshape(b * s, *out.shape[2:])

@@ -135,6 +135,7 @@ class MoE(nn.Module):
         # Tokens routed to each expert since start (serving metrics, load balancing). A plain
         # attribute, not a buffer: it is runtime state, never part of a checkpoint.
         self.routed_tokens: torch.Tensor | None = None
+        self.last_routing: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _count(self, expert_ids: torch.Tensor) -> None:
         counts = torch.bincount(expert_ids.flatten(), minlength=self.gate.num_experts)
@@ -154,6 +155,10 @@ class MoE(nn.Module):
         weights, expert_ids = self.gate(x)
         if not self.training:
             self._count(expert_ids)
+        else:
+            # What the training losses need from this step's routing (auxiliary balance loss,
+            # aux-loss-free bias updates); overwritten every forward.
+            self.last_routing = (self.gate.scores(x), expert_ids)
         if experts is None:
             if self.experts is None:
                 raise RuntimeError(f"MoE layer {self.layer_idx} has no local experts and no expert backend was given")

@@ -101,12 +101,18 @@ class DeepseekForCausalLM(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, S, V] for input_ids [B, S]; packed rows pass position_ids and segment_ids [B, S]."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape [batch, seq], got {tuple(input_ids.shape)}")
         batch, seq_len = input_ids.shape
-        positions = torch.arange(seq_len, device=input_ids.device).repeat(batch)
-        hidden = self.forward_tokens(input_ids.flatten(), positions, DenseCausalAttention(batch, seq_len))
+        if position_ids is None:
+            positions = torch.arange(seq_len, device=input_ids.device).repeat(batch)
+        else:
+            positions = position_ids.flatten()
+        attention = DenseCausalAttention(batch, seq_len, segment_ids)
+        hidden = self.forward_tokens(input_ids.flatten(), positions, attention)
         return self.logits(hidden).view(batch, seq_len, -1)
 
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:

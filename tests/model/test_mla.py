@@ -54,3 +54,16 @@ def test_prefill_chunk_after_prefix_equals_full_prefill():
         full = attn.attend_expanded(q_nope[None], q_pe[None], latent[None], k_pe[None], causal=True)
         part = attn.attend_expanded(q_nope[None, start:], q_pe[None, start:], latent[None], k_pe[None], mask=mask)
     torch.testing.assert_close(part[0], full[0, start:], atol=1e-5, rtol=1e-4)
+
+
+def test_packed_rows_do_not_attend_across_sequences():
+    """Two sequences packed in one row give the same logits as each on its own."""
+    model = moeray.model.build(ModelArgs.preset("tiny"), seed=4)
+    a, b = torch.tensor([5, 6, 7, 8, 9]), torch.tensor([20, 21, 22])
+    packed = torch.cat([a, b])[None]
+    positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2]])
+    segments = torch.tensor([[1, 1, 1, 1, 1, 2, 2, 2]])
+    with torch.no_grad():
+        logits = model(packed, position_ids=positions, segment_ids=segments)
+        torch.testing.assert_close(logits[0, :5], model(a[None])[0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(logits[0, 5:], model(b[None])[0], atol=1e-5, rtol=1e-4)

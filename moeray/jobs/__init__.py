@@ -1,0 +1,1 @@
+"""Fine-tuning jobs on Ray Train: spec, data, losses, LoRA, trainer, export."""

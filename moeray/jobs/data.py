@@ -1,0 +1,285 @@
+"""Fine-tuning data: JSONL rows, their validation, tokenization, packing and batching.
+
+Contract:
+* ``read_jsonl(uri)`` reads a local path or an ``s3://bucket/key`` object (boto3, which honours
+  ``AWS_ENDPOINT_URL``) and returns ``(line_number, row)`` for every non-blank line. Unreadable
+  files, malformed JSON, invalid UTF-8 and rows that are not JSON objects raise ``DataError``
+  naming ``uri:line``; nothing is returned then.
+* SFT rows hold ``messages``: a non-empty list of ``{"role": system|user|assistant, "content":
+  str}`` with at least one assistant message. DPO rows hold ``prompt``, ``chosen`` and
+  ``rejected``, each a string or such a message list (a prompt list must not end with an
+  assistant message; chosen/rejected lists must). Validators raise ``DataError`` naming
+  ``uri:line`` and the field.
+* ``tokenize_sft`` returns ``(input_ids, labels)`` of the chat-templated conversation; labels are
+  -100 except on the tokens each assistant message adds (its content and the end-of-sentence
+  token closing the turn). The template must be prefix-stable (rendering a conversation's prefix
+  yields a token prefix of the whole), else ``DataError``.
+* ``tokenize_dpo`` returns ``prompt_ids`` and the ``chosen_ids``/``rejected_ids`` continuations,
+  each ending with end-of-sentence unless truncated; the prompt is cut from the left (keeping a
+  leading bos) so that prompt plus the longest continuation fits ``max_length``.
+* ``pack`` fills rows first-fit with ``position_ids`` restarting per example and ``segment_ids``
+  1, 2, ... per example; ``pad_batch`` right-pads rows into tensors (segment 0 marks padding).
+* ``split_eval`` is a deterministic function of the rows, the fraction and the seed.
+
+No ray imports: this module runs in the driver, in workers and in tests alike.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moeray.model.tokenizer import Tokenizer
+
+IGNORE_INDEX = -100  # label value that cross-entropy skips
+ROLES = ("system", "user", "assistant")
+
+Example = tuple[list[int], list[int]]  # (input_ids, labels)
+
+
+class DataError(ValueError):
+    """A data file or one of its rows is unreadable or invalid."""
+
+
+def _read_bytes(uri: str) -> bytes:
+    if uri.startswith("s3://"):
+        import boto3  # imported lazily: local-only runs and tests need no AWS setup
+        import botocore.exceptions
+
+        bucket, _, key = uri[len("s3://"):].partition("/")
+        if not bucket or not key:
+            raise DataError(f"{uri}: expected s3://bucket/key")
+        try:
+            return boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read()
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as err:
+            raise DataError(f"{uri}: cannot read: {err}") from err
+    try:
+        return Path(uri).read_bytes()
+    except OSError as err:
+        raise DataError(f"{uri}: cannot read: {err.strerror}") from err
+
+
+def read_jsonl(uri: str) -> list[tuple[int, dict[str, Any]]]:
+    rows = []
+    for number, raw in enumerate(_read_bytes(uri).split(b"\n"), start=1):
+        try:
+            # utf-8-sig on the first line only: editors on Windows like to start files with a BOM.
+            text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError as err:
+            raise DataError(f"{uri}:{number}: not valid UTF-8 at byte {err.start}") from None
+        if not text.strip():
+            continue
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{uri}:{number}: invalid JSON: {err.msg} (column {err.colno})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{uri}:{number}: expected a JSON object, got {type(row).__name__}")
+        rows.append((number, row))
+    return rows
+
+
+def _validate_messages(messages: Any, field: str, where: str) -> list[dict[str, Any]]:
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: {field} must be a non-empty list of messages")
+    for index, message in enumerate(messages):
+        name = f"{field}[{index}]"
+        if not isinstance(message, dict):
+            raise DataError(f"{where}: {name} must be an object with role and content")
+        if message.get("role") not in ROLES:
+            raise DataError(f"{where}: {name}.role must be one of {', '.join(ROLES)}; got {message.get('role')!r}")
+        if not isinstance(message.get("content"), str):
+            raise DataError(f"{where}: {name}.content must be a string")
+    return messages
+
+
+def validate_sft_row(row: dict[str, Any], uri: str, line: int) -> list[dict[str, Any]]:
+    """Checks an SFT row and returns its messages."""
+    where = f"{uri}:{line}"
+    if "messages" not in row:
+        raise DataError(f"{where}: missing 'messages'")
+    messages = _validate_messages(row["messages"], "messages", where)
+    if not any(message["role"] == "assistant" for message in messages):
+        raise DataError(f"{where}: messages has no assistant message to train on")
+    return messages
+
+
+def validate_dpo_row(row: dict[str, Any], uri: str, line: int) -> dict[str, Any]:
+    """Checks a DPO row and returns it."""
+    where = f"{uri}:{line}"
+    for field in ("prompt", "chosen", "rejected"):
+        if field not in row:
+            raise DataError(f"{where}: missing '{field}'")
+        value = row[field]
+        if isinstance(value, str):
+            continue
+        if not isinstance(value, list):
+            raise DataError(f"{where}: {field} must be a string or a list of messages")
+        messages = _validate_messages(value, field, where)
+        ends_with_assistant = messages[-1]["role"] == "assistant"
+        if field == "prompt" and ends_with_assistant:
+            raise DataError(f"{where}: prompt must not end with an assistant message")
+        if field != "prompt" and not ends_with_assistant:
+            raise DataError(f"{where}: {field} must end with an assistant message")
+    return row
+
+
+def _render(tokenizer: Tokenizer, messages: list[dict[str, Any]], add_generation_prompt: bool) -> list[int]:
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+
+
+def _continuation(prefix: list[int], full: list[int], what: str) -> list[int]:
+    if full[:len(prefix)] != prefix:
+        raise DataError(f"the chat template is not prefix-stable at {what}: the tokens of the conversation "
+                        "before it are not a prefix of the tokens with it, so its tokens cannot be located")
+    return full[len(prefix):]
+
+
+def _through_last_eos(ids: list[int], tokenizer: Tokenizer) -> list[int]:
+    """Drops template text after the turn's last end-of-sentence token (e.g. a newline): the model
+    should learn to stop, not to emit separators it never generates."""
+    for end in range(len(ids), 0, -1):
+        if ids[end - 1] in tokenizer.eos_token_ids:
+            return ids[:end]
+    return ids
+
+
+def tokenize_sft(messages: list[dict[str, Any]], tokenizer: Tokenizer, max_length: int) -> Example:
+    """(input_ids, labels) of a conversation; loss only on what assistant messages add.
+
+    Each assistant message i adds the tokens between rendering messages[:i] with a generation
+    prompt and rendering messages[:i + 1] without one. A fully truncated-away answer leaves all
+    labels at -100; callers may drop such rows.
+    """
+    input_ids = _render(tokenizer, messages, add_generation_prompt=False)
+    labels = [IGNORE_INDEX] * len(input_ids)
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:index], add_generation_prompt=True)
+        through = _render(tokenizer, messages[:index + 1], add_generation_prompt=False)
+        added = _through_last_eos(_continuation(before, through, f"assistant message {index}"), tokenizer)
+        _continuation(through, input_ids, f"the messages after message {index}")
+        labels[len(before):len(before) + len(added)] = added
+    return input_ids[:max_length], labels[:max_length]
+
+
+def _as_messages(value: str | list[dict[str, Any]], role: str) -> list[dict[str, Any]]:
+    return [{"role": role, "content": value}] if isinstance(value, str) else value
+
+
+def tokenize_dpo(row: dict[str, Any], tokenizer: Tokenizer, max_length: int) -> dict[str, list[int]]:
+    """Prompt ids and the chosen/rejected continuations (each closes with end-of-sentence)."""
+    prompt = _as_messages(row["prompt"], "user")
+    prompt_ids = _render(tokenizer, prompt, add_generation_prompt=True)
+    continuations = {}
+    for field in ("chosen", "rejected"):
+        full = _render(tokenizer, prompt + _as_messages(row[field], "assistant"), add_generation_prompt=False)
+        ids = _through_last_eos(_continuation(prompt_ids, full, field), tokenizer)
+        if not ids or ids[-1] not in tokenizer.eos_token_ids:
+            # Some templates leave the end-of-sentence token out; DPO must still learn to stop.
+            if tokenizer.eos_token_id is None:
+                raise DataError("the tokenizer has no eos_token to close DPO continuations with")
+            ids = [*ids, tokenizer.eos_token_id]
+        continuations[field] = ids
+    longest = max(len(ids) for ids in continuations.values())
+    prompt_budget = max(max_length - longest, 0)
+    if len(prompt_ids) > prompt_budget:
+        # Keep the end of the prompt (closest to the answer) and a leading bos, which models expect.
+        head = prompt_ids[:1] if prompt_budget >= 2 and prompt_ids[0] == tokenizer.bos_token_id else []
+        tail_length = prompt_budget - len(head)
+        prompt_ids = head + (prompt_ids[-tail_length:] if tail_length else [])
+    room = max_length - len(prompt_ids)
+    return {"prompt_ids": prompt_ids, "chosen_ids": continuations["chosen"][:room],
+            "rejected_ids": continuations["rejected"][:room]}
+
+
+def _first_fit(lengths: Sequence[int], capacity: int) -> list[int]:
+    """Row index of each length under first-fit, in O(log n) per item.
+
+    A max-tree over n rows (enough for n items) holds each row's free room; unopened rows have
+    full room and lie after every opened one, so "first row with room" also opens rows in order.
+    """
+    size = 1
+    while size < len(lengths):
+        size *= 2
+    room = [capacity] * (2 * size)
+    rows = []
+    for length in lengths:
+        node = 1
+        while node < size:
+            node = 2 * node if room[2 * node] >= length else 2 * node + 1
+        room[node] -= length
+        rows.append(node - size)
+        while node > 1:
+            node //= 2
+            room[node] = max(room[2 * node], room[2 * node + 1])
+    return rows
+
+
+def pack(examples: Sequence[Example], max_length: int) -> list[dict[str, list[int]]]:
+    """Greedy first-fit packing into rows of at most max_length tokens, in example order.
+
+    Examples longer than max_length are truncated; empty ones are dropped.
+    """
+    kept = []
+    for input_ids, labels in examples:
+        if len(input_ids) != len(labels):
+            raise ValueError(f"input_ids and labels differ in length ({len(input_ids)} != {len(labels)})")
+        if input_ids:
+            kept.append((list(input_ids[:max_length]), list(labels[:max_length])))
+    assignment = _first_fit([len(input_ids) for input_ids, _ in kept], max_length)
+    rows: list[dict[str, list[int]]] = [
+        {"input_ids": [], "labels": [], "position_ids": [], "segment_ids": []}
+        for _ in range(max(assignment, default=-1) + 1)]
+    for (input_ids, labels), index in zip(kept, assignment):
+        row = rows[index]
+        segment = row["segment_ids"][-1] + 1 if row["segment_ids"] else 1
+        row["input_ids"] += input_ids
+        row["labels"] += labels
+        row["position_ids"] += range(len(input_ids))
+        row["segment_ids"] += [segment] * len(input_ids)
+    return rows
+
+
+def pad_batch(rows: Sequence[dict[str, Sequence[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pads rows to the longest: input_ids with pad_id, labels with -100, positions and
+    segments with 0. Rows without segment_ids/position_ids count as one sequence each."""
+    if not rows:
+        raise ValueError("pad_batch needs at least one row")
+    width = max(len(row["input_ids"]) for row in rows)
+    fills = {"input_ids": pad_id, "labels": IGNORE_INDEX, "position_ids": 0, "segment_ids": 0}
+    batch: dict[str, list[list[int]]] = {key: [] for key in fills}
+    for row in rows:
+        length = len(row["input_ids"])
+        values = {"input_ids": row["input_ids"], "labels": row["labels"],
+                  "position_ids": row.get("position_ids", range(length)),
+                  "segment_ids": row.get("segment_ids", [1] * length)}
+        for key, fill in fills.items():
+            if len(values[key]) != length:
+                raise ValueError(f"{key} has {len(values[key])} entries, input_ids has {length}")
+            batch[key].append([*values[key], *[fill] * (width - length)])
+    return {key: torch.tensor(value, dtype=torch.long) for key, value in batch.items()}
+
+
+def split_eval(rows: Sequence[Any], fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
+    """(train, eval): a seeded random share of rows held out; both keep the input order.
+
+    A positive fraction holds out at least one row, and training keeps at least one.
+    """
+    if not 0 <= fraction < 1:
+        raise ValueError(f"eval fraction must be in [0, 1), got {fraction}")
+    count = round(len(rows) * fraction)
+    if fraction > 0:
+        count = min(max(count, 1), len(rows) - 1)
+    if count <= 0:
+        return list(rows), []
+    held_out = set(random.Random(seed).sample(range(len(rows)), count))
+    train = [row for index, row in enumerate(rows) if index not in held_out]
+    evaluation = [row for index, row in enumerate(rows) if index in held_out]
+    return train, evaluation

@@ -1,0 +1,56 @@
+"""Turn a finished job's checkpoint into something `moeray serve` loads.
+
+Contract: `export(spec, checkpoint_dir)` rebuilds the trained model (base weights + the trained
+tensors of the checkpoint) and writes `spec.output`: a merged Hugging Face folder (safetensors,
+config, tokenizer) or, for LoRA jobs with `output_format: adapter`, a PEFT adapter folder.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+import moeray.model
+from moeray.jobs.lora import apply_lora, merge_lora, save_adapter
+from moeray.jobs.spec import JobSpec
+from moeray.jobs.trainer import STATE_FILE
+from moeray.model import save_checkpoint
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja")
+
+
+def trained_model(spec: JobSpec, checkpoint_dir: str | Path):
+    """The base model with the checkpoint's trained tensors (LoRA wrapped when the job used LoRA)."""
+    model = moeray.model.load(spec.base_model)
+    if spec.lora is not None:
+        apply_lora(model, spec.lora.target_modules, spec.lora.rank, spec.lora.alpha, 0.0, spec.train.seed)
+    state = torch.load(Path(checkpoint_dir) / STATE_FILE, weights_only=False)
+    missing = set(state["model"]) - set(model.state_dict())
+    if missing:
+        raise ValueError(f"checkpoint {checkpoint_dir} has tensors the model lacks: {sorted(missing)[:5]}")
+    model.load_state_dict(state["model"], strict=False)
+    return model.eval()
+
+
+def export(spec: JobSpec, checkpoint_dir: str | Path) -> Path:
+    if "://" in spec.output:
+        raise NotImplementedError("exporting to object storage is not implemented yet; use a local output path")
+    out = Path(spec.output)
+    out.mkdir(parents=True, exist_ok=True)
+    model = trained_model(spec, checkpoint_dir)
+    if spec.output_format == "adapter":
+        if spec.lora is None:
+            raise ValueError("output_format 'adapter' needs a LoRA job (set lora in the spec)")
+        save_adapter(model, out, spec.base_model, spec.lora.rank, spec.lora.alpha, spec.lora.dropout,
+                     spec.lora.target_modules)
+        return out
+    if spec.lora is not None:
+        merge_lora(model)
+    save_checkpoint(model, out, model.args)
+    for name in TOKENIZER_FILES:
+        source = Path(spec.base_model) / name
+        if source.exists():
+            shutil.copy(source, out / name)
+    return out

@@ -1,0 +1,182 @@
+"""Fine-tuning job spec: one pydantic model, loaded from YAML.
+
+Contract: `JobSpec.from_yaml(path)` returns a validated `JobSpec` or raises `JobSpecError` whose
+message names the file, the line and the dotted key (`spec.yaml:7: setting 'train.learing_rate':
+unknown setting`); malformed YAML names the file and line too. Every model forbids unknown keys
+and every field carries a description. Cross-field rules: packing is for SFT only, `data.eval`
+and `data.eval_fraction` exclude each other, and `output_format: adapter` needs a `lora` section.
+`JobSpec.to_yaml()` writes a document that `from_yaml` reads back to an equal spec.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from moeray.platform.settings import SettingsError, _explain, _read_yaml
+
+# Attention projections of DeepSeek-V2/V3 (multi-head latent attention), by Hugging Face name.
+DEFAULT_LORA_TARGETS = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
+
+
+class JobSpecError(ValueError):
+    """A job spec is unreadable, unknown keys or invalid values included."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraSpec(_Strict):
+    """Low-rank adapters on chosen linear layers; the base weights stay frozen."""
+
+    rank: int = Field(8, ge=1, description="Rank r of each adapter pair (A: r x in, B: out x r).")
+    alpha: float = Field(16.0, gt=0, description="Scale numerator: adapter output is multiplied by alpha / rank.")
+    dropout: float = Field(0.0, ge=0, le=1, description="Dropout on the adapter input during training.")
+    target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_LORA_TARGETS), min_length=1,
+                                      description="Hugging Face module names (last path component) that get "
+                                      "adapters.")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _names_not_blank(cls, names: list[str]) -> list[str]:
+        if any(not name.strip() for name in names):
+            raise PydanticCustomError("blank_module", "module names must not be blank")
+        return names
+
+
+class DataSpec(_Strict):
+    """Where the training and evaluation rows come from (JSONL, one example a line)."""
+
+    train: str = Field(description="Training JSONL: a local path or an s3:// URI.")
+    eval: str | None = Field(None, description="Evaluation JSONL: a local path or an s3:// URI; empty: none, or "
+                             "a share of the training rows (eval_fraction).")
+    eval_fraction: float = Field(0.0, ge=0, le=0.5, description="Share of training rows held out for "
+                                 "evaluation when no eval file is given.")
+
+    @model_validator(mode="after")
+    def _one_eval_source(self) -> DataSpec:
+        if self.eval is not None and self.eval_fraction > 0:
+            raise PydanticCustomError("two_eval_sources", "set either eval or eval_fraction, not both")
+        return self
+
+
+class TrainSpec(_Strict):
+    """Optimisation hyperparameters."""
+
+    learning_rate: float = Field(1e-4, gt=0, description="Peak AdamW learning rate.")
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field("cosine", description="Decay after warmup: "
+                                                                 "none, linear to zero, or cosine to zero.")
+    warmup_steps: int = Field(0, ge=0, description="Optimizer steps of linear warmup from zero.")
+    epochs: int = Field(1, ge=1, description="Passes over the training rows.")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps; empty: run "
+                                  "all epochs.")
+    per_device_batch_size: int = Field(4, ge=1, description="Rows per worker per micro-batch.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches summed into one optimizer step.")
+    max_length: int = Field(512, ge=2, description="Longest tokenized row; longer rows are truncated.")
+    packing: bool = Field(False, description="SFT only: pack several short conversations into one row (attention "
+                          "stays within each conversation).")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm to this; empty: "
+                                        "no clipping.")
+    seed: int = Field(0, description="Seed for initialisation, shuffling and dropout.")
+    beta: float = Field(0.1, gt=0, description="DPO only: strength of the implicit KL penalty against the "
+                        "reference model.")
+
+
+class MoeSpec(_Strict):
+    """Mixture-of-Experts specifics: load balancing and the router."""
+
+    router_aux_loss_coef: float = Field(0.0, ge=0, description="Weight of the auxiliary load-balancing loss; "
+                                        "0: none.")
+    bias_update_rate: float = Field(0.0, ge=0, description="Step of the aux-loss-free balancing update of each "
+                                    "router's expert bias; 0: biases stay fixed.")
+    freeze_router: bool = Field(False, description="Keep router (gate) weights fixed.")
+
+
+class ScalingSpec(_Strict):
+    """Ray Train workers (data parallel)."""
+
+    num_workers: int = Field(1, ge=1, description="Training workers, each holding a model copy.")
+    use_gpu: bool = Field(False, description="Give each worker a GPU.")
+    resources_per_worker: dict[str, float] = Field(default_factory=lambda: {"CPU": 1.0},
+                                                   description="Ray resources reserved per worker, e.g. "
+                                                   "{CPU: 4, GPU: 1}.")
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _non_negative(cls, resources: dict[str, float]) -> dict[str, float]:
+        if any(amount < 0 for amount in resources.values()):
+            raise PydanticCustomError("negative_resource", "resource amounts must not be negative")
+        return resources
+
+
+class CheckpointSpec(_Strict):
+    """Training checkpoints for resuming."""
+
+    storage: str = Field(description="Checkpoint folder: a local path or an s3:// URI.")
+    every_steps: int = Field(50, ge=1, description="Optimizer steps between checkpoints.")
+    keep: int = Field(2, ge=1, description="Most recent checkpoints kept; older ones are deleted.")
+
+
+class EvalSpec(_Strict):
+    """Periodic evaluation on the eval rows."""
+
+    every_steps: int = Field(50, ge=1, description="Optimizer steps between evaluations.")
+
+
+class JobSpec(_Strict):
+    """One fine-tuning job: base model, method, data, hyperparameters, scaling and outputs."""
+
+    name: str = Field(min_length=1, description="Job name, used in run and checkpoint names.")
+    base_model: str = Field(description="Hugging Face checkpoint folder: a local path or an s3:// URI.")
+    method: Literal["sft", "dpo"] = Field(description="Supervised fine-tuning on conversations, or direct "
+                                          "preference optimisation on chosen/rejected pairs.")
+    output: str = Field(description="Where the result goes: a local path or an s3:// URI.")
+    output_format: Literal["merged", "adapter"] = Field("merged", description="merged: a full checkpoint with "
+                                                        "adapters folded in; adapter: the LoRA weights only.")
+    # validate_default: the output_format check must run when the lora section is left out.
+    lora: LoraSpec | None = Field(None, validate_default=True, description="LoRA adapters; empty: train all "
+                                  "weights.")
+    data: DataSpec = Field(description="Training and evaluation data.")
+    train: TrainSpec = Field(default_factory=TrainSpec, description="Optimisation hyperparameters.")
+    moe: MoeSpec = Field(default_factory=MoeSpec, description="Load balancing and router options.")
+    scaling: ScalingSpec = Field(default_factory=ScalingSpec, description="Ray Train workers and resources.")
+    checkpoint: CheckpointSpec = Field(description="Training checkpoints.")
+    eval: EvalSpec = Field(default_factory=EvalSpec, description="Periodic evaluation.")
+
+    @field_validator("lora")
+    @classmethod
+    def _adapter_needs_lora(cls, lora: LoraSpec | None, info: ValidationInfo) -> LoraSpec | None:
+        if lora is None and info.data.get("output_format") == "adapter":
+            raise PydanticCustomError("adapter_without_lora", "output_format 'adapter' needs a lora section")
+        return lora
+
+    # A field validator rather than a model validator so that the error carries the 'train' key
+    # and with it a line number; `method` is declared earlier, so it is in info.data.
+    @field_validator("train")
+    @classmethod
+    def _packing_is_sft_only(cls, train: TrainSpec, info: ValidationInfo) -> TrainSpec:
+        if train.packing and info.data.get("method") == "dpo":
+            raise PydanticCustomError("dpo_packing", "packing applies to SFT only, not to method 'dpo'")
+        return train
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> JobSpec:
+        path = Path(path)
+        if not path.is_file():
+            raise JobSpecError(f"job spec not found: {path}")
+        try:
+            document = _read_yaml(path)  # (data, (path, node tree)), the shape _explain expects
+        except SettingsError as err:
+            raise JobSpecError(str(err)) from None
+        try:
+            return cls.model_validate(document[0])
+        except ValidationError as err:
+            raise JobSpecError(_explain(err, path, document)) from None
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,263 @@
+"""Fine-tuning on Ray Train: one `TorchTrainer` run per job spec.
+
+Contract:
+- `prepare(spec)` checks everything a user can get wrong before any worker starts (base model,
+  tokenizer/model match, every data row with its file and line, storage) and tokenizes the data;
+  for DPO it also computes the reference log-probabilities in one pass (no second model lives
+  during training).
+- `run(spec)` trains with DDP over the spec's workers (gloo on CPU), data sharded per worker
+  through Ray Data, checkpoints to `checkpoint.storage/name` every N steps (Ray Train publishes a
+  checkpoint only once it is complete, keeps the newest `keep`), continues after a worker
+  failure from the last checkpoint, and resumes when the same spec runs again. Returns the
+  final checkpoint and the per-step metrics; `export` turns it into the spec's output.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import moeray.model
+from moeray.jobs.data import (pad_batch, pack, read_jsonl, split_eval, tokenize_dpo, tokenize_sft, validate_dpo_row,
+                              validate_sft_row)
+from moeray.jobs.losses import dpo_loss, router_aux_loss, sequence_logprobs, sft_loss, update_routing_bias
+from moeray.jobs.spec import JobSpec
+from moeray.model.tokenizer import Tokenizer
+
+STATE_FILE = "state.pt"
+
+
+@dataclass
+class PreparedData:
+    train: list[dict[str, Any]]
+    eval: list[dict[str, Any]]
+
+
+def _rows(spec: JobSpec, uri: str):
+    validate = validate_sft_row if spec.method == "sft" else validate_dpo_row
+    rows = read_jsonl(uri)
+    for line, row in rows:
+        validate(row, uri, line)
+    return [row for _, row in rows]
+
+
+def _dpo_example(model, tokenizer: Tokenizer, row: dict, max_length: int) -> dict[str, Any]:
+    parts = tokenize_dpo(row, tokenizer, max_length)
+    example = {}
+    for side in ("chosen", "rejected"):
+        ids = parts["prompt_ids"] + parts[f"{side}_ids"]
+        mask = [0] * len(parts["prompt_ids"]) + [1] * len(parts[f"{side}_ids"])
+        example[f"{side}_ids"], example[f"{side}_mask"] = ids, mask
+        with torch.no_grad():
+            logits = model(torch.tensor([ids]))
+        example[f"ref_{side}"] = float(sequence_logprobs(logits, torch.tensor([ids]), torch.tensor([mask]))[0])
+    return example
+
+
+def prepare(spec: JobSpec) -> PreparedData:
+    base = Path(spec.base_model)
+    if not (base / "config.json").exists():
+        raise FileNotFoundError(f"base_model {spec.base_model!r}: no config.json there")
+    tokenizer = Tokenizer.from_pretrained(base)
+    args = moeray.model.ModelArgs.from_file(base / "config.json")
+    if tokenizer.vocab_size > args.vocab_size:
+        raise ValueError(f"the tokenizer in {base} has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+                         f"{args.vocab_size}: tokenizer and model do not match")
+    Path(spec.checkpoint.storage).mkdir(parents=True, exist_ok=True) if "://" not in spec.checkpoint.storage else None
+    train_rows = _rows(spec, spec.data.train)
+    eval_rows = _rows(spec, spec.data.eval) if spec.data.eval else []
+    if spec.data.eval_fraction:
+        train_rows, eval_rows = split_eval(train_rows, spec.data.eval_fraction, spec.train.seed)
+    max_len = spec.train.max_length
+    if spec.method == "sft":
+        def encode(rows, packed):
+            examples = [tokenize_sft(r["messages"], tokenizer, max_len) for r in rows]
+            if packed:
+                return pack(examples, max_len)
+            return [{"input_ids": ids, "labels": labels} for ids, labels in examples]
+        return PreparedData(encode(train_rows, spec.train.packing), encode(eval_rows, False))
+    reference = moeray.model.load(base).eval()  # the reference pass, then it is gone
+    data = PreparedData([_dpo_example(reference, tokenizer, r, max_len) for r in train_rows],
+                        [_dpo_example(reference, tokenizer, r, max_len) for r in eval_rows])
+    del reference
+    return data
+
+
+def _lr_factor(spec: JobSpec, step: int, total: int) -> float:
+    warmup = spec.train.warmup_steps
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    if spec.train.lr_schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    if spec.train.lr_schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return 1.0
+
+
+def _batch_loss(model, spec: JobSpec, batch: dict[str, Any], pad_id: int):
+    """Loss and metrics of one batch (list-of-rows form, as Ray Data hands them over)."""
+    if spec.method == "sft":
+        tensors = pad_batch(batch, pad_id)
+        logits = model(tensors["input_ids"], tensors["position_ids"], tensors["segment_ids"])
+        loss = sft_loss(logits, tensors["labels"])
+        metrics = {"tokens": int((tensors["labels"] != -100).sum())}
+    else:
+        logps = {}
+        for side in ("chosen", "rejected"):
+            rows = [{"input_ids": r[f"{side}_ids"], "labels": r[f"{side}_mask"]} for r in batch]
+            tensors = pad_batch(rows, pad_id)
+            mask = (tensors["labels"] > 0).long()
+            logits = model(tensors["input_ids"])
+            logps[side] = sequence_logprobs(logits, tensors["input_ids"], mask)
+        ref_c = torch.tensor([r["ref_chosen"] for r in batch])
+        ref_r = torch.tensor([r["ref_rejected"] for r in batch])
+        loss, metrics = dpo_loss(logps["chosen"], logps["rejected"], ref_c, ref_r, spec.train.beta)
+        metrics["tokens"] = sum(sum(r["chosen_mask"]) + sum(r["rejected_mask"]) for r in batch)
+    if spec.moe.router_aux_loss_coef:
+        loss = loss + spec.moe.router_aux_loss_coef * router_aux_loss(model)
+    return loss, metrics
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    from moeray.jobs.lora import apply_lora
+
+    spec = JobSpec.model_validate(config["spec"])
+    torch.manual_seed(spec.train.seed)
+    context = ray.train.get_context()
+    model = moeray.model.load(spec.base_model).train()
+    if spec.lora is not None:
+        apply_lora(model, spec.lora.target_modules, spec.lora.rank, spec.lora.alpha, spec.lora.dropout, spec.train.seed)
+    if spec.moe.freeze_router:
+        for name, param in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                param.requires_grad_(False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=spec.train.learning_rate)
+    step, start_time = 0, time.time()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:  # resumed: after a worker failure, or the same job run again
+        with checkpoint.as_directory() as folder:
+            state = torch.load(Path(folder) / STATE_FILE, weights_only=False)
+        model.load_state_dict(state["model"], strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+        step = state["step"]
+    ddp_model = ray.train.torch.prepare_model(model, parallel_strategy="ddp") if context.get_world_size() > 1 \
+        else model
+    shard = ray.train.get_dataset_shard("train")
+    pad_id = config["pad_id"]
+    batch_size, accumulate = spec.train.per_device_batch_size, spec.train.gradient_accumulation_steps
+    rows_per_epoch = config["num_train_rows"] // context.get_world_size()
+    steps_per_epoch = max(1, rows_per_epoch // (batch_size * accumulate))
+    total_steps = spec.train.max_steps or steps_per_epoch * spec.train.epochs
+    done = step >= total_steps
+    while not done:
+        micro = 0
+        for batch in _batches(shard, batch_size):  # one pass over this worker's shard = one epoch
+            loss, metrics = _batch_loss(ddp_model, spec, batch, pad_id)
+            (loss / accumulate).backward()
+            micro += 1
+            if micro % accumulate:
+                continue
+            if spec.train.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(trainable, spec.train.max_grad_norm)
+            for group in optimizer.param_groups:
+                group["lr"] = spec.train.learning_rate * _lr_factor(spec, step, total_steps)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if spec.moe.bias_update_rate:
+                update_routing_bias(model, spec.moe.bias_update_rate)
+            step += 1
+            elapsed = time.time() - start_time
+            report = {"step": step, "loss": float(loss), "lr": optimizer.param_groups[0]["lr"],
+                      "tokens_per_s": metrics.pop("tokens") * context.get_world_size() / max(elapsed, 1e-6),
+                      "eta_s": elapsed / step * (total_steps - step) if step else None, **metrics}
+            start_time = time.time()
+            if step % spec.eval.every_steps == 0 or step == total_steps:
+                report["eval_loss"] = _eval_loss(model, spec, config["eval_rows"], pad_id)
+            save = step % spec.checkpoint.every_steps == 0 or step == total_steps
+            if context.get_world_rank() == 0 and config.get("metrics_path"):
+                with open(config["metrics_path"], "a") as metrics_file:  # one JSON line per step
+                    metrics_file.write(json.dumps(report) + "\n")
+            _report(report, model, optimizer, step, save, context.get_world_rank() == 0)
+            if step >= total_steps:
+                done = True
+                break
+        if micro == 0:
+            break
+
+
+def _batches(shard, batch_size: int):
+    batch = []
+    for row in shard.iter_rows():
+        batch.append({k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in row.items()})
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+@torch.no_grad()
+def _eval_loss(model, spec: JobSpec, rows: list[dict[str, Any]], pad_id: int) -> float | None:
+    if not rows:
+        return None
+    model.eval()
+    losses = [float(_batch_loss(model, spec, rows[i:i + 8], pad_id)[0]) for i in range(0, len(rows), 8)]
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def _report(metrics: dict, model, optimizer, step: int, save: bool, is_rank0: bool) -> None:
+    import ray.train
+
+    if not (save and is_rank0):
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+        buffers = {n: b.detach().cpu() for n, b in model.named_buffers()}
+        torch.save({"model": {**trainable, **buffers}, "optimizer": optimizer.state_dict(), "step": step},
+                   Path(folder) / STATE_FILE)
+        (Path(folder) / "metrics.json").write_text(json.dumps(metrics))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def run(spec: JobSpec, data: PreparedData | None = None):
+    """Train to completion (or resume); returns the Ray Train `Result`."""
+    import ray
+    import ray.data
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    data = data or prepare(spec)
+    tokenizer = Tokenizer.from_pretrained(spec.base_model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    storage = spec.checkpoint.storage
+    if "://" not in storage:
+        storage = os.path.abspath(storage)
+        (Path(storage) / spec.name).mkdir(parents=True, exist_ok=True)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"spec": spec.model_dump(), "pad_id": pad_id, "eval_rows": data.eval,
+                           "num_train_rows": len(data.train),
+                           "metrics_path": None if "://" in storage else str(Path(storage) / spec.name / "metrics.jsonl")},
+        scaling_config=ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
+                                     resources_per_worker=spec.scaling.resources_per_worker),
+        run_config=RunConfig(name=spec.name, storage_path=storage,
+                             checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
+                             failure_config=FailureConfig(max_failures=3)),
+        datasets={"train": ray.data.from_items(data.train)},
+    )
+    return trainer.fit()

@@ -1,0 +1,221 @@
+"""Fine-tuning data: JSONL reading and validation, SFT/DPO tokenization, packing, batching, splits."""
+
+import json
+from itertools import pairwise
+
+import pytest
+import torch
+
+from moeray.jobs.data import (IGNORE_INDEX, DataError, pack, pad_batch, read_jsonl, split_eval, tokenize_dpo,
+                              tokenize_sft, validate_dpo_row, validate_sft_row)
+from moeray.model.tokenizer import Tokenizer
+from support import EOS, write_tiny_tokenizer
+
+CONVERSATION = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Hello world"},
+    {"role": "assistant", "content": "Hello there!"},
+    {"role": "user", "content": "Add two numbers"},
+    {"role": "assistant", "content": "def add(a, b): return a + b"},
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tokenizer")
+    write_tiny_tokenizer(folder)
+    return Tokenizer.from_pretrained(folder)
+
+
+def write_lines(path, lines):
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def test_read_jsonl_returns_line_numbers_and_skips_blank_lines(tmp_path):
+    uri = write_lines(tmp_path / "train.jsonl", ['{"a": 1}', "", "   ", '{"b": 2}'])
+    assert read_jsonl(uri) == [(1, {"a": 1}), (4, {"b": 2})]
+
+
+@pytest.mark.parametrize("bad_line, problem", [
+    ('{"messages": [}', "invalid JSON"),
+    ('[1, 2]', "expected a JSON object, got list"),
+])
+def test_read_jsonl_names_file_and_line_of_a_bad_row(tmp_path, bad_line, problem):
+    uri = write_lines(tmp_path / "train.jsonl", ['{"ok": true}', "", bad_line, '{"ok": true}'])
+    with pytest.raises(DataError, match=rf"train\.jsonl:3: {problem}"):
+        read_jsonl(uri)
+
+
+def test_read_jsonl_invalid_utf8_and_missing_file(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b'{"a": 1}\n{"b": "\xff"}\n')
+    with pytest.raises(DataError, match=r"train\.jsonl:2: not valid UTF-8"):
+        read_jsonl(str(path))
+    with pytest.raises(DataError, match=r"absent\.jsonl: cannot read"):
+        read_jsonl(str(tmp_path / "absent.jsonl"))
+
+
+def test_valid_sft_row_passes():
+    assert validate_sft_row({"messages": CONVERSATION, "id": 7}, "train.jsonl", 1) == CONVERSATION
+
+
+@pytest.mark.parametrize("row, problem", [
+    ({}, "missing 'messages'"),
+    ({"messages": []}, "messages must be a non-empty list"),
+    ({"messages": "hi"}, "messages must be a non-empty list"),
+    ({"messages": [{"role": "user", "content": "hi"}, "x"]}, r"messages\[1\] must be an object"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "yo"}]},
+     r"messages\[1\]\.role must be one of system, user, assistant; got 'bot'"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": 3}]},
+     r"messages\[1\]\.content must be a string"),
+    ({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}]},
+     "messages has no assistant message"),
+])
+def test_invalid_sft_rows_are_named_with_their_line(row, problem):
+    with pytest.raises(DataError, match=rf"^train\.jsonl:3: {problem}"):
+        validate_sft_row(row, "train.jsonl", 3)
+
+
+def test_valid_dpo_rows_pass():
+    validate_dpo_row({"prompt": "Hi", "chosen": "Hello", "rejected": "Go away"}, "pairs.jsonl", 1)
+    validate_dpo_row({"prompt": CONVERSATION[:2], "chosen": [{"role": "assistant", "content": "Hi"}],
+                      "rejected": [{"role": "assistant", "content": "No"}]}, "pairs.jsonl", 1)
+
+
+@pytest.mark.parametrize("row, problem", [
+    ({"prompt": "Hi", "chosen": "Hello"}, "missing 'rejected'"),
+    ({"prompt": 5, "chosen": "a", "rejected": "b"}, "prompt must be a string or a list of messages"),
+    ({"prompt": "Hi", "chosen": [{"role": "assistant"}], "rejected": "b"}, r"chosen\[0\]\.content must be a string"),
+    ({"prompt": CONVERSATION[:3], "chosen": "a", "rejected": "b"}, "prompt must not end with an assistant message"),
+    ({"prompt": "Hi", "chosen": "a", "rejected": [{"role": "user", "content": "b"}]},
+     "rejected must end with an assistant message"),
+])
+def test_invalid_dpo_rows_are_named_with_their_line(row, problem):
+    with pytest.raises(DataError, match=rf"^pairs\.jsonl:9: {problem}"):
+        validate_dpo_row(row, "pairs.jsonl", 9)
+
+
+def test_sft_labels_cover_exactly_the_assistant_turns(tokenizer):
+    input_ids, labels = tokenize_sft(CONVERSATION, tokenizer, max_length=512)
+    assert input_ids == tokenizer.apply_chat_template(CONVERSATION, add_generation_prompt=False, tokenize=True)
+    assert len(labels) == len(input_ids)
+    trained = [label for label in labels if label != IGNORE_INDEX]
+    assert all(label in (IGNORE_INDEX, token) for label, token in zip(labels, input_ids))
+    assert tokenizer.decode(trained, skip_special_tokens=False) == f"Hello there!{EOS}def add(a, b): return a + b{EOS}"
+    # The prompt side (bos, system prompt, user turns, assistant markers) carries no loss.
+    assert labels[0] == IGNORE_INDEX and labels[-1] == tokenizer.eos_token_id
+
+
+def test_sft_truncates_to_max_length(tokenizer):
+    full_ids, full_labels = tokenize_sft(CONVERSATION, tokenizer, max_length=512)
+    input_ids, labels = tokenize_sft(CONVERSATION, tokenizer, max_length=10)
+    assert (input_ids, labels) == (full_ids[:10], full_labels[:10])
+
+
+def test_sft_rejects_a_template_that_is_not_prefix_stable(tmp_path):
+    write_tiny_tokenizer(tmp_path)
+    config_file = tmp_path / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    # The generation prompt opens a reasoning block that finished turns never show.
+    config["chat_template"] = config["chat_template"].replace("{{- '<｜Assistant｜>' -}}",
+                                                              "{{- '<｜Assistant｜>think:' -}}")
+    config_file.write_text(json.dumps(config, ensure_ascii=False), encoding="utf-8")
+    with pytest.raises(DataError, match="not prefix-stable at assistant message 2"):
+        tokenize_sft(CONVERSATION, Tokenizer.from_pretrained(tmp_path), max_length=512)
+
+
+def test_dpo_string_form(tokenizer):
+    parts = tokenize_dpo({"prompt": "Hello world", "chosen": "Hello there!", "rejected": "Go away"}, tokenizer, 512)
+    user_turn = [{"role": "user", "content": "Hello world"}]
+    assert parts["prompt_ids"] == tokenizer.apply_chat_template(user_turn, add_generation_prompt=True, tokenize=True)
+    assert tokenizer.decode(parts["chosen_ids"], skip_special_tokens=False) == f"Hello there!{EOS}"
+    assert tokenizer.decode(parts["rejected_ids"], skip_special_tokens=False) == f"Go away{EOS}"
+
+
+def test_dpo_message_form_matches_the_chat_template(tokenizer):
+    prompt = CONVERSATION[:4]
+    row = {"prompt": prompt, "chosen": [{"role": "assistant", "content": "def add(a, b): return a + b"}],
+           "rejected": [{"role": "assistant", "content": "No."}]}
+    parts = tokenize_dpo(row, tokenizer, 512)
+    whole = tokenizer.apply_chat_template(CONVERSATION, add_generation_prompt=False, tokenize=True)
+    assert parts["prompt_ids"] + parts["chosen_ids"] == whole
+    assert parts["rejected_ids"][-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(parts["prompt_ids"], skip_special_tokens=False).endswith("<｜Assistant｜>")
+
+
+def test_dpo_truncates_the_prompt_from_the_left_keeping_bos(tokenizer):
+    row = {"prompt": "The quick brown fox jumps over the lazy dog. Hello world, hello there!",
+           "chosen": "Hi", "rejected": "Go away"}
+    full = tokenize_dpo(row, tokenizer, 512)
+    max_length = len(full["rejected_ids"]) + 6
+    parts = tokenize_dpo(row, tokenizer, max_length)
+    assert len(parts["prompt_ids"]) + len(parts["rejected_ids"]) == max_length
+    assert parts["prompt_ids"] == full["prompt_ids"][:1] + full["prompt_ids"][-5:]
+    assert parts["prompt_ids"][0] == tokenizer.bos_token_id
+    assert (parts["chosen_ids"], parts["rejected_ids"]) == (full["chosen_ids"], full["rejected_ids"])
+
+
+def examples_of(lengths):
+    return [([100 * n + i for i in range(length)], [1000 * n + i for i in range(length)])
+            for n, length in enumerate(lengths)]
+
+
+def test_pack_first_fit():
+    examples = examples_of([5, 3, 6, 2, 4, 1, 8])
+    rows = pack(examples, max_length=8)
+    assert all(len(row["input_ids"]) <= 8 for row in rows)
+    # first-fit in order: [5, 3] [6, 2] [4, 1] [8]
+    assert [len(row["input_ids"]) for row in rows] == [8, 8, 5, 8]
+    found = []
+    for row in rows:
+        assert len(row["labels"]) == len(row["position_ids"]) == len(row["segment_ids"]) == len(row["input_ids"])
+        segments = row["segment_ids"]
+        assert segments[0] == 1 and all(b in (a, a + 1) for a, b in pairwise(segments))
+        for segment in sorted(set(segments)):
+            positions = [i for i, s in enumerate(segments) if s == segment]
+            assert [row["position_ids"][i] for i in positions] == list(range(len(positions)))
+            found.append(([row["input_ids"][i] for i in positions], [row["labels"][i] for i in positions]))
+    assert sorted(found) == sorted(examples)  # every example exactly once, intact
+
+
+def test_pack_truncates_long_examples_and_drops_empty_ones():
+    rows = pack(examples_of([12, 0, 2]), max_length=8)
+    assert [row["segment_ids"] for row in rows] == [[1] * 8, [1, 1]]
+    assert rows[0]["input_ids"] == list(range(8))
+
+
+def test_pack_is_fast_enough_for_many_examples():
+    rows = pack(examples_of([1 + (i * 37) % 300 for i in range(5000)]), max_length=512)
+    assert sum(len(row["input_ids"]) for row in rows) == sum(1 + (i * 37) % 300 for i in range(5000))
+
+
+def test_pad_batch_of_packed_rows():
+    rows = pack(examples_of([3, 4, 2]), max_length=7)
+    batch = pad_batch(rows, pad_id=2)
+    assert set(batch) == {"input_ids", "labels", "position_ids", "segment_ids"}
+    assert all(tensor.shape == (2, 7) and tensor.dtype == torch.long for tensor in batch.values())
+    assert batch["input_ids"][1].tolist() == [200, 201, 2, 2, 2, 2, 2]
+    assert batch["labels"][1].tolist() == [2000, 2001] + [IGNORE_INDEX] * 5
+    assert batch["segment_ids"][1].tolist() == [1, 1, 0, 0, 0, 0, 0]
+    assert batch["position_ids"][0].tolist() == [0, 1, 2, 0, 1, 2, 3]
+
+
+def test_pad_batch_creates_positions_and_segments_for_plain_rows():
+    batch = pad_batch([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}], pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2], [0, 0, 0]]
+    assert batch["segment_ids"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+
+
+def test_split_eval_is_deterministic_and_complete():
+    rows = [{"n": n} for n in range(100)]
+    train, evaluation = split_eval(rows, 0.1, seed=3)
+    assert (train, evaluation) == split_eval(rows, 0.1, seed=3)
+    assert len(evaluation) == 10 and len(train) == 90
+    assert sorted(r["n"] for r in train + evaluation) == list(range(100))
+    assert train == sorted(train, key=lambda r: r["n"])  # input order kept
+    assert split_eval(rows, 0.1, seed=4)[1] != evaluation
+    assert split_eval(rows, 0.0, seed=3) == (rows, [])
+    assert [len(part) for part in split_eval(rows[:3], 0.01, seed=0)] == [2, 1]  # at least one held out
