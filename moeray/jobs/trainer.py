@@ -234,8 +234,20 @@ def _report(metrics: dict, model, optimizer, step: int, save: bool, is_rank0: bo
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
+def absolute_paths(spec: JobSpec) -> JobSpec:
+    """Local paths made absolute: training workers do not run in the submitter's directory."""
+    def fix(value: str | None) -> str | None:
+        return value if value is None or "://" in value else os.path.abspath(value)
+
+    return spec.model_copy(update={
+        "base_model": fix(spec.base_model), "output": fix(spec.output),
+        "data": spec.data.model_copy(update={"train": fix(spec.data.train), "eval": fix(spec.data.eval)}),
+        "checkpoint": spec.checkpoint.model_copy(update={"storage": fix(spec.checkpoint.storage)})})
+
+
 def run(spec: JobSpec, data: PreparedData | None = None):
     """Train to completion (or resume); returns the Ray Train `Result`."""
+    spec = absolute_paths(spec)
     import ray
     import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig

@@ -1,5 +1,6 @@
 """The `moeray` command line.
 
+    moeray jobs run SPEC.yaml [--address ADDR]
     moeray serve [MODEL] [--host H] [--port P] [--config FILE] [--api-key KEY ...]
                  [--expert-shards N] [--redundant-experts K] [--transport ray|collective]
 
@@ -54,6 +55,25 @@ def _serve(opts: argparse.Namespace) -> int:
     return 0
 
 
+def _jobs_run(opts: argparse.Namespace) -> int:
+    """Run a fine-tuning job on a local Ray (development), then export its output."""
+    import ray
+
+    from moeray.jobs.export import export
+    from moeray.jobs.spec import JobSpec
+    from moeray.jobs.trainer import prepare, run
+
+    spec = JobSpec.from_yaml(opts.spec)
+    data = prepare(spec)  # every data, model and storage error surfaces here, before any worker starts
+    if not ray.is_initialized():
+        ray.init(address=opts.address or "local", include_dashboard=False)
+    result = run(spec, data)
+    with result.checkpoint.as_directory() as folder:
+        out = export(spec, folder)
+    print(f"moeray: job {spec.name} finished at step {result.metrics.get('step')}; output in {out}", flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="moeray", description="Serve and fine-tune DeepSeek-style MoE models on Ray")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -70,11 +90,16 @@ def main(argv: list[str] | None = None) -> int:
     serve_cmd.add_argument("--redundant-experts", type=int, help="extra replicas of the hottest experts per layer")
     serve_cmd.add_argument("--transport", choices=["ray", "collective"], help="replica-to-shard transport")
     serve_cmd.set_defaults(run=_serve)
+    jobs = commands.add_parser("jobs", help="fine-tuning jobs").add_subparsers(dest="jobs_command", required=True)
+    jobs_run = jobs.add_parser("run", help="run a job spec on a local Ray (development)")
+    jobs_run.add_argument("spec", help="job spec YAML")
+    jobs_run.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    jobs_run.set_defaults(run=_jobs_run)
     opts = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return opts.run(opts)
-    except (SettingsError, FileNotFoundError) as err:
+    except (SettingsError, FileNotFoundError, ValueError) as err:
         print(f"moeray: {err}", file=sys.stderr)
         return 2
 
