@@ -51,22 +51,8 @@ def write_bench_tokenizer(folder: Path, vocab_size: int = 2048) -> None:
 
 def decode_weight_bytes(args: ModelArgs, num_tokens: int = 1, dtype_bytes: int = 4) -> int:
     """Weight bytes one decode step must read at batch `num_tokens` (distinct experts assumed)."""
-    d, h = args.hidden_size, args.num_attention_heads
-    q = d * h * args.qk_head_dim if args.q_lora_rank is None else (
-        d * args.q_lora_rank + args.q_lora_rank + args.q_lora_rank * h * args.qk_head_dim)
-    kv = d * (args.kv_lora_rank + args.qk_rope_head_dim) + args.kv_lora_rank \
-        + args.kv_lora_rank * h * (args.qk_nope_head_dim + args.v_head_dim)
-    per_layer_attn = q + kv + h * args.v_head_dim * d + 2 * d
-    total = args.vocab_size * d + d  # lm_head + final norm (one embedding row is negligible)
-    for layer in range(args.num_hidden_layers):
-        total += per_layer_attn
-        if args.is_moe_layer(layer):
-            experts = min(args.n_routed_experts, args.num_experts_per_tok * num_tokens)
-            total += 3 * d * args.moe_intermediate_size * (experts + args.n_shared_experts)
-            total += args.n_routed_experts * d
-        else:
-            total += 3 * d * args.intermediate_size
-    return total * dtype_bytes
+    active = args.num_experts_per_tok * num_tokens
+    return args.num_parameters(active_experts=active, input_embedding=False) * dtype_bytes
 
 
 def timed(fn):

@@ -265,20 +265,26 @@ class ModelArgs:
         except KeyError:
             raise ConfigError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}") from None
 
-    def num_parameters(self) -> int:
-        """Parameter count without building the model (the MTP layer is not counted)."""
+    def num_parameters(self, active_experts: int | None = None, input_embedding: bool = True) -> int:
+        """Parameter count without building the model (the MTP layer is not counted).
+
+        `active_experts` counts only that many routed experts per MoE layer and
+        `input_embedding=False` leaves out the embedding table: together, the weights one decode
+        step reads (an embedding lookup touches one row).
+        """
         d, h = self.hidden_size, self.num_attention_heads
         q = d * h * self.qk_head_dim if self.q_lora_rank is None else (
             d * self.q_lora_rank + self.q_lora_rank + self.q_lora_rank * h * self.qk_head_dim)
         kv = d * (self.kv_lora_rank + self.qk_rope_head_dim) + self.kv_lora_rank \
             + self.kv_lora_rank * h * (self.qk_nope_head_dim + self.v_head_dim)
         attn = q + kv + h * self.v_head_dim * d + 2 * d
-        total = 2 * self.vocab_size * d + d
+        total = (2 if input_embedding else 1) * self.vocab_size * d + d
+        routed = self.n_routed_experts if active_experts is None else min(active_experts, self.n_routed_experts)
         for layer in range(self.num_hidden_layers):
             total += attn
             if self.is_moe_layer(layer):
                 width = self.moe_intermediate_size
-                total += 3 * d * width * (self.n_routed_experts + self.n_shared_experts)
+                total += 3 * d * width * (routed + self.n_shared_experts)
                 total += self.n_routed_experts * d
             else:
                 total += 3 * d * self.intermediate_size
