@@ -81,7 +81,7 @@ class ShardedExperts:
             except ShardFailed as failure:
                 if not failure.stale:
                     for shard in failure.shards:
-                        ray.get(self.router.report_failure.remote(shard))
+                        ray.get(self.router.report_failure.remote(shard, self.placement.version))
                 self._refresh()
                 self._wait_for_experts(deadline)
 

@@ -5,9 +5,10 @@ Contract:
   resources, restartable (Ray restarts a dead shard, which reloads its slots and re-registers).
 - `placement()` returns the current `Placement` (with its version and the shards known dead);
   model replicas cache it and refresh only when the version changes or a shard fails.
-- `report_failure(shard)` marks a shard dead unless it answers a ping (it may already have been
-  restarted); its experts are then served by their other replicas, if any. `register(shard, pid)`
-  marks it alive again. Both bump the version.
+- `report_failure(shard, seen_version)` marks a shard dead unless it re-registered after the
+  reporter's placement version (the report is then about an incarnation already replaced); its
+  experts are then served by their other replicas, if any. `register(shard, pid)` marks it alive
+  again. Both bump the version.
 - `rebalance()` plans from the shards' per-expert counters (EPLB-style, `placement.rebalance`),
   loads the new slot tables beside the old ones, then publishes the new version: traffic never
   stops. It also runs every `rebalance_interval_s` when that is set.
@@ -49,6 +50,7 @@ class Router:
         self._placement = initial_placement(self.args.moe_layer_indices, self.args.n_routed_experts, num_shards,
                                             redundant)
         self.pids: dict[int, int] = {}
+        self.registered_at: dict[int, int] = {}  # shard -> placement version of its latest registration
         self.restarts = [0] * num_shards
         bundle = {"CPU": options.num_cpus} | ({"GPU": options.num_gpus} if options.num_gpus else {})
         self._group = placement_group([bundle] * num_shards, strategy=options.strategy)
@@ -87,26 +89,39 @@ class Router:
             self._placement = Placement(**fields)
             return self._placement
 
-    def report_failure(self, shard: int) -> Placement:
-        # The shard may already be back (restarted and re-registered before this report arrived):
-        # believe the report only if the shard does not answer now.
-        try:
-            ray.get(self.shards[shard].pid.remote(), timeout=5)
-            return self.placement()
-        except Exception:  # noqa: BLE001 - any failure to answer means down
-            pass
+    def report_failure(self, shard: int, seen_version: int) -> Placement:
+        """A replica saw `shard` fail while it held placement `seen_version`."""
         with self._lock:
-            if shard in self._placement.dead:
+            # Restarted and re-registered after the replica's view: the report is about the old
+            # incarnation, and the shard serves again.
+            if self.registered_at.get(shard, 0) > seen_version or shard in self._placement.dead:
                 return self._placement
             logger.warning("expert shard %d failed; serving its experts from other replicas", shard)
-            return self._publish(dead=self._placement.dead | {shard})
+            placement = self._publish(dead=self._placement.dead | {shard})
+        # A report can still race a restart the reporter already knew of: whichever comes last,
+        # a shard that answers is alive.
+        threading.Thread(target=self._confirm_alive, args=(shard,), daemon=True).start()
+        return placement
+
+    def _confirm_alive(self, shard: int, within_s: float = 120.0) -> None:
+        deadline = time.monotonic() + within_s
+        while time.monotonic() < deadline and not self._stop.is_set():
+            try:
+                ray.get(self.shards[shard].pid.remote(), timeout=2)
+            except Exception:  # noqa: BLE001 - still down (or restarting)
+                time.sleep(0.5)
+                continue
+            with self._lock:
+                if shard in self._placement.dead:
+                    self._publish(dead=self._placement.dead - {shard})
+            return
 
     def register(self, shard: int, pid: int) -> None:
         with self._lock:
             if shard in self.pids and self.pids[shard] != pid:
                 self.restarts[shard] += 1
             self.pids[shard] = pid
-            self._publish(dead=self._placement.dead - {shard})
+            self.registered_at[shard] = self._publish(dead=self._placement.dead - {shard}).version
 
     def health(self) -> dict:
         with self._lock:
