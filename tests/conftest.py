@@ -1,11 +1,50 @@
-"""Session-wide fixtures: one local Ray instance for every test that needs Ray."""
+"""Session-wide fixtures: one local Ray instance for every test that needs Ray, and a real S3
+protocol server (moto's standalone server on 127.0.0.1) that boto3 and pyarrow reach over HTTP."""
 
 import os
+import socket
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
 from support import write_hf_model_folder
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# Fixed before Ray starts, so that Ray's workers inherit the S3 endpoint and credentials.
+S3_ENDPOINT = f"http://127.0.0.1:{_free_port()}"
+os.environ.update({"AWS_ENDPOINT_URL": S3_ENDPOINT, "AWS_ACCESS_KEY_ID": "testing",
+                   "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"})
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server as a separate process on 127.0.0.1; yields the endpoint URL."""
+    import httpx
+
+    port = S3_ENDPOINT.rsplit(":", 1)[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", port],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            httpx.get(S3_ENDPOINT, timeout=2)
+            break
+        except httpx.HTTPError:
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise RuntimeError("moto S3 server did not start")
+            time.sleep(0.2)
+    yield S3_ENDPOINT
+    server.terminate()
+    server.wait(timeout=30)
 
 
 @pytest.fixture(scope="session")

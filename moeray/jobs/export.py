@@ -17,13 +17,14 @@ from moeray.jobs.lora import apply_lora, merge_lora, save_adapter
 from moeray.jobs.spec import JobSpec
 from moeray.jobs.trainer import STATE_FILE
 from moeray.model import save_checkpoint
+from moeray.storage import is_remote, local_copy, upload_dir
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja")
 
 
 def trained_model(spec: JobSpec, checkpoint_dir: str | Path):
     """The base model with the checkpoint's trained tensors (LoRA wrapped when the job used LoRA)."""
-    model = moeray.model.load(spec.base_model)
+    model = moeray.model.load(local_copy(spec.base_model))
     if spec.lora is not None:
         apply_lora(model, spec.lora.target_modules, spec.lora.rank, spec.lora.alpha, 0.0, spec.train.seed)
     state = torch.load(Path(checkpoint_dir) / STATE_FILE, weights_only=False)
@@ -34,11 +35,21 @@ def trained_model(spec: JobSpec, checkpoint_dir: str | Path):
     return model.eval()
 
 
-def export(spec: JobSpec, checkpoint_dir: str | Path) -> Path:
-    if "://" in spec.output:
-        raise NotImplementedError("exporting to object storage is not implemented yet; use a local output path")
+def export(spec: JobSpec, checkpoint_dir: str | Path) -> Path | str:
+    """Write the output locally, or to a temporary folder uploaded to an s3:// output."""
+    if is_remote(spec.output):
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as folder:
+            _write(spec, checkpoint_dir, Path(folder))
+            upload_dir(folder, spec.output)
+        return spec.output
     out = Path(spec.output)
     out.mkdir(parents=True, exist_ok=True)
+    return _write(spec, checkpoint_dir, out)
+
+
+def _write(spec: JobSpec, checkpoint_dir: str | Path, out: Path) -> Path:
     model = trained_model(spec, checkpoint_dir)
     if spec.output_format == "adapter":
         if spec.lora is None:
@@ -50,7 +61,7 @@ def export(spec: JobSpec, checkpoint_dir: str | Path) -> Path:
         merge_lora(model)
     save_checkpoint(model, out, model.args)
     for name in TOKENIZER_FILES:
-        source = Path(spec.base_model) / name
+        source = local_copy(spec.base_model) / name
         if source.exists():
             shutil.copy(source, out / name)
     return out

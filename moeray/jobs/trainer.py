@@ -31,6 +31,7 @@ from moeray.jobs.data import (pad_batch, pack, read_jsonl, split_eval, tokenize_
 from moeray.jobs.losses import dpo_loss, router_aux_loss, sequence_logprobs, sft_loss, update_routing_bias
 from moeray.jobs.spec import JobSpec
 from moeray.model.tokenizer import Tokenizer
+from moeray.storage import check_writable, is_remote, local_copy, ray_storage
 
 STATE_FILE = "state.pt"
 
@@ -63,7 +64,7 @@ def _dpo_example(model, tokenizer: Tokenizer, row: dict, max_length: int) -> dic
 
 
 def prepare(spec: JobSpec) -> PreparedData:
-    base = Path(spec.base_model)
+    base = local_copy(spec.base_model)
     if not (base / "config.json").exists():
         raise FileNotFoundError(f"base_model {spec.base_model!r}: no config.json there")
     tokenizer = Tokenizer.from_pretrained(base)
@@ -71,7 +72,8 @@ def prepare(spec: JobSpec) -> PreparedData:
     if tokenizer.vocab_size > args.vocab_size:
         raise ValueError(f"the tokenizer in {base} has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                          f"{args.vocab_size}: tokenizer and model do not match")
-    Path(spec.checkpoint.storage).mkdir(parents=True, exist_ok=True) if "://" not in spec.checkpoint.storage else None
+    check_writable(spec.checkpoint.storage)
+    check_writable(spec.output)
     train_rows = _rows(spec, spec.data.train)
     eval_rows = _rows(spec, spec.data.eval) if spec.data.eval else []
     if spec.data.eval_fraction:
@@ -136,7 +138,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     spec = JobSpec.model_validate(config["spec"])
     torch.manual_seed(spec.train.seed)
     context = ray.train.get_context()
-    model = moeray.model.load(spec.base_model).train()
+    model = moeray.model.load(local_copy(spec.base_model)).train()
     if spec.lora is not None:
         apply_lora(model, spec.lora.target_modules, spec.lora.rank, spec.lora.alpha, spec.lora.dropout, spec.train.seed)
     if spec.moe.freeze_router:
@@ -254,20 +256,19 @@ def run(spec: JobSpec, data: PreparedData | None = None):
     from ray.train.torch import TorchTrainer
 
     data = data or prepare(spec)
-    tokenizer = Tokenizer.from_pretrained(spec.base_model)
+    tokenizer = Tokenizer.from_pretrained(local_copy(spec.base_model))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    storage = spec.checkpoint.storage
-    if "://" not in storage:
-        storage = os.path.abspath(storage)
+    storage, filesystem = ray_storage(spec.checkpoint.storage)
+    if filesystem is None:
         (Path(storage) / spec.name).mkdir(parents=True, exist_ok=True)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"spec": spec.model_dump(), "pad_id": pad_id, "eval_rows": data.eval,
                            "num_train_rows": len(data.train),
-                           "metrics_path": None if "://" in storage else str(Path(storage) / spec.name / "metrics.jsonl")},
+                           "metrics_path": None if filesystem else str(Path(storage) / spec.name / "metrics.jsonl")},
         scaling_config=ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
                                      resources_per_worker=spec.scaling.resources_per_worker),
-        run_config=RunConfig(name=spec.name, storage_path=storage,
+        run_config=RunConfig(name=spec.name, storage_path=storage, storage_filesystem=filesystem,
                              checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
                              failure_config=FailureConfig(max_failures=3)),
         datasets={"train": ray.data.from_items(data.train)},
