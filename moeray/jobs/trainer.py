@@ -31,7 +31,7 @@ from moeray.jobs.data import (pad_batch, pack, read_jsonl, split_eval, tokenize_
 from moeray.jobs.losses import dpo_loss, router_aux_loss, sequence_logprobs, sft_loss, update_routing_bias
 from moeray.jobs.spec import JobSpec
 from moeray.model.tokenizer import Tokenizer
-from moeray.storage import check_writable, is_remote, local_copy, ray_storage
+from moeray.storage import check_writable, local_copy, ray_storage
 
 STATE_FILE = "state.pt"
 
