@@ -2,6 +2,10 @@
 
 import json
 import math
+import os
+import signal
+import threading
+import time
 
 import pytest
 import torch
@@ -97,3 +101,52 @@ def test_dpo_starts_at_ln2_and_learns_preferences(ray_session, tmp_path, base):
     history = [json.loads(line) for line in (tmp_path / "ckpt" / spec.name / "metrics.jsonl").read_text().splitlines()]
     assert abs(history[0]["loss"] - math.log(2)) < 1e-5
     assert result.metrics["rewards/accuracy"] >= 0.75
+
+
+def test_same_job_again_resumes_from_its_last_checkpoint(ray_session, tmp_path, base):
+    write_jsonl(tmp_path / "train.jsonl", sft_rows())
+    first = run(make_spec(tmp_path, base, train={"max_steps": 8}))
+    assert first.metrics["step"] == 8
+    second = run(make_spec(tmp_path, base, train={"max_steps": 12}))
+    assert second.metrics["step"] == 12
+    steps = [json.loads(line)["step"] for line in (tmp_path / "ckpt" / "job-sft" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 13))  # 1..8, then 9..12: continued, not started over
+
+
+def _train_worker_pids() -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if b"RayTrainWorker" in f.read():
+                        pids.append(int(entry))
+            except OSError:
+                pass
+    return pids
+
+
+def test_killed_worker_resumes_from_last_checkpoint(ray_session, tmp_path, base):
+    write_jsonl(tmp_path / "train.jsonl", sft_rows(96))
+    spec = make_spec(tmp_path, base, name="job-killed", train={"max_steps": 60},
+                     checkpoint={"every_steps": 5}, eval={"every_steps": 100})
+    metrics = tmp_path / "ckpt" / "job-killed" / "metrics.jsonl"
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.setdefault("result", run(spec)))
+    thread.start()
+    deadline = time.monotonic() + 300
+    killed_at = None
+    while time.monotonic() < deadline and killed_at is None:
+        lines = metrics.read_text().splitlines() if metrics.exists() else []
+        pids = _train_worker_pids()
+        if len(lines) >= 12 and pids:
+            killed_at = len(lines)
+            for pid in pids:
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.05)
+    thread.join(timeout=600)
+    assert killed_at is not None and outcome["result"].metrics["step"] == 60
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
+    assert steps[restart] > 1 and (steps[restart] - 1) % 5 == 0  # continued after a checkpoint, not from 0
+    assert steps[-1] == 60
