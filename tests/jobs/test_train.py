@@ -150,3 +150,11 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_session, tmp_path, base)
     restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
     assert steps[restart] > 1 and (steps[restart] - 1) % 5 == 0  # continued after a checkpoint, not from 0
     assert steps[-1] == 60
+
+
+def test_tokenizer_that_does_not_match_the_model_fails_before_training(tmp_path):
+    base = tmp_path / "small-vocab"
+    write_hf_model_folder(base, "v3", seed=1, vocab_size=256)  # the tiny tokenizer has ~400 tokens
+    write_jsonl(tmp_path / "train.jsonl", sft_rows(4))
+    with pytest.raises(ValueError, match="tokenizer and model do not match"):
+        prepare(make_spec(tmp_path, base))
