@@ -179,4 +179,3 @@ class Router:
         for shard in self.shards:
             ray.kill(shard, no_restart=True)
         ray.util.remove_placement_group(self._group)
-        time.sleep(0)

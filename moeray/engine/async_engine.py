@@ -68,6 +68,11 @@ class AsyncEngine:
             if not finished:
                 self._send(("abort", request_id))
 
+    @property
+    def is_running(self) -> bool:
+        """The engine thread is alive and accepting requests (what health checks ask)."""
+        return not self._stopped and self._thread.is_alive()
+
     def abort(self, request_id: str) -> None:
         self._send(("abort", request_id))
 

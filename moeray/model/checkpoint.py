@@ -142,12 +142,6 @@ class LoadReport:
     dequantized_fp8: int = 0
 
 
-@dataclass
-class _ExpertTarget:
-    param: torch.Tensor  # grouped [E, rows, cols]
-    rows: slice
-
-
 def is_routed_expert(name: str) -> bool:
     return ".mlp.experts." in name
 

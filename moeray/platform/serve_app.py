@@ -61,8 +61,8 @@ class ModelDeployment:
         return self.service.stats().as_dict()
 
     def check_health(self) -> None:
-        if self.service.async_engine._stopped:
-            raise RuntimeError("engine stopped")
+        if not self.service.async_engine.is_running:
+            raise RuntimeError("engine thread is not running")
 
     def __del__(self):
         service = getattr(self, "service", None)
