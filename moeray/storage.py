@@ -3,7 +3,9 @@
 Contract: `is_remote(uri)` tells s3:// apart from local paths; `upload_dir` / `download_dir`
 copy a folder tree with boto3; `check_writable(uri)` fails fast, naming the URI, when a bucket
 is missing or unreachable; `ray_storage(uri)` gives the (path, pyarrow filesystem) pair Ray
-Train's `RunConfig` takes. boto3 and pyarrow honour `AWS_ENDPOINT_URL` (S3-compatible servers).
+Train's `RunConfig` takes; `RemoteFolder` reads single objects or byte ranges of them (so a
+checkpoint reader fetches only the tensors it needs). boto3 and pyarrow honour
+`AWS_ENDPOINT_URL` (S3-compatible servers).
 """
 
 from __future__ import annotations
@@ -55,13 +57,15 @@ def upload_dir(local: str | Path, uri: str) -> None:
         client.upload_file(str(path), bucket, key)
 
 
-def download_dir(uri: str, local: str | Path) -> Path:
+def download_dir(uri: str, local: str | Path, skip_suffixes: tuple[str, ...] = ()) -> Path:
     bucket, prefix = split_s3(uri)
     client = _client()
     local = Path(local)
     found = False
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/"):
         for item in page.get("Contents", []):
+            if skip_suffixes and item["Key"].endswith(skip_suffixes):
+                continue
             target = local / item["Key"][len(prefix) + 1:]
             target.parent.mkdir(parents=True, exist_ok=True)
             client.download_file(bucket, item["Key"], str(target))
@@ -87,15 +91,65 @@ def ray_storage(uri: str):
     return f"{bucket}/{prefix}".rstrip("/"), filesystem
 
 
-def local_copy(uri: str) -> Path:
-    """A local folder with the contents of `uri` (downloaded once per URI into the cache)."""
+def local_copy(uri: str, skip_suffixes: tuple[str, ...] = ()) -> Path:
+    """A local folder with the contents of `uri` (downloaded once per URI into the cache).
+
+    `skip_suffixes` leaves matching files out (for example the weights of a model whose tensors
+    are read remotely, when only its tokenizer is needed here).
+    """
     if not is_remote(uri):
         return Path(uri)
     import hashlib
 
     cache = Path(os.environ.get("MOERAY_CACHE_DIR", Path.home() / ".cache" / "moeray")) / "downloads"
-    target = cache / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    target = cache / hashlib.sha256(repr((uri, skip_suffixes)).encode()).hexdigest()[:16]
     if not (target / ".complete").exists():
-        download_dir(uri, target)
+        download_dir(uri, target, skip_suffixes)
         (target / ".complete").touch()
     return target
+
+
+class RemoteFolder:
+    """Objects under one s3:// prefix, read whole or by byte range; counts the bytes it fetched."""
+
+    def __init__(self, uri: str):
+        self.uri = uri.rstrip("/")
+        self.bucket, self.prefix = split_s3(self.uri)
+        self.client = _client()
+        self.bytes_read = 0
+
+    def _key(self, name: str) -> str:
+        return f"{self.prefix}/{name}".lstrip("/")
+
+    def exists(self, name: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(name))
+            return True
+        except ClientError as err:
+            if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise StorageError(f"{self.uri}/{name}: {err}") from None
+
+    def names(self) -> list[str]:
+        """Object names directly under the prefix (not in sub-folders)."""
+        names = []
+        for page in self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self._key(""), Delimiter="/"):
+            names += [item["Key"].rsplit("/", 1)[-1] for item in page.get("Contents", [])]
+        return sorted(names)
+
+    def read(self, name: str, start: int | None = None, end: int | None = None) -> bytes:
+        """The object's bytes, or bytes [start, end) of it."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        options = {} if start is None else {"Range": f"bytes={start}-{end - 1}"}
+        try:
+            data = self.client.get_object(Bucket=self.bucket, Key=self._key(name), **options)["Body"].read()
+        except (BotoCoreError, ClientError) as err:
+            raise StorageError(f"cannot read {self.uri}/{name}: {err}") from None
+        if start is not None and len(data) != end - start:
+            raise StorageError(f"{self.uri}/{name}: asked for bytes {start}..{end}, got {len(data)} bytes")
+        self.bytes_read += len(data)
+        return data

@@ -27,7 +27,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from moeray.actors.placement import Placement, imbalance, initial_placement, rebalance
 from moeray.actors.shard import ExpertShard
-from moeray.model import ModelArgs
+from moeray.model.checkpoint import read_model_args
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class Router:
                  options: ShardOptions | None = None, rebalance_interval_s: float | None = None):
         options = options or ShardOptions()
         self.name, self.redundant = name, redundant
-        self.args = ModelArgs.from_file(f"{model_path}/config.json")
+        self.args = read_model_args(model_path)
         self._lock = threading.RLock()
         self._placement = initial_placement(self.args.moe_layer_indices, self.args.n_routed_experts, num_shards,
                                             redundant)

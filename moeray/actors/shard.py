@@ -3,7 +3,8 @@
 Contract:
 - A shard owns slots: for each MoE layer, a list of logical experts whose weights it keeps in
   two grouped tensors (the same layout as the model's `RoutedExperts`). It reads only those
-  experts' tensors from the checkpoint.
+  experts' tensors from the checkpoint, a local folder or an s3:// URI (by byte range there:
+  a shard never downloads whole files).
 - `compute(layout, layer, x, token_of_pair, slot_of_pair, weight_of_pair)` returns the weighted
   expert output for the tokens it was sent ([U, D]), using the slot table of that `layout`; it
   counts tokens per expert for load balancing.
@@ -22,7 +23,7 @@ import threading
 import torch
 
 from moeray.model import ModelArgs
-from moeray.model.checkpoint import CheckpointReader
+from moeray.model.checkpoint import CheckpointReader, read_model_args
 from moeray.model.moe import expert_pairs_forward
 
 
@@ -52,7 +53,7 @@ class ExpertShard:
         self.shard_id = shard_id
         self.dtype = getattr(torch, dtype)
         self.reader = CheckpointReader(model_path)
-        self.args = ModelArgs.from_file(f"{model_path}/config.json")
+        self.args = read_model_args(model_path)
         self._lock = threading.Lock()
         self.router = None
         layout = 1
@@ -112,6 +113,10 @@ class ExpertShard:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def bytes_read(self) -> int:
+        """Checkpoint bytes fetched from object storage (0 for a local checkpoint folder)."""
+        return self.reader.bytes_read
 
     def layouts(self) -> list[int]:
         return sorted(self.tables)

@@ -92,7 +92,10 @@ class AsyncEngine:
         target = self._streams.get(request_id)
         if target is not None:
             loop, stream = target
-            loop.call_soon_threadsafe(stream.put_nowait, item)
+            try:
+                loop.call_soon_threadsafe(stream.put_nowait, item)
+            except RuntimeError:  # the caller's event loop has closed: nobody listens any more
+                self._streams.pop(request_id, None)
 
     # ---- engine thread -----------------------------------------------------------------------
     def _apply_commands(self) -> bool:

@@ -19,6 +19,7 @@ from moeray.engine.params import InvalidRequestError, SamplingParams
 from moeray.engine.sampler import TokenLogprobs
 from moeray.model.moe import ExpertBackend
 from moeray.model.tokenizer import Tokenizer
+from moeray.storage import local_copy
 
 
 @dataclass
@@ -69,7 +70,8 @@ def start_experts(model: str | Path, expert_shards: int, redundant_experts: int,
 
 
 class LLM:
-    """Offline engine. `expert_shards=N` puts the routed experts in N ExpertShard actors (Ray)."""
+    """Offline engine over a checkpoint folder or s3:// URI. `expert_shards=N` puts the routed
+    experts in N ExpertShard actors (Ray), each of which reads only its own experts."""
 
     def __init__(self, model: str | Path, tokenizer: str | Path | None = None, dtype: str = "float32",
                  device: str = "cpu", experts: ExpertBackend | None = None, expert_shards: int = 0,
@@ -78,7 +80,8 @@ class LLM:
         if experts is None:
             experts = start_experts(model, expert_shards, redundant_experts, transport, dtype=dtype)
         loaded = moeray.model.load(model, dtype=config.torch_dtype, device=device, local_experts=experts is None)
-        tok = Tokenizer.from_pretrained(tokenizer or model)
+        # A model under an s3:// URI streams its tensors remotely; only its tokenizer files are copied.
+        tok = Tokenizer.from_pretrained(local_copy(str(tokenizer or model), skip_suffixes=(".safetensors",)))
         check_tokenizer_matches(tok, loaded.args, str(tokenizer or model))
         self.engine = Engine(loaded, tok, config, experts)
         self.tokenizer = tok

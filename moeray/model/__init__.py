@@ -1,6 +1,7 @@
 """The DeepSeek-V2/V3 model in plain PyTorch. Imports no ray.
 
-`load(path, dtype, device)` builds the model from a Hugging Face checkpoint folder; `build`
+`load(path, dtype, device)` builds the model from a Hugging Face checkpoint folder or an s3://
+URI (tensors are fetched one at a time by byte range, never as a local copy); `build`
 creates a randomly initialised one from `ModelArgs` (tests, pre-training).
 """
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import torch
 
 from moeray.model.checkpoint import (CheckpointError, CheckpointReader, is_routed_expert, load_weights,
-                                     save_checkpoint)
+                                     read_model_args, save_checkpoint)
 from moeray.model.config import ConfigError, ModelArgs
 from moeray.model.moe import TopkGate
 from moeray.model.transformer import DeepseekForCausalLM
@@ -43,15 +44,13 @@ def build(args: ModelArgs, dtype: torch.dtype = torch.float32, device: str | tor
 
 def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
          progress: bool | None = None, local_experts: bool = True) -> DeepseekForCausalLM:
-    """Load a Hugging Face DeepSeek-V2/V3 checkpoint folder; weights stream in one at a time.
+    """Load a Hugging Face DeepSeek-V2/V3 checkpoint (folder or s3:// URI); weights stream in one
+    at a time.
 
-    With `local_experts=False` the routed experts are left out (they live in expert shards).
+    With `local_experts=False` the routed experts are left out (they live in expert shards) and
+    are not read at all.
     """
-    path = Path(path)
-    config_path = path / "config.json"
-    if not config_path.exists():
-        raise CheckpointError(f"{config_path} not found: not a Hugging Face checkpoint folder")
-    args = ModelArgs.from_file(config_path)
+    args = read_model_args(path)
     with torch.device("meta"):
         model = DeepseekForCausalLM(args, local_experts)
     model = _cast(model, dtype).to_empty(device=device)

@@ -1,11 +1,13 @@
 """Hugging Face checkpoint folders: read (streaming, FP8-aware, any subset) and write.
 
 Contract:
-- `CheckpointReader(folder)` indexes `model.safetensors`, a sharded set with
+- `CheckpointReader(folder or s3:// URI)` indexes `model.safetensors`, a sharded set with
   `model.safetensors.index.json`, or loose `*.safetensors`; `get(name)` returns one tensor,
   dequantising `float8_e4m3fn` weights with their `weight_scale_inv` block scales.
   `routed_expert(layer, expert)` returns one expert's weights from either the per-expert
   layout (`...experts.E.gate_proj.weight`) or the grouped one (`...experts.gate_up_proj`).
+  From s3:// each tensor (or one expert's row of a grouped tensor) is one byte-range request:
+  an expert shard fetches only its own experts, never whole files.
 - `load_weights(model, reader)` streams tensors one at a time into a model's preallocated
   parameters (never two full copies in memory) and fails on missing, unexpected or wrongly
   shaped tensors, naming the tensor and the file. Layers at index >= num_hidden_layers (the MTP
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,65 +58,201 @@ def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block: 
     return (weight.float() * scales).to(dtype)
 
 
+# safetensors dtype names -> torch dtypes, for tensors read from raw bytes (remote checkpoints).
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+class _LocalSafetensors:
+    """One local safetensors file, memory-mapped by `safe_open`."""
+
+    def __init__(self, path: Path):
+        self._handle = safe_open(path, framework="pt", device="cpu")
+
+    def keys(self) -> list[str]:
+        return list(self._handle.keys())
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handle.get_slice(name).get_shape())
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self._handle.get_tensor(name)
+
+    def row(self, name: str, index: int) -> torch.Tensor:
+        return self._handle.get_slice(name)[index]
+
+
+class _RemoteSafetensors:
+    """One safetensors file in object storage: the header is read once, then each tensor (or
+    one row of it) with a single byte-range request, so a reader fetches only what it uses."""
+
+    def __init__(self, folder, file: str):
+        self.folder, self.file = folder, file
+        (header_size,) = struct.unpack("<Q", folder.read(file, 0, 8))
+        try:
+            header = json.loads(folder.read(file, 8, 8 + header_size))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"{folder.uri}/{file}: not a safetensors file ({err})") from None
+        header.pop("__metadata__", None)
+        self.data_start = 8 + header_size
+        self.entries = header  # name -> {"dtype", "shape", "data_offsets": [begin, end]}
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.entries[name]["shape"])
+
+    def _read(self, name: str, begin: int, end: int, shape: tuple[int, ...]) -> torch.Tensor:
+        entry = self.entries[name]
+        dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise CheckpointError(f"{self.folder.uri}/{self.file}: tensor {name} has unsupported dtype "
+                                  f"{entry['dtype']}")
+        data = bytearray(self.folder.read(self.file, self.data_start + begin, self.data_start + end))
+        if not data:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(data, dtype=dtype).reshape(shape)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        begin, end = self.entries[name]["data_offsets"]
+        return self._read(name, begin, end, self.shape(name))
+
+    def row(self, name: str, index: int) -> torch.Tensor:
+        shape = self.shape(name)
+        begin, end = self.entries[name]["data_offsets"]
+        row_bytes = (end - begin) // shape[0]
+        return self._read(name, begin + index * row_bytes, begin + (index + 1) * row_bytes, shape[1:])
+
+
+class _LocalFolder:
+    def __init__(self, folder: Path):
+        if not folder.is_dir():
+            raise CheckpointError(f"checkpoint folder {folder} does not exist")
+        self.folder = folder
+        self.uri = str(folder)
+
+    def exists(self, name: str) -> bool:
+        return (self.folder / name).exists()
+
+    def read_text(self, name: str) -> str:
+        return (self.folder / name).read_text()
+
+    def safetensors_files(self) -> list[str]:
+        return sorted(p.name for p in self.folder.glob("*.safetensors"))
+
+    def open(self, file: str) -> _LocalSafetensors:
+        return _LocalSafetensors(self.folder / file)
+
+
+class _S3Folder:
+    def __init__(self, uri: str):
+        from moeray.storage import RemoteFolder
+
+        self.remote = RemoteFolder(uri)
+        self.uri = self.remote.uri
+        self._names = self.remote.names()
+        if not self._names:
+            raise CheckpointError(f"checkpoint {self.uri} does not exist (no objects under it)")
+
+    @property
+    def bytes_read(self) -> int:
+        return self.remote.bytes_read
+
+    def exists(self, name: str) -> bool:
+        return name in self._names
+
+    def read_text(self, name: str) -> str:
+        return self.remote.read(name).decode()
+
+    def read(self, name: str, start: int, end: int) -> bytes:
+        return self.remote.read(name, start, end)
+
+    def safetensors_files(self) -> list[str]:
+        return [n for n in self._names if n.endswith(".safetensors")]
+
+    def open(self, file: str) -> _RemoteSafetensors:
+        return _RemoteSafetensors(self, file)
+
+
+def _checkpoint_folder(location: str | Path):
+    if str(location).startswith("s3://"):
+        return _S3Folder(str(location))
+    return _LocalFolder(Path(location))
+
+
+def read_model_args(location: str | Path) -> ModelArgs:
+    """The `ModelArgs` of a checkpoint folder or s3:// URI (its config.json)."""
+    folder = _checkpoint_folder(location)
+    if not folder.exists("config.json"):
+        raise CheckpointError(f"{folder.uri}/config.json not found: not a Hugging Face checkpoint folder")
+    return ModelArgs.from_json(folder.read_text("config.json"), f"{folder.uri}/config.json")
+
+
 class CheckpointReader:
-    def __init__(self, folder: str | Path, block_size: tuple[int, int] | None = None):
-        self.folder = Path(folder)
-        if not self.folder.is_dir():
-            raise CheckpointError(f"checkpoint folder {self.folder} does not exist")
-        self.file_of = self._index()
-        if block_size is None and (self.folder / "config.json").exists():
-            block_size = ModelArgs.from_file(self.folder / "config.json").fp8_block_size
-        self.block_size = block_size or (128, 128)
+    """Tensors of a checkpoint in a local folder or under an s3:// URI (read by byte range)."""
+
+    def __init__(self, location: str | Path, block_size: tuple[int, int] | None = None):
+        self.source = _checkpoint_folder(location)
+        self.uri = self.source.uri
+        self.name = self.uri.rstrip("/").rsplit("/", 1)[-1]
         self._handles: dict[str, object] = {}
+        self.file_of = self._index()
+        if block_size is None and self.source.exists("config.json"):
+            block_size = ModelArgs.from_json(self.source.read_text("config.json"),
+                                             f"{self.uri}/config.json").fp8_block_size
+        self.block_size = block_size or (128, 128)
+
+    @property
+    def bytes_read(self) -> int:
+        """Bytes fetched from object storage so far (0 for local folders, which are mapped)."""
+        return getattr(self.source, "bytes_read", 0)
 
     def _index(self) -> dict[str, str]:
-        index_path = self.folder / INDEX_FILE
-        if index_path.exists():
+        index_path = f"{self.uri}/{INDEX_FILE}"
+        if self.source.exists(INDEX_FILE):
             try:
-                weight_map = json.loads(index_path.read_text())["weight_map"]
+                weight_map = json.loads(self.source.read_text(INDEX_FILE))["weight_map"]
             except json.JSONDecodeError as err:
                 raise CheckpointError(f"{index_path}:{err.lineno}: invalid JSON ({err.msg})") from None
             except KeyError:
                 raise CheckpointError(f"{index_path}: missing 'weight_map'") from None
             for name, file in weight_map.items():
-                if not (self.folder / file).exists():
+                if not self.source.exists(file):
                     raise CheckpointError(f"{index_path}: tensor {name} points to missing file {file}")
             return dict(weight_map)
-        files = [self.folder / SINGLE_FILE] if (self.folder / SINGLE_FILE).exists() \
-            else sorted(self.folder.glob("*.safetensors"))
+        files = [SINGLE_FILE] if self.source.exists(SINGLE_FILE) else self.source.safetensors_files()
         if not files:
-            raise CheckpointError(f"no *.safetensors files in {self.folder}")
-        file_of = {}
-        for file in files:
-            with safe_open(file, framework="pt") as handle:
-                for name in handle.keys():
-                    file_of[name] = file.name
-        return file_of
+            raise CheckpointError(f"no *.safetensors files in {self.uri}")
+        return {name: file for file in files for name in self._handle(file).keys()}
 
     def _handle(self, file: str):
         if file not in self._handles:
-            self._handles[file] = safe_open(self.folder / file, framework="pt", device="cpu")
+            self._handles[file] = self.source.open(file)
         return self._handles[file]
 
     def names(self) -> list[str]:
         """Tensor names, without the FP8 scale companions (those are read with their weight)."""
         return [n for n in self.file_of if not n.endswith(_SCALE_SUFFIX)]
 
-    def where(self, name: str) -> Path:
-        return self.folder / self.file_of[name]
+    def where(self, name: str) -> str:
+        return f"{self.uri}/{self.file_of[name]}"
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handle(self.file_of[name]).get_slice(name).get_shape())
+        return self._handle(self.file_of[name]).shape(name)
 
     def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         if name not in self.file_of:
-            raise CheckpointError(f"tensor {name} is not in checkpoint {self.folder}")
-        tensor = self._handle(self.file_of[name]).get_tensor(name)
+            raise CheckpointError(f"tensor {name} is not in checkpoint {self.uri}")
+        tensor = self._handle(self.file_of[name]).tensor(name)
         if tensor.dtype == torch.float8_e4m3fn:
             scale_name = name + _SCALE_SUFFIX
             if scale_name not in self.file_of:
                 raise CheckpointError(f"FP8 tensor {name} in {self.where(name)} has no {scale_name}")
-            scale = self._handle(self.file_of[scale_name]).get_tensor(scale_name)
+            scale = self._handle(self.file_of[scale_name]).tensor(scale_name)
             try:
                 return dequantize_fp8_blocks(tensor, scale, self.block_size, dtype or torch.float32)
             except CheckpointError as err:
@@ -128,11 +267,10 @@ class CheckpointReader:
             up = self.get(f"{prefix}.{expert}.up_proj.weight", dtype)
             return torch.cat((gate, up)), self.get(f"{prefix}.{expert}.down_proj.weight", dtype)
         if f"{prefix}.gate_up_proj" in self.file_of:
-            handle = self._handle(self.file_of[f"{prefix}.gate_up_proj"])
-            gate_up = handle.get_slice(f"{prefix}.gate_up_proj")[expert]
-            down = self._handle(self.file_of[f"{prefix}.down_proj"]).get_slice(f"{prefix}.down_proj")[expert]
+            gate_up = self._handle(self.file_of[f"{prefix}.gate_up_proj"]).row(f"{prefix}.gate_up_proj", expert)
+            down = self._handle(self.file_of[f"{prefix}.down_proj"]).row(f"{prefix}.down_proj", expert)
             return (gate_up, down) if dtype is None else (gate_up.to(dtype), down.to(dtype))
-        raise CheckpointError(f"expert {expert} of layer {layer} is not in checkpoint {self.folder}")
+        raise CheckpointError(f"expert {expert} of layer {layer} is not in checkpoint {self.uri}")
 
 
 @dataclass
@@ -185,7 +323,7 @@ def load_weights(model: torch.nn.Module, reader: CheckpointReader, num_layers: i
             mask[expert_idx] = True
         report.loaded += 1
         if show and (i % 16 == 0 or i == len(names) - 1):
-            print(f"\rloading {reader.folder.name}: {i + 1}/{len(names)} tensors", end="", file=sys.stderr)
+            print(f"\rloading {reader.name}: {i + 1}/{len(names)} tensors", end="", file=sys.stderr)
     if show:
         print(file=sys.stderr)
 
@@ -193,11 +331,11 @@ def load_weights(model: torch.nn.Module, reader: CheckpointReader, num_layers: i
         mask = filled.get(target_name)
         if mask is None or not bool(mask.all()):
             shape = _coverage_shape(tensor, target_name)
-            raise CheckpointError(f"checkpoint {reader.folder} is missing tensor "
+            raise CheckpointError(f"checkpoint {reader.uri} is missing tensor "
                                   f"{_missing_name(target_name, mask, shape)}")
     if report.skipped:
         print(f"moeray: skipped {len(report.skipped)} tensors of layers >= {num_layers} "
-              f"(multi-token prediction module) in {reader.folder}", file=sys.stderr)
+              f"(multi-token prediction module) in {reader.uri}", file=sys.stderr)
     return report
 
 

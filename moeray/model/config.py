@@ -233,15 +233,19 @@ class ModelArgs:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "ModelArgs":
-        path = Path(path)
+        return cls.from_json(Path(path).read_text(), str(path))
+
+    @classmethod
+    def from_json(cls, text: str, source: str) -> "ModelArgs":
+        """Parse a config.json's text; errors name `source` (its path or URI) and the line."""
         try:
-            config = json.loads(path.read_text())
+            config = json.loads(text)
         except json.JSONDecodeError as err:
-            raise ConfigError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from None
+            raise ConfigError(f"{source}:{err.lineno}: invalid JSON ({err.msg})") from None
         try:
             return cls.from_hf_config(config)
         except (ConfigError, TypeError) as err:
-            raise ConfigError(f"{path}: {err}") from None
+            raise ConfigError(f"{source}: {err}") from None
 
     def to_hf_config(self) -> dict[str, Any]:
         config = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)

@@ -1,7 +1,8 @@
 """The embedded default model: a tiny DeepSeek-architecture model shipped inside the package.
 
 Contract: `resolve_model(None)` is the folder of the embedded model (config, safetensors,
-tokenizer with its chat template); any other value must be an existing checkpoint folder.
+tokenizer with its chat template); any other value must be an existing checkpoint folder or an
+s3:// URI with a config.json under it (returned as the URI: its tensors are read remotely).
 `scripts/build_default_model.py` rebuilds it.
 """
 
@@ -13,12 +14,18 @@ DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "default
 DEFAULT_MODEL_NAME = "moeray-default"
 
 
-def resolve_model(model: str | None) -> Path:
+def resolve_model(model: str | None) -> Path | str:
     if not model:
         if not (DEFAULT_MODEL_DIR / "config.json").exists():
             raise FileNotFoundError(f"the embedded default model is missing from {DEFAULT_MODEL_DIR}; "
                                     f"rebuild it with scripts/build_default_model.py")
         return DEFAULT_MODEL_DIR
+    if model.startswith("s3://"):
+        from moeray.storage import RemoteFolder
+
+        if not RemoteFolder(model).exists("config.json"):
+            raise FileNotFoundError(f"model {model!r}: no config.json there; expected a Hugging Face checkpoint")
+        return model.rstrip("/")
     path = Path(model).expanduser()
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"model {model!r}: no config.json there; expected a Hugging Face checkpoint folder")

@@ -28,6 +28,8 @@ def load_replica_service(settings: ServeSettings) -> ReplicaService:
     from moeray.model.tokenizer import Tokenizer
     from moeray.platform.default_model import resolve_model
 
+    from moeray.storage import local_copy
+
     folder = resolve_model(settings.model)
     engine_config = settings.engine.to_engine_config()
     experts = None
@@ -43,7 +45,8 @@ def load_replica_service(settings: ServeSettings) -> ReplicaService:
             transport=ep.transport)
         experts.timeout_s = ep.timeout_s
     model = load(folder, dtype=engine_config.torch_dtype, device=engine_config.device, local_experts=experts is None)
-    tokenizer = Tokenizer.from_pretrained(folder)
+    # Weights stream from the checkpoint's location; only the small tokenizer files are copied here.
+    tokenizer = Tokenizer.from_pretrained(local_copy(str(folder), skip_suffixes=(".safetensors",)))
     check_tokenizer_matches(tokenizer, model.args, str(folder))
     return ReplicaService(Engine(model, tokenizer, engine_config, experts))
 

@@ -89,7 +89,7 @@ class ExpertParallelSettings(_Strict):
 class ServeSettings(_Strict):
     """Everything `moeray serve` and the Serve application builder take."""
 
-    model: str | None = Field(None, description="Hugging Face checkpoint folder; empty: the embedded default model.")
+    model: str | None = Field(None, description="Hugging Face checkpoint folder or s3:// URI; empty: the embedded default model.")
     served_model_name: str | None = Field(None, description="Model name clients send; default: the folder name.")
     host: str = Field("127.0.0.1", description="HTTP listen address.")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port.")

@@ -133,3 +133,27 @@ def test_rebalance_lowers_imbalance_and_changes_no_output(ray_session, hf_folder
         assert backend.placement.layout == result["layout"]
     finally:
         ray.get(router.shutdown.remote())
+
+
+def test_shards_read_only_their_own_experts_from_s3(ray_session, s3_server, hf_folder, prompts, local_outputs):
+    import boto3
+
+    from moeray.model.checkpoint import CheckpointReader, is_routed_expert
+    from moeray.storage import upload_dir
+
+    boto3.client("s3").create_bucket(Bucket="expert-parallel")
+    uri = "s3://expert-parallel/models/tiny-v3"
+    upload_dir(hf_folder[0], uri)
+    router, backend = start_expert_parallel(uri, 2, name="from-s3", num_cpus=0.5)
+    try:
+        llm = LLM(uri, max_model_len=256, experts=backend)
+        assert [r.outputs[0].token_ids for r in llm.generate(prompts, GREEDY)] == local_outputs
+        reader = CheckpointReader(hf_folder[0])
+        expert_bytes = sum(reader.get(n).nbytes for n in reader.names() if is_routed_expert(n))
+        per_shard = ray.get([shard.bytes_read.remote() for shard in ray.get(router.shard_handles.remote())])
+        header_allowance = 64 * 1024
+        # Each shard fetched its half of the routed experts (plus file headers), never whole files.
+        assert sum(per_shard) >= expert_bytes
+        assert all(read <= expert_bytes / 2 + header_allowance for read in per_shard), (per_shard, expert_bytes)
+    finally:
+        ray.get(router.shutdown.remote())
