@@ -4,7 +4,8 @@ Contract: `StepAttention` implements the model's `AttentionBackend` for the flat
 step (decode tokens first, then prefill chunks, as the runner lays them out). For each layer it
 1. writes every token's latent + rope key into its cache slot (`slot_mapping`);
 2. decode tokens (one query each): the absorbed form, batched over sequences, reading each
-   sequence's cached latents through its block table (padded to the longest, masked);
+   sequence's cached latents through its block table (padded to the longest, masked); on CUDA
+   (`kernels.use_triton`) the Triton paged kernel reads the cache in place instead of gathering;
 3. prefill chunks: the expanded form; a chunk that starts at position 0 attends causally to
    itself, a later chunk (or one after a prefix-cache hit) gathers its cached prefix first.
 """
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moeray import kernels
 from moeray.engine.cache import LatentCache
 from moeray.model.mla import MultiHeadLatentAttention
 
@@ -47,7 +49,9 @@ class StepAttention:
 
         out = q_nope.new_empty(q_nope.shape[0], attn.num_heads, attn.v_dim)  # [T, H, dv]
         b = meta.num_decodes
-        if b:
+        if b and kernels.use_triton(layer.device):
+            out[:b] = self._decode_paged(attn, q_nope[:b], q_pe[:b], layer)
+        elif b:
             slots = meta.decode_slots
             keys = layer.index_select(0, slots.flatten()).view(*slots.shape, -1).to(q_nope.dtype)  # [B, S_max, r+dr]
             out[:b] = attn.attend_absorbed(q_nope[:b, None], q_pe[:b, None], keys[..., :r], keys[..., r:],
@@ -65,3 +69,20 @@ class StepAttention:
             mask = (key_pos[None, :] <= query_pos[:, None])[None]  # [1, n, S]
             out[span.rows] = attn.attend_expanded(q_n, q_p, keys[None, :, :r], keys[None, :, r:], mask=mask)[0]
         return out
+
+    def _decode_paged(self, attn: MultiHeadLatentAttention, q_nope: torch.Tensor, q_pe: torch.Tensor,
+                      layer: torch.Tensor) -> torch.Tensor:
+        """`attend_absorbed` for one query per sequence, attending in the cache where it lies.
+
+        q_nope [B, H, dn], q_pe [B, H, dr] -> [B, H, dv]. The runner lays decode_slots out as
+        block_table[p // bs] * bs + p % bs, so every bs-th slot names a block, and the mask's
+        row sums are the sequence lengths: no new metadata and no host sync.
+        """
+        meta, bs = self.meta, self.cache.block_size
+        block_tables = torch.div(meta.decode_slots[:, ::bs], bs, rounding_mode="floor")  # [B, ceil(S_max / bs)]
+        seq_lens = meta.decode_mask[:, 0].sum(dim=-1)  # [B]
+        w_uk, w_uv = attn._kv_b_weights()  # [H, dn, r], [H, dv, r]
+        q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [H, B, r] -> [B, H, r]
+        out_latent = kernels.paged_latent_decode(q_latent, q_pe, layer, block_tables, seq_lens, bs,
+                                                 attn.softmax_scale, max_seq_len=meta.decode_slots.shape[1])
+        return torch.bmm(out_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [B, H, dv]

@@ -9,17 +9,30 @@ them); the choice of implementation never changes results beyond float rounding.
 - `prepare_for_decode(model)`: on CPU, stores short-row Linear weights column-major (same shape and
   values, other strides), the layout the streaming kernel reads fastest.
 - `fused_expert_pairs(x, token_of_pair, expert_of_pair, weight_of_pair, gate_up, down)`: weighted
-  SwiGLU experts; on CPU in float32 for a few pairs, one fused call, else None (the caller runs
-  the grouped torch path).
-`set_enabled(False)` forces the torch reference everywhere (tests, debugging).
+  SwiGLU experts; on CUDA (see `use_triton`) without autograd, the Triton fused MoE; on CPU in
+  float32 for a few pairs, one fused C call; else None (the caller runs the grouped torch path).
+- `paged_latent_decode(...)`: absorbed MLA decode over the paged latent cache; Triton only (the
+  engine calls it when `use_triton` holds and otherwise runs its torch path).
+- `fp8_block_linear(x, weight, scale_inv, block)`: x @ W^T with W float8 e4m3 plus block scales;
+  the Triton kernel on CUDA, the dequantise-then-`F.linear` reference elsewhere.
+`use_triton(device)`: True when `device` is CUDA, triton is importable, the kernels are enabled
+and the environment does not say `MOERAY_KERNELS=torch` (accepted values: `auto`, the default,
+and `torch`; anything else is an error naming the variable). CPU tensors never take a Triton
+path, and triton is imported only when one is taken. `set_enabled(False)` forces the torch
+reference everywhere (tests, debugging).
 """
 
 from __future__ import annotations
+
+import functools
+import importlib.util
+import os
 
 import torch
 import torch.nn.functional as F
 
 from moeray.kernels import cpu
+from moeray.kernels.fp8 import fp8_block_linear_reference
 
 MAX_DECODE_TOKENS = 4  # beyond this GEMM reuses each weight enough that MKL/oneDNN wins
 MAX_FUSED_PAIRS = 32
@@ -30,6 +43,35 @@ _enabled = True
 def set_enabled(enabled: bool) -> None:
     global _enabled
     _enabled = enabled
+
+
+KERNELS_ENV = "MOERAY_KERNELS"
+KERNEL_CHOICES = ("auto", "torch")
+
+
+@functools.cache
+def triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def kernels_setting() -> str:
+    """The `MOERAY_KERNELS` setting, read on every call so a process can be switched in tests."""
+    value = os.environ.get(KERNELS_ENV, "auto").strip().lower() or "auto"
+    if value not in KERNEL_CHOICES:
+        raise ValueError(f"environment variable {KERNELS_ENV}={value!r} is not one of {', '.join(KERNEL_CHOICES)}")
+    return value
+
+
+def use_triton(device: torch.device | str) -> bool:
+    # The device test comes first: a CPU call costs one comparison and reads no environment.
+    if (device.type if isinstance(device, torch.device) else torch.device(device).type) != "cuda":
+        return False
+    return _enabled and kernels_setting() != "torch" and triton_importable()
+
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    """The Triton kernels have no backward: training keeps the differentiable torch path."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def _cpu_fp32(*tensors: torch.Tensor) -> bool:
@@ -90,7 +132,11 @@ def prepare_for_decode(model: torch.nn.Module) -> None:
 
 def fused_expert_pairs(x: torch.Tensor, token_of_pair: torch.Tensor, expert_of_pair: torch.Tensor,
                        weight_of_pair: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor | None:
-    """The CPU fused path over (token, expert, weight) pairs, or None when it does not apply."""
+    """The fused path over (token, expert, weight) pairs, or None when none applies."""
+    if use_triton(x.device) and not _needs_grad(x, gate_up, down):
+        from moeray.kernels.triton import fused_moe
+
+        return fused_moe.fused_expert_pairs(x, token_of_pair, expert_of_pair, weight_of_pair, gate_up, down)
     if (expert_of_pair.numel() > MAX_FUSED_PAIRS or not _cpu_fp32(x, gate_up, down)
             or not (gate_up.is_contiguous() and down.transpose(1, 2).is_contiguous())
             or (torch.is_grad_enabled() and (x.requires_grad or gate_up.requires_grad))):
@@ -107,6 +153,26 @@ def fused_expert_pairs(x: torch.Tensor, token_of_pair: torch.Tensor, expert_of_p
                          experts.numel(), gate_up.data_ptr(), down.data_ptr(), down.shape[2], out.data_ptr(),
                          x.shape[0])
     return out
+
+
+def paged_latent_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, cache: torch.Tensor,
+                        block_tables: torch.Tensor, seq_lens: torch.Tensor, block_size: int,
+                        softmax_scale: float, max_seq_len: int | None = None) -> torch.Tensor:
+    """out_latent [B, H, r] of the absorbed decode; see `moeray.kernels.triton.mla_decode`."""
+    from moeray.kernels.triton import mla_decode
+
+    return mla_decode.paged_latent_decode(q_latent, q_rope, cache, block_tables, seq_lens, block_size,
+                                          softmax_scale, max_seq_len=max_seq_len)
+
+
+def fp8_block_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor,
+                     block: tuple[int, int] = (128, 128)) -> torch.Tensor:
+    """x [M, K] @ dequant(weight [N, K] float8_e4m3fn, scale_inv)^T -> [M, N] in x's dtype."""
+    if use_triton(x.device) and not _needs_grad(x):
+        from moeray.kernels.triton import fp8_gemm
+
+        return fp8_gemm.fp8_block_linear(x, weight, scale_inv, block)
+    return fp8_block_linear_reference(x, weight, scale_inv, block)
 
 
 def stream_read_bandwidth(num_bytes: int = 512 << 20, repeats: int = 5) -> float:
