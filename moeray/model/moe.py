@@ -80,7 +80,8 @@ def expert_pairs_forward(x: torch.Tensor, token_of_pair: torch.Tensor, expert_of
 
     x [T, D]; token_of_pair, expert_of_pair, weight_of_pair [P] (experts index the first dim of
     gate_up [E, 2I, D] and down [E, D, I]). Returns [T, D] in x's dtype. The same computation
-    serves local experts and expert shards (which receive only their pairs).
+    serves local experts and expert shards (which receive only their pairs). `kernels` may take
+    it whole: the Triton fused MoE on CUDA, the C kernel for a few float32 pairs on CPU.
     """
     fused = kernels.fused_expert_pairs(x, token_of_pair, expert_of_pair, weight_of_pair, gate_up, down)
     if fused is not None:
