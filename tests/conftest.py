@@ -19,6 +19,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+RAY_DASHBOARD_PORT = _free_port()
+
 # Fixed before Ray starts, so that Ray's workers inherit the S3 endpoint and credentials.
 S3_ENDPOINT = f"http://127.0.0.1:{_free_port()}"
 os.environ.update({"AWS_ENDPOINT_URL": S3_ENDPOINT, "AWS_ACCESS_KEY_ID": "testing",
@@ -56,7 +58,11 @@ def ray_session():
     env = {"RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
            "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5", "RAY_USAGE_STATS_ENABLED": "0"}
     os.environ.update(env)
-    ray.init(address="local", num_cpus=16, include_dashboard=False, log_to_driver=False,
+    # Jobs submitted through the Ray Jobs API run `moeray ...` from this virtualenv, as they
+    # would in a container image with moeray installed.
+    os.environ["PATH"] = f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}"
+    ray.init(address="local", num_cpus=16, include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=RAY_DASHBOARD_PORT, log_to_driver=False,
              runtime_env={"env_vars": {**env, "OMP_NUM_THREADS": "1"}})
     yield ray
     try:
@@ -66,6 +72,12 @@ def ray_session():
     except Exception:  # noqa: BLE001 - Serve may never have started
         pass
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_dashboard(ray_session):
+    """The URL of the session Ray's dashboard, which serves the Ray Jobs API."""
+    return f"http://127.0.0.1:{RAY_DASHBOARD_PORT}"
 
 
 @pytest.fixture(scope="session")

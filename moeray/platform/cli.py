@@ -1,10 +1,16 @@
 """The `moeray` command line.
 
     moeray jobs run SPEC.yaml [--address ADDR]
+    moeray jobs submit SPEC.yaml [--address URL | --k8s [--namespace NS] [--image IMAGE]]
+    moeray jobs status|stop ID [--address URL | --k8s [--namespace NS]]
+    moeray jobs logs ID [--follow] [--address URL | --k8s [--namespace NS]]
+    moeray jobs list [--address URL | --k8s [--namespace NS]]
     moeray serve [MODEL] [--host H] [--port P] [--config FILE] [--api-key KEY ...]
                  [--expert-shards N] [--redundant-experts K] [--transport ray|collective]
 
 Settings resolve as `ServeSettings.load` describes: defaults < --config YAML < MOERAY_* env < flags.
+Jobs go to a Ray cluster through the Ray Jobs API (`--address`, default $RAY_ADDRESS or
+http://127.0.0.1:8265), or with `--k8s` to Kubernetes as KubeRay RayJobs.
 """
 
 from __future__ import annotations
@@ -16,7 +22,10 @@ import signal
 import sys
 import threading
 
+from moeray.platform.kube import KubeError
+from moeray.platform.ray_jobs import JobsApiError
 from moeray.platform.settings import ServeSettings, SettingsError
+from moeray.storage import StorageError
 
 
 def _serve(opts: argparse.Namespace) -> int:
@@ -66,12 +75,95 @@ def _jobs_run(opts: argparse.Namespace) -> int:
     spec = JobSpec.from_yaml(opts.spec)
     data = prepare(spec)  # every data, model and storage error surfaces here, before any worker starts
     if not ray.is_initialized():
-        ray.init(address=opts.address or "local", include_dashboard=False)
+        # Under the Ray Jobs API RAY_ADDRESS names the cluster the job was submitted to.
+        address = opts.address or os.environ.get("RAY_ADDRESS") or "local"
+        ray.init(address=address, **({"include_dashboard": False} if address == "local" else {}))
     result = run(spec, data)
     with result.checkpoint.as_directory() as folder:
         out = export(spec, folder)
     print(f"moeray: job {spec.name} finished at step {result.metrics.get('step')}; output in {out}", flush=True)
     return 0
+
+
+def _jobs_submit(opts: argparse.Namespace) -> int:
+    if opts.k8s:
+        from moeray.platform import kube
+
+        options = {"image": opts.image} if opts.image else {}
+        name = kube.submit(opts.spec, opts.namespace, **options)
+        print(f"moeray: created RayJob {opts.namespace}/{name}; follow it with: moeray jobs logs {name} --k8s "
+              f"--namespace {opts.namespace} --follow", flush=True)
+        return 0
+    from moeray.platform import ray_jobs
+
+    submission_id = ray_jobs.submit(opts.spec, opts.address)
+    print(f"moeray: submitted {submission_id} to {ray_jobs.resolve_address(opts.address)}; follow it with: "
+          f"moeray jobs logs {submission_id} --follow", flush=True)
+    return 0
+
+
+def _jobs_status(opts: argparse.Namespace) -> int:
+    if opts.k8s:
+        from moeray.platform import kube
+
+        info = kube.status(opts.id, opts.namespace)
+        print(f"{info.name}: job {info.job_status or 'PENDING'}, deployment {info.deployment_status or '-'}"
+              f"{'; ' + info.message if info.message else ''}")
+        return 0
+    from moeray.platform import ray_jobs
+
+    info = ray_jobs.status(opts.id, opts.address)
+    print(f"{info.submission_id}: {info.status}{'; ' + info.message if info.message else ''}")
+    return 0
+
+
+def _jobs_logs(opts: argparse.Namespace) -> int:
+    if opts.k8s:
+        from moeray.platform import kube
+
+        chunks = kube.logs(opts.id, opts.namespace, follow=opts.follow)
+    else:
+        from moeray.platform import ray_jobs
+
+        chunks = ray_jobs.logs(opts.id, opts.address, follow=opts.follow)
+    for chunk in chunks:
+        sys.stdout.write(chunk if chunk.endswith("\n") or opts.follow else chunk + "\n")
+        sys.stdout.flush()
+    return 0
+
+
+def _jobs_stop(opts: argparse.Namespace) -> int:
+    if opts.k8s:
+        from moeray.platform import kube
+
+        kube.stop(opts.id, opts.namespace)
+        print(f"moeray: deleted RayJob {opts.namespace}/{opts.id}")
+        return 0
+    from moeray.platform import ray_jobs
+
+    stopped = ray_jobs.stop(opts.id, opts.address)
+    print(f"moeray: {'stopping' if stopped else 'already ended:'} {opts.id}")
+    return 0
+
+
+def _jobs_list(opts: argparse.Namespace) -> int:
+    if opts.k8s:
+        from moeray.platform import kube
+
+        for info in kube.list_jobs(opts.namespace):
+            print(f"{info.name:<40} {info.job_status or 'PENDING':<10} {info.deployment_status:<14} {info.start_time}")
+        return 0
+    from moeray.platform import ray_jobs
+
+    for info in ray_jobs.list_jobs(opts.address):
+        print(info.line())
+    return 0
+
+
+def _add_cluster_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--address", help="Ray dashboard URL (default: $RAY_ADDRESS or http://127.0.0.1:8265)")
+    command.add_argument("--k8s", action="store_true", help="use KubeRay RayJobs on the current Kubernetes context")
+    command.add_argument("--namespace", default="default", help="Kubernetes namespace (with --k8s)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,6 +187,22 @@ def main(argv: list[str] | None = None) -> int:
     jobs_run.add_argument("spec", help="job spec YAML")
     jobs_run.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     jobs_run.set_defaults(run=_jobs_run)
+    jobs_submit = jobs.add_parser("submit", help="validate a job spec and submit it to a cluster")
+    jobs_submit.add_argument("spec", help="job spec YAML")
+    jobs_submit.add_argument("--image", help="container image of the RayJob's pods (with --k8s)")
+    _add_cluster_options(jobs_submit)
+    jobs_submit.set_defaults(run=_jobs_submit)
+    for verb, handler, what in (("status", _jobs_status, "a job's state"), ("stop", _jobs_stop, "stop a job"),
+                                ("logs", _jobs_logs, "a job's output")):
+        command = jobs.add_parser(verb, help=what)
+        command.add_argument("id", help="submission id (Ray) or RayJob name (--k8s)")
+        if verb == "logs":
+            command.add_argument("--follow", "-f", action="store_true", help="stream until the job ends")
+        _add_cluster_options(command)
+        command.set_defaults(run=handler)
+    jobs_list = jobs.add_parser("list", help="the cluster's jobs")
+    _add_cluster_options(jobs_list)
+    jobs_list.set_defaults(run=_jobs_list)
     opts = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -102,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     except (SettingsError, FileNotFoundError, ValueError) as err:
         print(f"moeray: {err}", file=sys.stderr)
         return 2
+    except (JobsApiError, KubeError, StorageError) as err:  # the cluster or the storage said no
+        print(f"moeray: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
