@@ -35,6 +35,7 @@ def dot_dtype(dtype: torch.dtype) -> tl.dtype:
     return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """float32 inputs multiply in full precision, as torch does by default (no TF32)."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+def dot_precision(dtype: torch.dtype) -> str | None:
+    """float32 inputs multiply in full precision, as torch does by default (no TF32); other
+    dtypes take the backend's default (None), which every backend accepts."""
+    return "ieee" if dtype == torch.float32 else None

@@ -39,7 +39,7 @@ def _split_attention_kernel(
         num_heads, latent_dim, rope_dim, tokens_per_split, scale_log2,
         PAGE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_DR: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-    seq = tl.program_id(0)
+    seq = tl.program_id(0).to(tl.int64)  # B * H * splits * r may pass 2^31
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
@@ -94,7 +94,7 @@ def _combine_splits_kernel(
         partial_out_ptr, stride_pob, stride_poh, stride_pos, partial_lse_ptr, stride_plb, stride_plh,
         out_ptr, stride_ob, stride_oh, num_splits, latent_dim,
         BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr):
-    seq, head = tl.program_id(0), tl.program_id(1)
+    seq, head = tl.program_id(0).to(tl.int64), tl.program_id(1)
     splits = tl.arange(0, BLOCK_S)
     lse = tl.load(partial_lse_ptr + seq * stride_plb + head * stride_plh + splits,
                   mask=splits < num_splits, other=float("-inf"))  # [BS]
