@@ -156,3 +156,32 @@ def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
                              min_new_tokens=max_new_tokens, do_sample=False)
     return out[0, len(prompt_ids):].tolist()
 API_KEY = "sk-test-moeray"
+
+
+LORA_TARGETS = ["q_b_proj", "kv_b_proj", "o_proj", "down_proj"]
+
+
+def write_random_adapter(model_folder: Path, out: Path, seed: int = 0, rank: int = 4):
+    """A PEFT adapter for the model in `model_folder` whose weights are random (as if trained,
+    so it changes the output; kv_b_proj is among its targets). Returns the in-memory base model
+    with the adapter applied, unmerged: the reference the served adapter must equal."""
+    import moeray.model
+    from moeray.jobs.lora import apply_lora, lora_modules, save_adapter
+
+    model = moeray.model.load(model_folder)
+    apply_lora(model, LORA_TARGETS, rank=rank, alpha=2 * rank, seed=seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for module in lora_modules(model).values():
+            module.lora_B.weight.normal_(0, 0.5, generator=generator)
+    save_adapter(model, out, str(model_folder), rank, 2 * rank, 0.0, LORA_TARGETS)
+    return model.eval()
+
+
+def moeray_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy decoding by full forward passes over the whole sequence (no cache): the reference."""
+    ids = list(prompt_ids)
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt_ids):]

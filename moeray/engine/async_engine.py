@@ -42,16 +42,17 @@ class AsyncEngine:
         self._thread.start()
 
     # ---- caller side (any event loop) --------------------------------------------------------
-    async def generate(self, prompt: str | list[int], params: SamplingParams,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+    async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
+                       adapter: str | None = None) -> AsyncIterator[RequestOutput]:
         """Validate now, then stream deltas. (Call, then iterate: validation errors raise here.)"""
         if self._stopped:
             raise EngineDeadError("the engine has stopped")
         request_id = request_id or f"req-{next(self._ids)}"
+        self.engine.check_adapter(adapter)
         prompt_ids, _ = self.engine.validate(prompt, params)
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
-        self._send(("add", request_id, prompt_ids, params))
+        self._send(("add", request_id, prompt_ids, params, adapter))
         return self._iterate(request_id, stream)
 
     async def _iterate(self, request_id: str, stream: asyncio.Queue) -> AsyncIterator[RequestOutput]:
@@ -109,9 +110,9 @@ class AsyncEngine:
             if command[0] == "abort":
                 self.engine.abort(command[1])
             else:
-                _, request_id, prompt_ids, params = command
+                _, request_id, prompt_ids, params, adapter = command
                 try:
-                    self.engine.add_request(request_id, prompt_ids, params)
+                    self.engine.add_request(request_id, prompt_ids, params, adapter)
                 except Exception as err:  # validated already; a race (duplicate id) ends up here
                     self._deliver(request_id, err)
 

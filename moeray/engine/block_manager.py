@@ -50,8 +50,10 @@ class CacheUsage:
         return self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0
 
 
-def chain_hash(parent_hash: int | None, token_ids: tuple[int, ...]) -> int:
-    """Hash of a full block given everything before it (the parent block's hash)."""
+def chain_hash(parent_hash: int | str | None, token_ids: tuple[int, ...]) -> int:
+    """Hash of a full block given everything before it: the parent block's hash, or for the
+    first block the sequence's adapter name (None for the base model), since the same tokens
+    under another adapter have another latent."""
     return hash((parent_hash, token_ids))
 
 
@@ -110,7 +112,7 @@ class BlockManager:
         # Leave at least one token to compute: its logits are what the next step samples from.
         max_blocks = (seq.num_tokens - 1) // self.block_size
         self._prefix_queries += seq.num_tokens
-        parent = None
+        parent = seq.adapter
         for i in range(max_blocks):
             tokens = tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
             content_hash = chain_hash(parent, tokens)
@@ -141,7 +143,7 @@ class BlockManager:
         num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
         for i in range(len(seq.block_hashes), num_full):
             tokens = tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
-            parent = seq.block_hashes[-1] if seq.block_hashes else None
+            parent = seq.block_hashes[-1] if seq.block_hashes else seq.adapter
             content_hash = chain_hash(parent, tokens)
             seq.block_hashes.append(content_hash)
             block = self.blocks[seq.block_table[i]]

@@ -67,8 +67,9 @@ def _sequence_generator(seed: int | None, index: int) -> torch.Generator | None:
 
 class Engine:
     def __init__(self, model: DeepseekForCausalLM, tokenizer: Tokenizer, config: EngineConfig = EngineConfig(),
-                 experts: ExpertBackend | None = None):
+                 experts: ExpertBackend | None = None, adapters: dict[str, DeepseekForCausalLM] | None = None):
         self.model, self.tokenizer = model, tokenizer
+        self.adapters = dict(adapters or {})
         self.args = model.args
         self.config = config.resolve(self.args)
         self.block_manager = BlockManager(self.config.num_cache_blocks, self.config.block_size,
@@ -77,7 +78,7 @@ class Engine:
                                                    self.config.enable_chunked_prefill), self.block_manager)
         self.cache = LatentCache(self.args, self.config.num_cache_blocks, self.config.block_size,
                                  self.config.torch_dtype, self.config.device)
-        self.runner = ModelRunner(model, self.cache, experts, self.config.overlap_microbatches)
+        self.runner = ModelRunner(model, self.cache, experts, self.config.overlap_microbatches, self.adapters)
         self.sampler = Sampler(self.config.seed)
         self.requests: dict[str, _Request] = {}
         self._generators: dict[int, torch.Generator | None] = {}
@@ -123,14 +124,22 @@ class Engine:
                 raise InvalidRequestError(f"stop_token_ids holds {token}, not a token id", "stop_token_ids")
         return prompt_ids, max_output
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
+    def check_adapter(self, adapter: str | None) -> None:
+        if adapter is not None and adapter not in self.adapters:
+            raise InvalidRequestError(f"no adapter named {adapter!r}; this engine has "
+                                      f"{sorted(self.adapters) or 'none'}", "model")
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                    adapter: str | None = None) -> None:
+        """Queue a request; `adapter` names one of the engine's LoRA adapters (None: the base model)."""
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
+        self.check_adapter(adapter)
         prompt_ids, max_output = self.validate(prompt, params)
         outputs = [SequenceOutput.create(i, params, self.tokenizer, prompt_ids, max_output) for i in range(params.n)]
         request = _Request(request_id, prompt_ids, params, outputs)
         seq = Sequence(request_id, 0, list(prompt_ids), len(prompt_ids), params, next(self._arrivals),
-                       fork_pending=params.n - 1)
+                       fork_pending=params.n - 1, adapter=adapter)
         request.seqs[0] = seq
         self._generators[seq.seq_id] = _sequence_generator(params.seed, 0)
         self.requests[request_id] = request
@@ -209,7 +218,7 @@ class Engine:
         siblings = []
         for index in range(1, parent.fork_pending + 1):
             child = Sequence(parent.request_id, index, list(parent.token_ids), parent.num_prompt_tokens,
-                             parent.params, parent.arrival)
+                             parent.params, parent.arrival, adapter=parent.adapter)
             self._generators[child.seq_id] = _sequence_generator(parent.params.seed, index)
             request.seqs[index] = child
             siblings.append(child)

@@ -6,6 +6,8 @@ block tables, runs every layer once over all T tokens (so each MoE layer routes 
 at once, through the given expert backend), and returns logits [N, V] (float32) for the N
 chunks that reach the end of their sequence, in chunk order. With remote experts that can be
 submitted asynchronously, the step runs as two micro-batches so attention overlaps expert work.
+Sequences served by LoRA adapters run through their adapter's model (which shares all other
+weights and the latent cache with the base model), one forward per adapter present in the step.
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ from moeray.model.transformer import DeepseekForCausalLM
 
 class ModelRunner:
     def __init__(self, model: DeepseekForCausalLM, cache: LatentCache, experts: ExpertBackend | None = None,
-                 overlap_microbatches: bool = True):
+                 overlap_microbatches: bool = True, adapters: dict[str, DeepseekForCausalLM] | None = None):
         self.model, self.cache, self.experts = model, cache, experts
         self.overlap_microbatches = overlap_microbatches
-        kernels.prepare_for_decode(model)
+        self.models: dict[str | None, DeepseekForCausalLM] = {None: model, **(adapters or {})}
+        for variant in self.models.values():
+            kernels.prepare_for_decode(variant)
         self.device = next(model.parameters()).device
 
     def _slots(self, block_table: list[int], start: int, end: int) -> list[int]:
@@ -73,13 +77,30 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk], block_copies: list[tuple[int, int]] = ()) -> torch.Tensor:
         self.cache.copy_blocks(list(block_copies))
-        if self.overlaps and len(chunks) >= 2:
-            return self._execute_overlapped(chunks)
-        token_ids, positions, meta, logit_rows = self.prepare(chunks)
-        hidden = self.model.forward_tokens(token_ids, positions, StepAttention(self.cache, meta), self.experts)
-        return self.model.logits(hidden[logit_rows]).float()
+        adapters = {chunk.seq.adapter for chunk in chunks}
+        if len(adapters) == 1:
+            return self._execute(self.models[adapters.pop()], chunks)
+        # One forward per adapter (each keeps decodes before prefills), then the logits back in
+        # the order of the sampling chunks.
+        sampling_order = [chunk for chunk in chunks if chunk.samples]
+        rows: dict[int, torch.Tensor] = {}
+        for adapter in adapters:
+            group = [chunk for chunk in chunks if chunk.seq.adapter == adapter]
+            logits = self._execute(self.models[adapter], group)
+            for chunk, row in zip([c for c in group if c.samples], logits, strict=True):
+                rows[id(chunk)] = row
+        if not sampling_order:
+            return torch.empty(0, self.model.args.vocab_size, device=self.device)
+        return torch.stack([rows[id(chunk)] for chunk in sampling_order])
 
-    def _execute_overlapped(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+    def _execute(self, model: DeepseekForCausalLM, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        if self.overlaps and len(chunks) >= 2:
+            return self._execute_overlapped(model, chunks)
+        token_ids, positions, meta, logit_rows = self.prepare(chunks)
+        hidden = model.forward_tokens(token_ids, positions, StepAttention(self.cache, meta), self.experts)
+        return model.logits(hidden[logit_rows]).float()
+
+    def _execute_overlapped(self, model: DeepseekForCausalLM, chunks: list[ScheduledChunk]) -> torch.Tensor:
         # Split at the chunk closest to half the tokens; each half keeps decodes before prefills.
         total, running, split = sum(c.num_tokens for c in chunks), 0, 1
         for i, chunk in enumerate(chunks[:-1]):
@@ -88,8 +109,8 @@ class ModelRunner:
             if running * 2 >= total:
                 break
         halves = [self.prepare(chunks[:split]), self.prepare(chunks[split:])]
-        hidden = self.model.forward_microbatches(
+        hidden = model.forward_microbatches(
             [(tokens, positions, StepAttention(self.cache, meta)) for tokens, positions, meta, _ in halves],
             self.experts)
         rows = [h[logit_rows] for h, (_, _, _, logit_rows) in zip(hidden, halves)]
-        return self.model.logits(torch.cat(rows)).float()
+        return model.logits(torch.cat(rows)).float()

@@ -42,6 +42,7 @@ class Sequence:
     fork_pending: int = 0  # siblings to fork off once the prompt is computed (n > 1)
     finish_reason: str | None = None
     num_preemptions: int = 0
+    adapter: str | None = None  # the LoRA adapter that serves this sequence; None: the base model
 
     @property
     def num_tokens(self) -> int:

@@ -20,10 +20,14 @@ Contract:
   failed load leaves the model as it was.
 - `merge_lora(model)` folds every adapter into its base weight (W += alpha / r * B @ A) and puts
   the plain `Linear` back, so `save_checkpoint` writes an ordinary Hugging Face checkpoint.
+- `merged_variant(model, folder)` serves an adapter beside its base model: a second model that
+  shares every tensor with `model` except the adapter's target weights, which it holds merged.
+  Memory per adapter is those weights only; `model` itself is not changed.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -234,3 +238,23 @@ def _unwrap(model: nn.Module) -> None:
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def merged_variant(model: nn.Module, folder: str | Path) -> nn.Module:
+    """`model` with the adapter in `folder` merged, sharing all tensors the adapter leaves alone."""
+    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    for module in model.modules():  # derived tensors some layers cache as plain attributes
+        shared.update({id(v): v for v in vars(module).values() if isinstance(v, torch.Tensor)})
+    variant = copy.deepcopy(model, memo=dict(shared))
+    requires_grad = {id(p): p.requires_grad for p in model.parameters()}
+    try:
+        load_adapter(variant, folder)
+        with torch.no_grad():
+            for module in lora_modules(variant).values():  # own copies of the weights merged into
+                base = module.base_layer
+                base.weight = nn.Parameter(base.weight.detach().clone(), requires_grad=False)
+        merge_lora(variant)
+    finally:
+        for param in model.parameters():  # apply_lora froze the shared parameters: undo that
+            param.requires_grad_(requires_grad[id(param)])
+    return variant

@@ -5,7 +5,7 @@
     moeray jobs status|stop ID [--address URL | --k8s [--namespace NS]]
     moeray jobs logs ID [--follow] [--address URL | --k8s [--namespace NS]]
     moeray jobs list [--address URL | --k8s [--namespace NS]]
-    moeray serve [MODEL] [--host H] [--port P] [--config FILE] [--api-key KEY ...]
+    moeray serve [MODEL] [--host H] [--port P] [--config FILE] [--api-key KEY ...] [--lora NAME=URI ...]
                  [--expert-shards N] [--redundant-experts K] [--transport ray|collective]
 
 Settings resolve as `ServeSettings.load` describes: defaults < --config YAML < MOERAY_* env < flags.
@@ -28,9 +28,22 @@ from moeray.platform.settings import ServeSettings, SettingsError
 from moeray.storage import StorageError
 
 
+def _lora_flags(values: list[str] | None) -> dict[str, str] | None:
+    """--lora NAME=URI flags as the `lora_adapters` setting."""
+    if not values:
+        return None
+    adapters = {}
+    for value in values:
+        name, sep, uri = value.partition("=")
+        if not sep or not name or not uri:
+            raise SettingsError(f"--lora {value!r}: expected NAME=PATH_OR_S3_URI")
+        adapters[name] = uri
+    return adapters
+
+
 def _serve(opts: argparse.Namespace) -> int:
     overrides = {"model": opts.model, "host": opts.host, "port": opts.port, "served_model_name": opts.served_model_name,
-                 "api_keys": opts.api_key or None}
+                 "api_keys": opts.api_key or None, "lora_adapters": _lora_flags(opts.lora)}
     if opts.max_replicas is not None:
         overrides["autoscaling"] = {"max_replicas": opts.max_replicas}
     expert_parallel = {"shards": opts.expert_shards, "redundant_experts": opts.redundant_experts,
@@ -176,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     serve_cmd.add_argument("--config", help="settings YAML file")
     serve_cmd.add_argument("--api-key", action="append", help="accepted API key (repeatable)")
     serve_cmd.add_argument("--served-model-name")
+    serve_cmd.add_argument("--lora", action="append", metavar="NAME=URI",
+                           help="serve a PEFT LoRA adapter (folder or s3:// URI) as model NAME (repeatable)")
     serve_cmd.add_argument("--max-replicas", type=int, help="autoscale the model deployment up to this many")
     serve_cmd.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     serve_cmd.add_argument("--expert-shards", type=int, help="routed experts in this many ExpertShard actors")

@@ -135,6 +135,7 @@ def build_openai_app(client: ModelClient, settings: ServeSettings, metrics: Serv
     app = FastAPI(title="moeray", description="OpenAI-compatible API for DeepSeek-V3-class MoE models")
     metrics = metrics or ServingMetrics()
     model_name = settings.model_name
+    adapters = sorted(settings.lora_adapters)
     keys = [k.encode() for k in settings.api_key_values()]
 
     @app.exception_handler(OpenAIError)
@@ -165,10 +166,15 @@ def build_openai_app(client: ModelClient, settings: ServeSettings, metrics: Serv
             if problem["type"] == "json_invalid":
                 raise OpenAIError(400, f"request body is not valid JSON: {problem['msg']}") from None
             raise OpenAIError(400, f"{param}: {problem['msg']}" if param else problem["msg"], param=param) from None
-        if body.model != model_name:
-            raise OpenAIError(404, f"the model '{body.model}' does not exist; this server serves '{model_name}'",
+        if body.model != model_name and body.model not in adapters:
+            served = ", ".join(f"'{name}'" for name in (model_name, *adapters))
+            raise OpenAIError(404, f"the model '{body.model}' does not exist; this server serves {served}",
                               param="model", code="model_not_found")
         return body
+
+    def adapter_of(body) -> str | None:
+        """The LoRA adapter a request's `model` selects (None: the base model)."""
+        return body.model if body.model in adapters else None
 
     async def start(requests: list[GenerateRequest]) -> tuple[list[AsyncIterator[GenerateChunk]], list[GenerateChunk]]:
         """Open every stream and take its first chunk: validation errors surface here, as 4xx."""
@@ -197,13 +203,14 @@ def build_openai_app(client: ModelClient, settings: ServeSettings, metrics: Serv
         params = sampling(body)
         request_id = new_id("chatcmpl")
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
-        timer = RequestTimer(metrics, model_name)
-        streams, firsts = await start([GenerateRequest(request_id, params, messages=messages)])
+        timer = RequestTimer(metrics, body.model)
+        streams, firsts = await start([GenerateRequest(request_id, params, messages=messages,
+                                                       adapter=adapter_of(body))])
         stream, prompt_tokens = streams[0], firsts[0].num_prompt_tokens
         created = now()
 
         def chunk(choices, usage_value=None):
-            payload = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model_name,
+            payload = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": body.model,
                        "choices": choices}
             if body.include_usage:
                 payload["usage"] = usage_value
@@ -256,7 +263,7 @@ def build_openai_app(client: ModelClient, settings: ServeSettings, metrics: Serv
         finally:
             await stream.aclose()
         timer.finish(prompt_tokens, "ok")
-        return {"id": request_id, "object": "chat.completion", "created": created, "model": model_name,
+        return {"id": request_id, "object": "chat.completion", "created": created, "model": body.model,
                 "choices": [{"index": i, "message": {"role": "assistant", "content": c.text},
                              "logprobs": {"content": c.logprobs} if c.logprobs is not None else None,
                              "finish_reason": c.finish_reason} for i, c in enumerate(choices)],
@@ -271,14 +278,14 @@ def build_openai_app(client: ModelClient, settings: ServeSettings, metrics: Serv
         if not prompts:
             raise OpenAIError(400, "prompt must not be empty", param="prompt")
         request_id = new_id("cmpl")
-        timer = RequestTimer(metrics, model_name)
-        streams, firsts = await start([GenerateRequest(f"{request_id}-{i}", params, prompt=p)
+        timer = RequestTimer(metrics, body.model)
+        streams, firsts = await start([GenerateRequest(f"{request_id}-{i}", params, prompt=p, adapter=adapter_of(body))
                                        for i, p in enumerate(prompts)])
         prompt_tokens = sum(f.num_prompt_tokens for f in firsts)
         created, n = now(), params.n
 
         def payload(choices, usage_value=None, streaming=True):
-            out = {"id": request_id, "object": "text_completion", "created": created, "model": model_name,
+            out = {"id": request_id, "object": "text_completion", "created": created, "model": body.model,
                    "choices": choices}
             if not streaming or body.include_usage:
                 out["usage"] = usage_value
@@ -336,8 +343,9 @@ def build_openai_app(client: ModelClient, settings: ServeSettings, metrics: Serv
     @app.get("/v1/models")
     async def models(request: Request):
         authorize(request)
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
-                                            "owned_by": "moeray"}]}
+        base = {"id": model_name, "object": "model", "created": 0, "owned_by": "moeray"}
+        return {"object": "list", "data": [base, *({"id": name, "object": "model", "created": 0, "owned_by": "moeray",
+                                                    "parent": model_name} for name in adapters)]}
 
     @app.get("/health")
     async def health():

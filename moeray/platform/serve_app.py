@@ -24,6 +24,7 @@ from moeray.platform.settings import ServeSettings
 def load_replica_service(settings: ServeSettings) -> ReplicaService:
     from moeray.engine import Engine
     from moeray.engine.llm import check_tokenizer_matches
+    from moeray.jobs.lora import merged_variant
     from moeray.model import load
     from moeray.model.tokenizer import Tokenizer
     from moeray.platform.default_model import resolve_model
@@ -48,7 +49,8 @@ def load_replica_service(settings: ServeSettings) -> ReplicaService:
     # Weights stream from the checkpoint's location; only the small tokenizer files are copied here.
     tokenizer = Tokenizer.from_pretrained(local_copy(str(folder), skip_suffixes=(".safetensors",)))
     check_tokenizer_matches(tokenizer, model.args, str(folder))
-    return ReplicaService(Engine(model, tokenizer, engine_config, experts))
+    adapters = {name: merged_variant(model, local_copy(uri)) for name, uri in settings.lora_adapters.items()}
+    return ReplicaService(Engine(model, tokenizer, engine_config, experts, adapters))
 
 
 @serve.deployment

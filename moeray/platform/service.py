@@ -25,6 +25,7 @@ class GenerateRequest:
     params: SamplingParams
     prompt: str | list[int] | None = None
     messages: list[dict[str, Any]] | None = None  # chat: the replica applies the template
+    adapter: str | None = None  # a LoRA adapter served beside the base model (the request's `model`)
 
 
 @dataclass
@@ -80,7 +81,7 @@ class ReplicaService:
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         prompt = self._prompt_ids(request)
         try:
-            stream = await self.async_engine.generate(prompt, request.params, request.request_id)
+            stream = await self.async_engine.generate(prompt, request.params, request.request_id, request.adapter)
         except InvalidRequestError as err:
             if request.messages is not None and err.param == "prompt":
                 err.param = "messages"

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from moeray.engine.config import EngineConfig
 
@@ -91,6 +91,9 @@ class ServeSettings(_Strict):
 
     model: str | None = Field(None, description="Hugging Face checkpoint folder or s3:// URI; empty: the embedded default model.")
     served_model_name: str | None = Field(None, description="Model name clients send; default: the folder name.")
+    lora_adapters: dict[str, str] = Field(default_factory=dict, description="LoRA adapters served beside the "
+                                          "base model: name -> PEFT adapter folder or s3:// URI. A request selects "
+                                          "one by sending its name as `model`.")
     host: str = Field("127.0.0.1", description="HTTP listen address.")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
     api_keys: list[SecretStr] = Field(default_factory=list, description="Accepted bearer keys; empty: no auth.")
@@ -106,6 +109,12 @@ class ServeSettings(_Strict):
                                      "get 503 with Retry-After.")
     retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with 503 when the queue is full.")
     app_name: str = Field("moeray", description="Ray Serve application name.")
+
+    @model_validator(mode="after")
+    def _adapter_names_are_distinct(self) -> ServeSettings:
+        if self.model_name in self.lora_adapters:
+            raise ValueError(f"lora_adapters: the adapter name '{self.model_name}' is the base model's name")
+        return self
 
     @property
     def model_name(self) -> str:

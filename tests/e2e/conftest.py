@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from support import write_hf_model_folder
+from support import write_hf_model_folder, write_random_adapter
 
 from support import API_KEY  # noqa: F401 (re-exported for tests)
 
@@ -51,8 +51,16 @@ def deploy(settings: dict, route_prefix: str, port: int, name: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def served(serve_port, model_folder):
-    """The main app: the tiny transformers checkpoint, API keys on."""
+def lora_adapter(model_folder, tmp_path_factory):
+    """(adapter folder, the in-memory base model with that adapter applied, unmerged)."""
+    folder = tmp_path_factory.mktemp("served-adapter")
+    return folder, write_random_adapter(model_folder, folder, seed=8)
+
+
+@pytest.fixture(scope="session")
+def served(serve_port, model_folder, lora_adapter):
+    """The main app: the tiny transformers checkpoint, API keys on, one LoRA adapter beside it."""
     settings = {"model": str(model_folder), "served_model_name": "tiny-moe", "api_keys": [API_KEY],
+                "lora_adapters": {"tiny-moe-lora": str(lora_adapter[0])},
                 "engine": {"max_model_len": 256, "block_size": 4, "num_cache_blocks": 2048}}
     return deploy(settings, "/", serve_port, "main")

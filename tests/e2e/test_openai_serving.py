@@ -7,11 +7,12 @@ import httpx
 import openai
 import pytest
 
-from support import API_KEY
+from support import API_KEY, moeray_greedy
 from moeray import LLM, SamplingParams
 
 pytestmark = pytest.mark.slow
 MODEL = "tiny-moe"
+ADAPTER = "tiny-moe-lora"
 
 
 def metric(text: str, name: str) -> float:
@@ -31,7 +32,25 @@ def offline(model_folder):
 
 
 def test_list_models(client):
-    assert [m.id for m in client.models.list()] == [MODEL]
+    assert [m.id for m in client.models.list()] == [MODEL, ADAPTER]
+
+
+def test_lora_adapter_is_selected_by_model_and_equals_the_in_memory_model(client, lora_adapter, model_folder):
+    from moeray.model.tokenizer import Tokenizer
+
+    prompt = [5, 9, 17, 33, 2, 8, 8, 40, 41]
+    greedy = {"max_tokens": 8, "temperature": 0, "extra_body": {"ignore_eos": True}}
+    tuned = client.completions.create(model=ADAPTER, prompt=prompt, **greedy)
+    assert tuned.model == ADAPTER
+    expected = moeray_greedy(lora_adapter[1], prompt, 8)  # the unmerged adapter, full forward passes
+    assert tuned.choices[0].text == Tokenizer.from_pretrained(model_folder).decode(expected)
+    base = client.completions.create(model=MODEL, prompt=prompt, **greedy)
+    assert base.choices[0].text != tuned.choices[0].text  # the adapter really changes the output
+
+    stream = client.chat.completions.create(model=ADAPTER, messages=[{"role": "user", "content": "hi"}],
+                                            stream=True, **greedy)
+    chunks = list(stream)
+    assert chunks and all(chunk.model == ADAPTER for chunk in chunks)
 
 
 def test_chat_greedy_equals_offline_engine(client, offline):

@@ -47,3 +47,14 @@ def test_invalid_yaml_names_line(tmp_path):
 def test_missing_file():
     with pytest.raises(SettingsError, match="cannot read settings file"):
         ServeSettings.load("/nonexistent/serve.yaml", environ={})
+
+
+def test_lora_flags_and_adapter_names(capsys):
+    from moeray.platform.cli import main
+
+    assert main(["serve", "--lora", "no-equals-sign"]) == 2
+    assert "--lora 'no-equals-sign': expected NAME=PATH_OR_S3_URI" in capsys.readouterr().err
+    with pytest.raises(Exception, match="adapter name 'tiny' is the base model's name"):
+        ServeSettings(served_model_name="tiny", lora_adapters={"tiny": "/adapters/a"})
+    settings = ServeSettings.load(None, {"lora_adapters": {"sql": "s3://bucket/adapters/sql"}})
+    assert settings.lora_adapters == {"sql": "s3://bucket/adapters/sql"}
