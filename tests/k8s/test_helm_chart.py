@@ -8,8 +8,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import (CHART, KUBERNETES_VERSION, RenderError, validate_core_object, validate_crd_object,
-                      validate_service_monitor)
+from conftest import (
+    CHART,
+    KUBERNETES_VERSION,
+    RenderError,
+    validate_core_object,
+    validate_crd_object,
+    validate_service_monitor,
+)
 
 from moeray.platform import kube
 from moeray.platform.settings import ServeSettings
@@ -29,7 +35,7 @@ def test_helm_lint(helm, values_file):
     command = [str(helm), "lint", str(CHART), "--strict", "--kube-version", KUBERNETES_VERSION]
     if values_file:
         command += ["--values", str(values_file)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -112,6 +118,7 @@ def test_gpu_expert_shards(render):
     assert (settings.autoscaling.min_replicas, settings.autoscaling.max_replicas,
             settings.autoscaling.target_ongoing_requests) == (1, 4, 16)
     assert settings.engine.device == "cuda" and settings.engine.max_model_len == 8192
+    assert settings.lora_adapters == {"support-bot": "s3://adapters/support-bot"}
     groups = {g["groupName"]: g for g in rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
     assert set(groups) == {"replicas", "expert-shards"}
     shard_pod = groups["expert-shards"]["template"]["spec"]
@@ -174,7 +181,7 @@ def test_schema_rejects_bad_values_naming_the_key(render, helm, values_file, nam
         render(BAD_VALUES / values_file)
     assert named_key in str(refused.value)
     lint = subprocess.run([str(helm), "lint", str(CHART), "--values", str(BAD_VALUES / values_file)],
-                          capture_output=True, text=True, timeout=60)
+                          check=False, capture_output=True, text=True, timeout=60)
     assert lint.returncode != 0 and named_key in lint.stdout + lint.stderr
 
 
