@@ -109,7 +109,9 @@ class OpenAIIngress:
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
-    settings = ServeSettings.model_validate(args)
+    # MOERAY_* environment variables fill in what `args` leaves out: on Kubernetes the API keys
+    # come from a Secret as MOERAY_API_KEYS, never through serveConfigV2.
+    settings = ServeSettings.load(overrides=args)
     config = settings.model_dump(mode="json")
     config["api_keys"] = settings.api_key_values()
     resources = {"num_cpus": settings.replica_cpus, "num_gpus": settings.replica_gpus}

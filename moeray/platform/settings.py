@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, m
 from moeray.engine.config import EngineConfig
 
 ENV_PREFIX = "MOERAY_"
+# MOERAY_* variables that belong to other parts of moeray, not to the Serve settings.
+NOT_SETTINGS = frozenset({"MOERAY_CACHE_DIR", "MOERAY_DISABLE_CPU_KERNELS", "MOERAY_KERNELS"})
 
 
 class SettingsError(ValueError):
@@ -194,7 +196,7 @@ def _explain(err: ValidationError, config_file, document) -> str:
 def _from_environment(environ: dict[str, str]) -> dict[str, Any]:
     data: dict[str, Any] = {}
     for name, raw in environ.items():
-        if not name.startswith(ENV_PREFIX) or name in ("MOERAY_CACHE_DIR", "MOERAY_DISABLE_CPU_KERNELS"):
+        if not name.startswith(ENV_PREFIX) or name in NOT_SETTINGS:
             continue
         path = name[len(ENV_PREFIX):].lower().split("__")
         if path == ["api_keys"]:

@@ -58,3 +58,10 @@ def test_lora_flags_and_adapter_names(capsys):
         ServeSettings(served_model_name="tiny", lora_adapters={"tiny": "/adapters/a"})
     settings = ServeSettings.load(None, {"lora_adapters": {"sql": "s3://bucket/adapters/sql"}})
     assert settings.lora_adapters == {"sql": "s3://bucket/adapters/sql"}
+
+
+def test_environment_fills_what_serve_args_leave_out():
+    # The chart passes serveConfigV2 args without keys; the keys come from a Secret's env var.
+    environ = {"MOERAY_API_KEYS": "k1, k2", "MOERAY_KERNELS": "torch", "MOERAY_CACHE_DIR": "/tmp/x"}
+    settings = ServeSettings.load(overrides={"served_model_name": "m"}, environ=environ)
+    assert settings.api_key_values() == ["k1", "k2"] and settings.served_model_name == "m"
