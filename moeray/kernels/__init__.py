@@ -7,10 +7,13 @@ them); the choice of implementation never changes results beyond float rounding.
   `torch.nn.functional.linear`.
 - `batched_linear(x, weight)`: the same per attention head, [B, M, in] x [B, out, in]^T.
 - `prepare_for_decode(model)`: on CPU, stores short-row Linear weights column-major (same shape and
-  values, other strides), the layout the streaming kernel reads fastest.
-- `fused_expert_pairs(x, token_of_pair, expert_of_pair, weight_of_pair, gate_up, down)`: weighted
-  SwiGLU experts; on CUDA (see `use_triton`) without autograd, the Triton fused MoE; on CPU in
-  float32 for a few pairs, one fused C call; else None (the caller runs the grouped torch path).
+  values, other strides), the layout the streaming kernel reads fastest. `Fp8Linear` layers are
+  left alone (they are not `nn.Linear`, and their FP8 layout is the checkpoint's).
+- `fused_expert_pairs(x, token_of_pair, expert_of_pair, weight_of_pair, gate_up, down, scales)`:
+  weighted SwiGLU experts; on CUDA (see `use_triton`) without autograd, the Triton fused MoE
+  (with `scales`, FP8 experts dequantised in the kernel, for scale blocks whose column count is a
+  multiple of 16); on CPU in float32 for a few pairs, one fused C call; else None (the caller runs
+  the grouped torch path).
 - `paged_latent_decode(...)`: absorbed MLA decode over the paged latent cache; Triton only (the
   engine calls it when `use_triton` holds and otherwise runs its torch path).
 - `fp8_block_linear(x, weight, scale_inv, block)`: x @ W^T with W float8 e4m3 plus block scales;
@@ -32,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from moeray.kernels import cpu
-from moeray.kernels.fp8 import fp8_block_linear_reference
+from moeray.kernels.fp8 import ExpertScales, fp8_block_linear_reference
 
 MAX_DECODE_TOKENS = 4  # beyond this GEMM reuses each weight enough that MKL/oneDNN wins
 MAX_FUSED_PAIRS = 32
@@ -131,13 +134,17 @@ def prepare_for_decode(model: torch.nn.Module) -> None:
 
 
 def fused_expert_pairs(x: torch.Tensor, token_of_pair: torch.Tensor, expert_of_pair: torch.Tensor,
-                       weight_of_pair: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor | None:
+                       weight_of_pair: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+                       scales: ExpertScales | None = None) -> torch.Tensor | None:
     """The fused path over (token, expert, weight) pairs, or None when none applies."""
     if use_triton(x.device) and not _needs_grad(x, gate_up, down):
         from moeray.kernels.triton import fused_moe
 
-        return fused_moe.fused_expert_pairs(x, token_of_pair, expert_of_pair, weight_of_pair, gate_up, down)
-    if (expert_of_pair.numel() > MAX_FUSED_PAIRS or not _cpu_fp32(x, gate_up, down)
+        if scales is None or fused_moe.scale_block_supported(scales.block):
+            return fused_moe.fused_expert_pairs(x, token_of_pair, expert_of_pair, weight_of_pair, gate_up, down,
+                                                scales=scales)
+        return None
+    if (scales is not None or expert_of_pair.numel() > MAX_FUSED_PAIRS or not _cpu_fp32(x, gate_up, down)
             or not (gate_up.is_contiguous() and down.transpose(1, 2).is_contiguous())
             or (torch.is_grad_enabled() and (x.requires_grad or gate_up.requires_grad))):
         return None

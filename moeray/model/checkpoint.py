@@ -7,11 +7,15 @@ Contract:
   `routed_expert(layer, expert)` returns one expert's weights from either the per-expert
   layout (`...experts.E.gate_proj.weight`) or the grouped one (`...experts.gate_up_proj`).
   From s3:// each tensor (or one expert's row of a grouped tensor) is one byte-range request:
-  an expert shard fetches only its own experts, never whole files.
+  an expert shard fetches only its own experts, never whole files. `is_fp8(name)` says whether a
+  tensor is stored float8_e4m3fn (read from the header, no data); `get_fp8(name)` returns it as
+  stored, with its scale.
 - `load_weights(model, reader)` streams tensors one at a time into a model's preallocated
   parameters (never two full copies in memory) and fails on missing, unexpected or wrongly
   shaped tensors, naming the tensor and the file. Layers at index >= num_hidden_layers (the MTP
-  module) are skipped and reported.
+  module) are skipped and reported. An FP8 tensor is dequantised into a full-precision parameter,
+  or copied as it is (with its scale into the `<parameter>_scale_inv` beside it) into a float8
+  one: the model's parameter dtypes decide (see `moeray.model.load(fp8=...)`).
 - `save_checkpoint(model, folder)` writes the Hugging Face layout with per-expert names, which
   transformers and this reader both load.
 """
@@ -78,6 +82,9 @@ class _LocalSafetensors:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._handle.get_slice(name).get_shape())
 
+    def dtype(self, name: str) -> torch.dtype | None:
+        return _SAFETENSORS_DTYPES.get(self._handle.get_slice(name).get_dtype())
+
     def tensor(self, name: str) -> torch.Tensor:
         return self._handle.get_tensor(name)
 
@@ -105,6 +112,9 @@ class _RemoteSafetensors:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.entries[name]["shape"])
+
+    def dtype(self, name: str) -> torch.dtype | None:
+        return _SAFETENSORS_DTYPES.get(self.entries[name]["dtype"])
 
     def _read(self, name: str, begin: int, end: int, shape: tuple[int, ...]) -> torch.Tensor:
         entry = self.entries[name]
@@ -244,19 +254,34 @@ class CheckpointReader:
     def shape(self, name: str) -> tuple[int, ...]:
         return self._handle(self.file_of[name]).shape(name)
 
+    def is_fp8(self, name: str) -> bool:
+        """True when `name` is in the checkpoint as float8_e4m3fn (its header says so; no data read)."""
+        return name in self.file_of and self._handle(self.file_of[name]).dtype(name) == torch.float8_e4m3fn
+
+    def get_fp8(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """An FP8 weight as stored and its block scales: (q float8_e4m3fn, scale_inv float32)."""
+        return self._fp8_pair(name, self._handle(self.file_of[name]).tensor(name))
+
+    def _fp8_pair(self, name: str, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scale_name = name + _SCALE_SUFFIX
+        if scale_name not in self.file_of:
+            raise CheckpointError(f"FP8 tensor {name} in {self.where(name)} has no {scale_name}")
+        scale = self._handle(self.file_of[scale_name]).tensor(scale_name).float()
+        rows, cols = tensor.shape
+        expected = (-(-rows // self.block_size[0]), -(-cols // self.block_size[1]))
+        if tuple(scale.shape) != expected:
+            raise CheckpointError(f"{name} in {self.where(name)}: scale shape {tuple(scale.shape)} does not match "
+                                  f"weight {rows}x{cols} with {self.block_size[0]}x{self.block_size[1]} blocks "
+                                  f"(expected {expected})")
+        return tensor, scale
+
     def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         if name not in self.file_of:
             raise CheckpointError(f"tensor {name} is not in checkpoint {self.uri}")
         tensor = self._handle(self.file_of[name]).tensor(name)
         if tensor.dtype == torch.float8_e4m3fn:
-            scale_name = name + _SCALE_SUFFIX
-            if scale_name not in self.file_of:
-                raise CheckpointError(f"FP8 tensor {name} in {self.where(name)} has no {scale_name}")
-            scale = self._handle(self.file_of[scale_name]).tensor(scale_name)
-            try:
-                return dequantize_fp8_blocks(tensor, scale, self.block_size, dtype or torch.float32)
-            except CheckpointError as err:
-                raise CheckpointError(f"{name} in {self.where(name)}: {err}") from None
+            q, scale = self._fp8_pair(name, tensor)
+            return dequantize_fp8_blocks(q, scale, self.block_size, dtype or torch.float32)
         return tensor if dtype is None else tensor.to(dtype)
 
     def routed_expert(self, layer: int, expert: int, dtype: torch.dtype | None = None):
@@ -278,6 +303,7 @@ class LoadReport:
     loaded: int = 0
     skipped: list[str] = field(default_factory=list)  # e.g. the MTP layer's tensors
     dequantized_fp8: int = 0
+    kept_fp8: int = 0  # FP8 tensors copied as stored into float8 parameters
 
 
 def is_routed_expert(name: str) -> bool:
@@ -304,17 +330,29 @@ def load_weights(model: torch.nn.Module, reader: CheckpointReader, num_layers: i
             continue
         if skip is not None and skip(name):
             continue
-        dest, expert_idx, target_name = _resolve(name, targets)
+        dest, scale_dest, expert_idx, target_name = _resolve(name, targets)
         if dest is None:
             raise CheckpointError(f"unexpected tensor {name} in {reader.where(name)}: the model has no such weight")
         expected = tuple(dest.shape)
         if tuple(reader.shape(name)) != expected:
             raise CheckpointError(f"tensor {name} in {reader.where(name)} has shape {tuple(reader.shape(name))}, "
                                   f"the model expects {expected}")
-        if reader.file_of.get(name + _SCALE_SUFFIX):
-            report.dequantized_fp8 += 1
         with torch.no_grad():
-            dest.copy_(reader.get(name))
+            if dest.dtype == torch.float8_e4m3fn:
+                if not reader.is_fp8(name) or scale_dest is None:
+                    raise CheckpointError(f"tensor {name} in {reader.where(name)} is not FP8 with block scales, "
+                                          f"but the model holds it in FP8")
+                q, scale = reader.get_fp8(name)
+                if tuple(scale.shape) != tuple(scale_dest.shape):
+                    raise CheckpointError(f"{name}{_SCALE_SUFFIX} in {reader.where(name)} has shape "
+                                          f"{tuple(scale.shape)}, the model expects {tuple(scale_dest.shape)}")
+                dest.copy_(q)
+                scale_dest.copy_(scale)
+                report.kept_fp8 += 1
+            else:
+                if reader.file_of.get(name + _SCALE_SUFFIX):
+                    report.dequantized_fp8 += 1
+                dest.copy_(reader.get(name))
         mask = filled.setdefault(target_name, torch.zeros(_coverage_shape(targets[target_name], target_name),
                                                           dtype=torch.bool))
         if expert_idx is None:
@@ -328,6 +366,8 @@ def load_weights(model: torch.nn.Module, reader: CheckpointReader, num_layers: i
         print(file=sys.stderr)
 
     for target_name, tensor in targets.items():
+        if target_name.endswith(_SCALE_SUFFIX):
+            continue  # filled together with its weight, whose coverage is checked
         mask = filled.get(target_name)
         if mask is None or not bool(mask.all()):
             shape = _coverage_shape(tensor, target_name)
@@ -340,24 +380,30 @@ def load_weights(model: torch.nn.Module, reader: CheckpointReader, num_layers: i
 
 
 def _resolve(name: str, targets: dict[str, torch.Tensor]):
-    """Checkpoint name -> (destination view, expert coverage index, model tensor name)."""
+    """Checkpoint name -> (destination view, its scale's destination view or None, expert coverage
+    index, model tensor name). A scale destination exists only for the model's FP8 parameters."""
     if name in targets:
-        return targets[name], None, name
+        return targets[name], targets.get(name + _SCALE_SUFFIX), None, name
     match = _EXPERT_RE.match(name)
     if not match:
-        return None, None, None
+        return None, None, None, None
     prefix, expert, proj = match.group(1), int(match.group(2)), match.group(3)
     if proj == "down_proj":
         target = f"{prefix}.down_proj"
         if target not in targets or expert >= targets[target].shape[0]:
-            return None, None, None
-        return targets[target][expert], (expert, 0), target
+            return None, None, None, None
+        scale = targets.get(target + _SCALE_SUFFIX)
+        return targets[target][expert], None if scale is None else scale[expert], (expert, 0), target
     target = f"{prefix}.gate_up_proj"
     if target not in targets or expert >= targets[target].shape[0]:
-        return None, None, None
+        return None, None, None, None
     half = targets[target].shape[1] // 2
     part = 0 if proj == "gate_proj" else 1
-    return targets[target][expert, part * half:(part + 1) * half], (expert, part), target
+    scale = targets.get(target + _SCALE_SUFFIX)  # [E, 2 * ceil(I / bn), ...]: gate's block rows, then up's
+    if scale is not None:
+        rows = scale.shape[1] // 2
+        scale = scale[expert, part * rows:(part + 1) * rows]
+    return targets[target][expert, part * half:(part + 1) * half], scale, (expert, part), target
 
 
 def _coverage_shape(tensor: torch.Tensor, name: str) -> tuple[int, ...]:
@@ -380,10 +426,20 @@ def _missing_name(target_name: str, mask: torch.Tensor | None, shape: tuple[int,
 
 
 def hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's tensors under Hugging Face names, routed experts split per expert."""
+    """The model's tensors under Hugging Face names, routed experts split per expert (FP8 experts'
+    scales too, as `...experts.E.gate_proj.weight_scale_inv`)."""
     out: dict[str, torch.Tensor] = {}
     for name, tensor in model.state_dict().items():
-        if name.endswith("experts.gate_up_proj"):
+        if name.endswith("experts.gate_up_proj_scale_inv"):  # FP8 experts: gate's block rows, then up's
+            prefix, half = name.rsplit(".", 1)[0], tensor.shape[1] // 2
+            for e in range(tensor.shape[0]):
+                out[f"{prefix}.{e}.gate_proj.weight{_SCALE_SUFFIX}"] = tensor[e, :half]
+                out[f"{prefix}.{e}.up_proj.weight{_SCALE_SUFFIX}"] = tensor[e, half:]
+        elif name.endswith("experts.down_proj_scale_inv"):
+            prefix = name.rsplit(".", 1)[0]
+            for e in range(tensor.shape[0]):
+                out[f"{prefix}.{e}.down_proj.weight{_SCALE_SUFFIX}"] = tensor[e]
+        elif name.endswith("experts.gate_up_proj"):
             prefix, half = name.rsplit(".", 1)[0], tensor.shape[1] // 2
             for e in range(tensor.shape[0]):
                 out[f"{prefix}.{e}.gate_proj.weight"] = tensor[e, :half]
@@ -402,8 +458,11 @@ def save_checkpoint(model: torch.nn.Module, folder: str | Path, args: ModelArgs,
     """Write config.json and safetensors shards (with an index when more than one)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: (v if dtype is None or not v.is_floating_point() else v.to(dtype)).contiguous().cpu()
-               for k, v in hf_state_dict(model).items()}
+    def keep_dtype(name: str, tensor: torch.Tensor) -> bool:  # FP8 weights and their scales stay as they are
+        return (dtype is None or not tensor.is_floating_point() or tensor.dtype == torch.float8_e4m3fn
+                or name.endswith(_SCALE_SUFFIX))
+
+    tensors = {k: (v if keep_dtype(k, v) else v.to(dtype)).contiguous().cpu() for k, v in hf_state_dict(model).items()}
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, tensor in tensors.items():

@@ -9,6 +9,10 @@ Contract:
   one grouped pass: pairs sorted by expert, one matmul per expert that received tokens.
   `down_proj` is stored column-major per expert ([E, I, D] in memory): its rows are short (I), and
   reading it as I rows of D streams better in the decode kernels; GEMMs do not mind.
+  `keep_fp8(block)` switches both to float8_e4m3fn with block scales (`gate_up_proj_scale_inv`,
+  `down_proj_scale_inv`, layout in `moeray.kernels.fp8.ExpertScales`), for FP8 checkpoints served
+  without a full-precision copy: the fused MoE dequantises in the kernel on CUDA, the torch path
+  one expert at a time.
 - `MoE.forward(x, experts=None)` adds the shared experts to the routed output. Routed experts
   may be computed elsewhere: an `ExpertBackend` (experts in other processes) is passed in.
 """
@@ -22,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeray import kernels
+from moeray.kernels.fp8 import ExpertScales
 from moeray.model.config import ModelArgs
 from moeray.model.layers import MLP
 
@@ -75,15 +80,17 @@ class TopkGate(nn.Module):
 
 
 def expert_pairs_forward(x: torch.Tensor, token_of_pair: torch.Tensor, expert_of_pair: torch.Tensor,
-                         weight_of_pair: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+                         weight_of_pair: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+                         scales: ExpertScales | None = None) -> torch.Tensor:
     """sum over pairs p of weight_p * expert_p(x[token_p]), one matmul per expert hit.
 
     x [T, D]; token_of_pair, expert_of_pair, weight_of_pair [P] (experts index the first dim of
     gate_up [E, 2I, D] and down [E, D, I]). Returns [T, D] in x's dtype. The same computation
     serves local experts and expert shards (which receive only their pairs). `kernels` may take
     it whole: the Triton fused MoE on CUDA, the C kernel for a few float32 pairs on CPU.
+    With `scales` the experts are FP8 and each expert hit is dequantised to x's dtype here.
     """
-    fused = kernels.fused_expert_pairs(x, token_of_pair, expert_of_pair, weight_of_pair, gate_up, down)
+    fused = kernels.fused_expert_pairs(x, token_of_pair, expert_of_pair, weight_of_pair, gate_up, down, scales)
     if fused is not None:
         return fused
     order = expert_of_pair.argsort(stable=True)  # pairs grouped by expert
@@ -96,19 +103,22 @@ def expert_pairs_forward(x: torch.Tensor, token_of_pair: torch.Tensor, expert_of
         if count == 0:
             continue
         end = start + count
-        gate, up = F.linear(x_sorted[start:end], gate_up[expert]).chunk(2, dim=-1)
-        out_sorted[start:end] = F.linear(F.silu(gate) * up, down[expert])
+        w_gate_up, w_down = ((gate_up[expert], down[expert]) if scales is None
+                             else scales.dequantize(expert, gate_up, down, x.dtype))
+        gate, up = F.linear(x_sorted[start:end], w_gate_up).chunk(2, dim=-1)
+        out_sorted[start:end] = F.linear(F.silu(gate) * up, w_down)
         start = end
     out_sorted.mul_(weight_of_pair[order, None].to(x.dtype))
     return torch.zeros_like(x).index_add_(0, tokens_sorted, out_sorted)
 
 
 def grouped_expert_forward(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
-                           gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+                           gate_up: torch.Tensor, down: torch.Tensor,
+                           scales: ExpertScales | None = None) -> torch.Tensor:
     """Routed-expert output for x [T, D] with expert_ids, weights [T, k]; returns [T, D]."""
     num_tokens, top_k = expert_ids.shape
     token_of_pair = torch.arange(num_tokens, device=x.device).repeat_interleave(top_k)
-    return expert_pairs_forward(x, token_of_pair, expert_ids.flatten(), weights.flatten(), gate_up, down)
+    return expert_pairs_forward(x, token_of_pair, expert_ids.flatten(), weights.flatten(), gate_up, down, scales)
 
 
 class RoutedExperts(nn.Module):
@@ -117,9 +127,25 @@ class RoutedExperts(nn.Module):
         self.num_experts, self.intermediate_size = num_experts, intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size).transpose(1, 2))
+        self.fp8_block: tuple[int, int] | None = None  # set by keep_fp8
+
+    def keep_fp8(self, block: tuple[int, int]) -> None:
+        """Store the experts as float8 e4m3 with (bn, bk) block scales, uninitialised (the loader
+        fills them), on the current device: call it on a meta model before materialising."""
+        e, i, d = self.num_experts, self.intermediate_size, self.gate_up_proj.shape[2]
+        bn, bk = block
+        device, fp8 = self.gate_up_proj.device, torch.float8_e4m3fn
+        frozen = lambda t: nn.Parameter(t, requires_grad=False)  # no gradients through FP8 weights
+        self.gate_up_proj = frozen(torch.empty(e, 2 * i, d, dtype=fp8, device=device))
+        self.down_proj = frozen(torch.empty(e, i, d, dtype=fp8, device=device).transpose(1, 2))
+        self.gate_up_proj_scale_inv = frozen(torch.empty(e, 2 * -(-i // bn), -(-d // bk), device=device))
+        self.down_proj_scale_inv = frozen(torch.empty(e, -(-d // bn), -(-i // bk), device=device))
+        self.fp8_block = block
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        return grouped_expert_forward(x, expert_ids, weights, self.gate_up_proj, self.down_proj)
+        scales = (None if self.fp8_block is None else
+                  ExpertScales(self.gate_up_proj_scale_inv, self.down_proj_scale_inv, self.fp8_block))
+        return grouped_expert_forward(x, expert_ids, weights, self.gate_up_proj, self.down_proj, scales)
 
 
 class MoE(nn.Module):

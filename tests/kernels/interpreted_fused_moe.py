@@ -1,12 +1,15 @@
 """The fused MoE kernels equal the grouped torch path (`expert_pairs_forward` with the kernels
 switched off) over odd shapes: partial blocks, empty experts, one token, top-k > 1, an expert
-spanning several row blocks, pairs in any order, tokens without pairs."""
+spanning several row blocks, pairs in any order, tokens without pairs; with FP8 experts
+(dequantised in the kernel) against the torch path over the dequantised weights, with partial
+scale blocks on every edge and scale blocks that do not divide the intermediate size."""
 
 import pytest
 import torch
 
 from moeray import kernels
-from moeray.kernels.triton.fused_moe import fused_expert_pairs, moe_align
+from moeray.kernels.fp8 import ExpertScales
+from moeray.kernels.triton.fused_moe import fused_expert_pairs, moe_align, scale_block_supported
 from moeray.model.moe import expert_pairs_forward
 
 
@@ -84,3 +87,58 @@ def test_moe_align_groups_and_pads(device):
     assert expert_of_block.tolist() == [0, 2, 2, 4] + [-1] * 5
     assert padded.tolist()[:8] == [1, 5, 0, 2, 3, 6, 4, 7]
     assert (padded[8:] == 7).all()
+
+
+def _fp8_experts(num_experts: int, hidden: int, intermediate: int, block: tuple[int, int], device: str):
+    """FP8 experts in RoutedExperts' layout with random positive block scales; gate and up are
+    scaled separately (gate's block rows, then up's), as the checkpoint stores them."""
+    gen = torch.Generator().manual_seed(4)
+    bn, bk = block
+    q = lambda *shape: (torch.randn(*shape, generator=gen) * 16).to(torch.float8_e4m3fn)
+    s = lambda *shape: torch.rand(*shape, generator=gen) * 0.01 + 1e-3
+    gate_up = q(num_experts, 2 * intermediate, hidden)
+    down = q(num_experts, intermediate, hidden).transpose(1, 2)  # column-major per expert
+    scales = ExpertScales(s(num_experts, 2 * -(-intermediate // bn), -(-hidden // bk)),
+                          s(num_experts, -(-hidden // bn), -(-intermediate // bk)), block)
+    return gate_up.to(device), down.to(device), ExpertScales(scales.gate_up.to(device), scales.down.to(device), block)
+
+
+# (tokens, hidden, intermediate, experts, top_k, scale block, block_m)
+FP8_CASES = {
+    "v3-blocks-partial-edges": (5, 144, 72, 4, 2, (128, 128), 16),
+    "small-blocks-not-dividing-I": (11, 80, 40, 6, 3, (16, 32), 16),
+    "one-token": (1, 64, 48, 3, 1, (32, 16), 16),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", sorted(FP8_CASES))
+def test_fp8_experts_match_torch_over_dequantised_weights(device, torch_reference, case, dtype):
+    tokens, hidden, intermediate, num_experts, top_k, block, block_m = FP8_CASES[case]
+    gate_up, down, scales = _fp8_experts(num_experts, hidden, intermediate, block, device)
+    gen = torch.Generator().manual_seed(sorted(FP8_CASES).index(case))
+    x = torch.randn(tokens, hidden, generator=gen).to(device, dtype)
+    expert_ids = torch.stack([torch.randperm(num_experts, generator=gen)[:top_k] for _ in range(tokens)]).to(device)
+    weights = torch.rand(tokens, top_k, generator=gen).to(device)
+    token_of_pair = torch.arange(tokens, device=device).repeat_interleave(top_k)
+    pairs = (x, token_of_pair, expert_ids.flatten(), weights.flatten())
+
+    got = fused_expert_pairs(*pairs, gate_up, down, block_m=block_m, block_n=16, block_k=64, scales=scales)
+    # The FP8 torch path, and the plain one over weights dequantised up front: the same numbers.
+    want = torch_reference(*pairs, gate_up, down, scales)
+    whole = [scales.dequantize(e, gate_up, down, torch.float32) for e in range(num_experts)]
+    plain = torch_reference(x.float(), *pairs[1:], torch.stack([g for g, _ in whole]), torch.stack([d for _, d in whole]))
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=5e-2, rtol=3e-2)
+    assert got.dtype == dtype and got.shape == x.shape
+    torch.testing.assert_close(got.float(), want.float(), **tol)
+    torch.testing.assert_close(want.float(), plain, **tol)
+
+
+def test_fp8_scale_blocks_the_kernel_cannot_tile(device):
+    assert scale_block_supported((128, 128)) and scale_block_supported((16, 48))
+    assert not scale_block_supported((16, 24))
+    gate_up, down, scales = _fp8_experts(2, 48, 16, (16, 24), device)
+    x = torch.randn(1, 48, device=device)
+    one = torch.zeros(1, dtype=torch.long, device=device)
+    with pytest.raises(ValueError, match="scale blocks of 24 columns"):
+        fused_expert_pairs(x, one, one, one.float(), gate_up, down, scales=scales)

@@ -18,6 +18,13 @@ The steps:
 4. `_combine_kernel`: per token, the sum of its pairs' rows in float32 (deterministic, unlike an
    atomic scatter-add, so a re-run step gives the same tokens).
 Block sizes are reasonable defaults, not tuned on a GPU yet.
+
+FP8 experts (`scales`, a `moeray.kernels.fp8.ExpertScales`): gate_up and down are float8 e4m3 and
+both GEMM kernels dequantise in the kernel, as `fp8_gemm` does: BLOCK_K divides the scale block's
+column count, so within one K tile every output column has one scale, and the raw FP8 product
+of the tile is scaled once ([BM, BN] multiplies, not [BK, BN]). The weights cross memory at one
+byte per number and no full-precision copy exists. `scale_block_supported(block)` says whether a
+scale block fits (its column count a multiple of 16, tl.dot's minimum K); V3's 128x128 does.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from moeray.kernels.fp8 import ExpertScales
 from moeray.kernels.triton import dot_dtype, dot_precision
 
 
@@ -63,14 +71,31 @@ def moe_align(expert_of_pair: torch.Tensor, num_experts: int, block_m: int) -> t
     return padded_pair_ids, expert_of_block
 
 
+def scale_block_supported(block: tuple[int, int]) -> bool:
+    return block[1] % 16 == 0
+
+
+def _k_tile(block_k: int, scale_k: int | None) -> int:
+    """BLOCK_K: without scales as given; with them a power of two that divides the scale block."""
+    if scale_k is None:
+        return block_k
+    tile = min(block_k, scale_k & -scale_k)  # the largest power of two dividing scale_k
+    if tile < 16:
+        raise ValueError(f"FP8 scale blocks of {scale_k} columns are not supported by the fused MoE "
+                         f"(a multiple of 16 is needed)")
+    return tile
+
+
 @triton.jit
 def _gate_up_silu_kernel(
         x_ptr, stride_xt, stride_xd,
         w_ptr, stride_we, stride_wn, stride_wk,  # gate_up [E, 2I, D]
+        s_ptr, stride_se, stride_sn, stride_sk, up_scale_row,  # FP8 scales [E, 2 * nI, nD] (SCALED)
         h_ptr, stride_hr, stride_hn,  # h [padded rows, I]
         token_of_pair_ptr, padded_pair_ids_ptr, expert_of_block_ptr,
         num_pairs, hidden, intermediate,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        SCALED: tl.constexpr, SCALE_N: tl.constexpr, SCALE_K: tl.constexpr,
         DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     block = tl.program_id(0)
     expert = tl.load(expert_of_block_ptr + block)
@@ -97,8 +122,16 @@ def _gate_up_silu_kernel(
                          mask=w_mask, other=0.0).to(DOT_DTYPE)
         up_w = tl.load(w_expert + (cols + intermediate)[None, :] * stride_wn + ks[:, None] * stride_wk,
                        mask=w_mask, other=0.0).to(DOT_DTYPE)
-        gate += tl.dot(x_tile, gate_w, input_precision=PRECISION)
-        up += tl.dot(x_tile, up_w, input_precision=PRECISION)
+        if SCALED:
+            # Gate's scale rows come first, up's start at up_scale_row (ceil(I / bn)).
+            s_col = s_ptr + expert.to(tl.int64) * stride_se + (k0 // SCALE_K) * stride_sk
+            gate_s = tl.load(s_col + (cols // SCALE_N) * stride_sn, mask=col_ok, other=0.0)
+            up_s = tl.load(s_col + (up_scale_row + cols // SCALE_N) * stride_sn, mask=col_ok, other=0.0)
+            gate += tl.dot(x_tile, gate_w, input_precision=PRECISION) * gate_s[None, :]
+            up += tl.dot(x_tile, up_w, input_precision=PRECISION) * up_s[None, :]
+        else:
+            gate += tl.dot(x_tile, gate_w, input_precision=PRECISION)
+            up += tl.dot(x_tile, up_w, input_precision=PRECISION)
     h = gate * tl.sigmoid(gate) * up  # silu(gate) * up
     tl.store(h_ptr + rows.to(tl.int64)[:, None] * stride_hr + cols[None, :] * stride_hn,
              h.to(h_ptr.dtype.element_ty), mask=real[:, None] & col_ok[None, :])
@@ -108,10 +141,12 @@ def _gate_up_silu_kernel(
 def _down_weighted_kernel(
         h_ptr, stride_hr, stride_hk,  # h [padded rows, I]
         w_ptr, stride_we, stride_wn, stride_wk,  # down [E, D, I]
+        s_ptr, stride_se, stride_sn, stride_sk,  # FP8 scales [E, nD, nI] (SCALED)
         out_ptr, stride_op, stride_od,  # per-pair output [P, D]
         weight_of_pair_ptr, padded_pair_ids_ptr, expert_of_block_ptr,
         num_pairs, hidden, intermediate,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        SCALED: tl.constexpr, SCALE_N: tl.constexpr, SCALE_K: tl.constexpr,
         DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     block = tl.program_id(0)
     expert = tl.load(expert_of_block_ptr + block)
@@ -132,7 +167,12 @@ def _down_weighted_kernel(
                          mask=real[:, None] & k_ok[None, :], other=0.0).to(DOT_DTYPE)  # [BM, BK]
         w_tile = tl.load(w_expert + cols[None, :] * stride_wn + ks[:, None] * stride_wk,
                          mask=k_ok[:, None] & col_ok[None, :], other=0.0).to(DOT_DTYPE)  # [BK, BN]
-        acc += tl.dot(h_tile, w_tile, input_precision=PRECISION)
+        if SCALED:
+            scale = tl.load(s_ptr + expert.to(tl.int64) * stride_se + (cols // SCALE_N) * stride_sn
+                            + (k0 // SCALE_K) * stride_sk, mask=col_ok, other=0.0)
+            acc += tl.dot(h_tile, w_tile, input_precision=PRECISION) * scale[None, :]
+        else:
+            acc += tl.dot(h_tile, w_tile, input_precision=PRECISION)
     routing_weight = tl.load(weight_of_pair_ptr + pair, mask=real, other=0.0).to(tl.float32)
     acc = acc * routing_weight[:, None]
     tl.store(out_ptr + pair.to(tl.int64)[:, None] * stride_op + cols[None, :] * stride_od,
@@ -161,9 +201,16 @@ def default_block_m(num_pairs: int, num_experts: int) -> int:
     return 16 if num_pairs <= 16 * num_experts else 64
 
 
+def _scale_args(scale: torch.Tensor | None, weight: torch.Tensor) -> tuple:
+    """Pointer and strides of a scale tensor; without scales the weight and zero strides stand
+    in (the kernels never read them: SCALED is a compile-time False)."""
+    return (weight, 0, 0, 0) if scale is None else (scale, *scale.stride())
+
+
 def fused_expert_pairs(x: torch.Tensor, token_of_pair: torch.Tensor, expert_of_pair: torch.Tensor,
                        weight_of_pair: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
-                       block_m: int | None = None, block_n: int = 64, block_k: int = 64) -> torch.Tensor:
+                       block_m: int | None = None, block_n: int = 64, block_k: int = 64,
+                       scales: ExpertScales | None = None) -> torch.Tensor:
     num_tokens, hidden = x.shape
     num_experts, intermediate = gate_up.shape[0], gate_up.shape[1] // 2
     num_pairs = expert_of_pair.numel()
@@ -171,6 +218,9 @@ def fused_expert_pairs(x: torch.Tensor, token_of_pair: torch.Tensor, expert_of_p
     if num_pairs == 0:
         return out
     block_m = block_m or default_block_m(num_pairs, num_experts)
+    scale_n, scale_k = (1, 1) if scales is None else scales.block
+    block_k = _k_tile(block_k, None if scales is None else scale_k)
+    scaled = dict(SCALED=scales is not None, SCALE_N=scale_n, SCALE_K=scale_k)
     padded_pair_ids, expert_of_block = moe_align(expert_of_pair, num_experts, block_m)
     tokens = token_of_pair.to(torch.int32).contiguous()
     dot, precision = dot_dtype(x.dtype), dot_precision(x.dtype)
@@ -178,17 +228,19 @@ def fused_expert_pairs(x: torch.Tensor, token_of_pair: torch.Tensor, expert_of_p
     h = torch.empty(padded_pair_ids.numel(), intermediate, dtype=x.dtype, device=x.device)  # [padded P, I]
     grid = (expert_of_block.numel(), triton.cdiv(intermediate, block_n))
     _gate_up_silu_kernel[grid](
-        x, x.stride(0), x.stride(1), gate_up, *gate_up.stride(), h, h.stride(0), h.stride(1),
-        tokens, padded_pair_ids, expert_of_block, num_pairs, hidden, intermediate,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT_DTYPE=dot, PRECISION=precision)
+        x, x.stride(0), x.stride(1), gate_up, *gate_up.stride(),
+        *_scale_args(None if scales is None else scales.gate_up, gate_up), -(-intermediate // scale_n),
+        h, h.stride(0), h.stride(1), tokens, padded_pair_ids, expert_of_block, num_pairs, hidden, intermediate,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **scaled, DOT_DTYPE=dot, PRECISION=precision)
 
     pair_out = torch.empty(num_pairs, hidden, dtype=x.dtype, device=x.device)  # [P, D]
     grid = (expert_of_block.numel(), triton.cdiv(hidden, block_n))
     _down_weighted_kernel[grid](
-        h, h.stride(0), h.stride(1), down, *down.stride(), pair_out, pair_out.stride(0), pair_out.stride(1),
+        h, h.stride(0), h.stride(1), down, *down.stride(), *_scale_args(None if scales is None else scales.down, down),
+        pair_out, pair_out.stride(0), pair_out.stride(1),
         weight_of_pair.to(torch.float32).contiguous(), padded_pair_ids, expert_of_block,
         num_pairs, hidden, intermediate,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT_DTYPE=dot, PRECISION=precision)
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **scaled, DOT_DTYPE=dot, PRECISION=precision)
 
     # Token-major CSR of the pairs for the combine: pairs_by_token[first[t]:first[t + 1]].
     token_ids = token_of_pair.to(torch.int64)
