@@ -12,12 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sysconfig
 from pathlib import Path
 
 import torch
 
 import moeray.model
+from moeray.jobs.corpus import stdlib_sources
 from moeray.model import ModelArgs, save_checkpoint
 from moeray.platform.default_model import DEFAULT_MODEL_DIR
 
@@ -35,24 +35,6 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<｜Assistant｜>' }}{% endif %}"
 )
-
-
-def stdlib_sources(limit_bytes: int = 8 << 20) -> list[str]:
-    """Python files of the standard library, in a fixed order, up to `limit_bytes` of text."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    texts, total = [], 0
-    for path in sorted(root.glob("*.py")) + sorted(root.glob("*/*.py")):
-        if "site-packages" in path.parts or "test" in path.parts:
-            continue
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
-            continue
-        texts.append(text)
-        total += len(text)
-        if total >= limit_bytes:
-            break
-    return texts
 
 
 def write_tokenizer(folder: Path, vocab_size: int) -> None:

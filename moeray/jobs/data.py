@@ -19,6 +19,9 @@ Contract:
   leading bos) so that prompt plus the longest continuation fits ``max_length``.
 * ``pack`` fills rows first-fit with ``position_ids`` restarting per example and ``segment_ids``
   1, 2, ... per example; ``pad_batch`` right-pads rows into tensors (segment 0 marks padding).
+* Pre-training rows hold ``text`` (a non-empty string). ``tokenize_text`` joins the rows'
+  tokens (each document framed by bos/eos) and cuts the stream into rows of ``max_length``
+  tokens, every token a label, as language-model pre-training does.
 * ``split_eval`` is a deterministic function of the rows, the fraction and the seed.
 
 No ray imports: this module runs in the driver, in workers and in tests alike.
@@ -107,6 +110,34 @@ def validate_sft_row(row: dict[str, Any], uri: str, line: int) -> list[dict[str,
     if not any(message["role"] == "assistant" for message in messages):
         raise DataError(f"{where}: messages has no assistant message to train on")
     return messages
+
+
+def validate_text_row(row: dict[str, Any], uri: str, line: int) -> str:
+    text = row.get("text")
+    if not isinstance(text, str) or not text:
+        raise DataError(f"{uri}:{line}: text must be a non-empty string")
+    return text
+
+
+def tokenize_text(texts: Sequence[str], tokenizer: Tokenizer, max_length: int) -> list[dict[str, list[int]]]:
+    """Documents as one token stream (bos + text + eos each), cut into rows of max_length tokens.
+
+    A last piece shorter than a quarter row is dropped (too little context to learn from).
+    """
+    stream: list[int] = []
+    for text in texts:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        if tokenizer.bos_token_id is not None:
+            stream.append(tokenizer.bos_token_id)
+        stream += ids
+        if tokenizer.eos_token_id is not None:
+            stream.append(tokenizer.eos_token_id)
+    rows = []
+    for start in range(0, len(stream), max_length):
+        piece = stream[start:start + max_length]
+        if len(piece) >= max(2, max_length // 4):
+            rows.append({"input_ids": piece, "labels": list(piece)})
+    return rows
 
 
 def validate_dpo_row(row: dict[str, Any], uri: str, line: int) -> dict[str, Any]:

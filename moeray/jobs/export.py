@@ -24,7 +24,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config
 
 def trained_model(spec: JobSpec, checkpoint_dir: str | Path):
     """The base model with the checkpoint's trained tensors (LoRA wrapped when the job used LoRA)."""
-    model = moeray.model.load(local_copy(spec.base_model))
+    base = local_copy(spec.base_model)
+    if spec.init == "random":  # the same seeded start as training: untrained tensors match it
+        model = moeray.model.build(moeray.model.ModelArgs.from_file(base / "config.json"), seed=spec.train.seed)
+    else:
+        model = moeray.model.load(base)
     if spec.lora is not None:
         apply_lora(model, spec.lora.target_modules, spec.lora.rank, spec.lora.alpha, 0.0, spec.train.seed)
     state = torch.load(Path(checkpoint_dir) / STATE_FILE, weights_only=False)

@@ -78,4 +78,8 @@ def update_routing_bias(model: torch.nn.Module, rate: float) -> None:
         if bias is None or moe.last_routing is None:
             continue
         load = torch.bincount(moe.last_routing[1].flatten(), minlength=bias.numel()).float()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Balance the global load, and keep the bias identical on every worker (FSDP does
+            # not synchronise buffers as DDP does).
+            torch.distributed.all_reduce(load)
         bias += rate * torch.sign(load.mean() - load)

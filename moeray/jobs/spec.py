@@ -102,6 +102,10 @@ class ScalingSpec(_Strict):
 
     num_workers: int = Field(1, ge=1, description="Training workers, each holding a model copy.")
     use_gpu: bool = Field(False, description="Give each worker a GPU.")
+    strategy: Literal["auto", "ddp", "fsdp"] = Field("auto", description="Data parallelism: 'ddp' keeps a full "
+                                                     "model copy per worker; 'fsdp' shards parameters, gradients "
+                                                     "and optimizer state over the workers (FSDP2, per decoder "
+                                                     "layer); 'auto': fsdp on GPU, ddp on CPU.")
     resources_per_worker: dict[str, float] = Field(default_factory=lambda: {"CPU": 1.0},
                                                    description="Ray resources reserved per worker, e.g. "
                                                    "{CPU: 4, GPU: 1}.")
@@ -112,6 +116,11 @@ class ScalingSpec(_Strict):
         if any(amount < 0 for amount in resources.values()):
             raise PydanticCustomError("negative_resource", "resource amounts must not be negative")
         return resources
+
+    def resolved_strategy(self) -> str:
+        if self.strategy != "auto":
+            return self.strategy
+        return "fsdp" if self.use_gpu else "ddp"
 
 
 class CheckpointSpec(_Strict):
@@ -133,8 +142,12 @@ class JobSpec(_Strict):
 
     name: str = Field(min_length=1, description="Job name, used in run and checkpoint names.")
     base_model: str = Field(description="Hugging Face checkpoint folder: a local path or an s3:// URI.")
-    method: Literal["sft", "dpo"] = Field(description="Supervised fine-tuning on conversations, or direct "
-                                          "preference optimisation on chosen/rejected pairs.")
+    method: Literal["pretrain", "sft", "dpo"] = Field(description="Language-model training on plain text "
+                                                      "(`text` rows), supervised fine-tuning on conversations, or "
+                                                      "direct preference optimisation on chosen/rejected pairs.")
+    init: Literal["base", "random"] = Field("base", description="base: start from the base model's weights; "
+                                            "random: train from scratch with the base model's config and "
+                                            "tokenizer (random weights, seeded by train.seed).")
     output: str = Field(description="Where the result goes: a local path or an s3:// URI.")
     output_format: Literal["merged", "adapter"] = Field("merged", description="merged: a full checkpoint with "
                                                         "adapters folded in; adapter: the LoRA weights only.")
@@ -157,6 +170,14 @@ class JobSpec(_Strict):
 
     # A field validator rather than a model validator so that the error carries the 'train' key
     # and with it a line number; `method` is declared earlier, so it is in info.data.
+    @field_validator("lora")
+    @classmethod
+    def _lora_needs_base_weights(cls, lora: LoraSpec | None, info: ValidationInfo) -> LoraSpec | None:
+        if lora is not None and info.data.get("init") == "random":
+            raise PydanticCustomError("lora_from_scratch", "LoRA adapts trained weights; it cannot start from "
+                                      "init 'random'")
+        return lora
+
     @field_validator("train")
     @classmethod
     def _packing_is_sft_only(cls, train: TrainSpec, info: ValidationInfo) -> TrainSpec:

@@ -5,11 +5,14 @@ Contract:
   tokenizer/model match, every data row with its file and line, storage) and tokenizes the data;
   for DPO it also computes the reference log-probabilities in one pass (no second model lives
   during training).
-- `run(spec)` trains with DDP over the spec's workers (gloo on CPU), data sharded per worker
-  through Ray Data, checkpoints to `checkpoint.storage/name` every N steps (Ray Train publishes a
-  checkpoint only once it is complete, keeps the newest `keep`), continues after a worker
-  failure from the last checkpoint, and resumes when the same spec runs again. Returns the
-  final checkpoint and the per-step metrics; `export` turns it into the spec's output.
+- `run(spec)` trains over the spec's workers with DDP (gloo on CPU) or FSDP2 (GPU by default;
+  also runs on CPU), data sharded per worker through Ray Data, checkpoints to
+  `checkpoint.storage/name` every N steps (Ray Train publishes a checkpoint only once it is
+  complete, keeps the newest `keep`), continues after a worker failure from the last checkpoint,
+  and resumes when the same spec runs again. Every checkpoint holds the metrics of all steps so
+  far (`metrics.jsonl`) and their loss curve (`loss.png`), so the final one documents the whole
+  run, resumptions included. Returns the final checkpoint and the per-step metrics; `export`
+  turns it into the spec's output.
 """
 
 from __future__ import annotations
@@ -26,14 +29,17 @@ from typing import Any
 import torch
 
 import moeray.model
-from moeray.jobs.data import (pad_batch, pack, read_jsonl, split_eval, tokenize_dpo, tokenize_sft, validate_dpo_row,
-                              validate_sft_row)
+from moeray.jobs.data import (pad_batch, pack, read_jsonl, split_eval, tokenize_dpo, tokenize_sft, tokenize_text,
+                              validate_dpo_row, validate_sft_row, validate_text_row)
 from moeray.jobs.losses import dpo_loss, router_aux_loss, sequence_logprobs, sft_loss, update_routing_bias
+from moeray.jobs.curves import plot_loss_curve
 from moeray.jobs.spec import JobSpec
 from moeray.model.tokenizer import Tokenizer
 from moeray.storage import check_writable, local_copy, ray_storage
 
 STATE_FILE = "state.pt"
+METRICS_FILE = "metrics.jsonl"
+LOSS_CURVE_FILE = "loss.png"
 
 
 @dataclass
@@ -43,7 +49,7 @@ class PreparedData:
 
 
 def _rows(spec: JobSpec, uri: str):
-    validate = validate_sft_row if spec.method == "sft" else validate_dpo_row
+    validate = {"pretrain": validate_text_row, "sft": validate_sft_row, "dpo": validate_dpo_row}[spec.method]
     rows = read_jsonl(uri)
     for line, row in rows:
         validate(row, uri, line)
@@ -79,6 +85,9 @@ def prepare(spec: JobSpec) -> PreparedData:
     if spec.data.eval_fraction:
         train_rows, eval_rows = split_eval(train_rows, spec.data.eval_fraction, spec.train.seed)
     max_len = spec.train.max_length
+    if spec.method == "pretrain":
+        return PreparedData(tokenize_text([r["text"] for r in train_rows], tokenizer, max_len),
+                            tokenize_text([r["text"] for r in eval_rows], tokenizer, max_len))
     if spec.method == "sft":
         def encode(rows, packed):
             examples = [tokenize_sft(r["messages"], tokenizer, max_len) for r in rows]
@@ -107,8 +116,9 @@ def _lr_factor(spec: JobSpec, step: int, total: int) -> float:
 
 def _batch_loss(model, spec: JobSpec, batch: dict[str, Any], pad_id: int):
     """Loss and metrics of one batch (list-of-rows form, as Ray Data hands them over)."""
-    if spec.method == "sft":
-        tensors = pad_batch(batch, pad_id)
+    device = next(model.parameters()).device
+    if spec.method in ("pretrain", "sft"):
+        tensors = {name: t.to(device) for name, t in pad_batch(batch, pad_id).items()}
         logits = model(tensors["input_ids"], tensors["position_ids"], tensors["segment_ids"])
         loss = sft_loss(logits, tensors["labels"])
         metrics = {"tokens": int((tensors["labels"] != -100).sum())}
@@ -116,12 +126,12 @@ def _batch_loss(model, spec: JobSpec, batch: dict[str, Any], pad_id: int):
         logps = {}
         for side in ("chosen", "rejected"):
             rows = [{"input_ids": r[f"{side}_ids"], "labels": r[f"{side}_mask"]} for r in batch]
-            tensors = pad_batch(rows, pad_id)
+            tensors = {name: t.to(device) for name, t in pad_batch(rows, pad_id).items()}
             mask = (tensors["labels"] > 0).long()
             logits = model(tensors["input_ids"])
             logps[side] = sequence_logprobs(logits, tensors["input_ids"], mask)
-        ref_c = torch.tensor([r["ref_chosen"] for r in batch])
-        ref_r = torch.tensor([r["ref_rejected"] for r in batch])
+        ref_c = torch.tensor([r["ref_chosen"] for r in batch], device=device)
+        ref_r = torch.tensor([r["ref_rejected"] for r in batch], device=device)
         loss, metrics = dpo_loss(logps["chosen"], logps["rejected"], ref_c, ref_r, spec.train.beta)
         metrics["tokens"] = sum(sum(r["chosen_mask"]) + sum(r["rejected_mask"]) for r in batch)
     if spec.moe.router_aux_loss_coef:
@@ -138,25 +148,32 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     spec = JobSpec.model_validate(config["spec"])
     torch.manual_seed(spec.train.seed)
     context = ray.train.get_context()
-    model = moeray.model.load(local_copy(spec.base_model)).train()
+    base = local_copy(spec.base_model)
+    if spec.init == "random":
+        model = moeray.model.build(moeray.model.ModelArgs.from_file(base / "config.json"), seed=spec.train.seed)
+    else:
+        model = moeray.model.load(base)
+    model.train()
     if spec.lora is not None:
         apply_lora(model, spec.lora.target_modules, spec.lora.rank, spec.lora.alpha, spec.lora.dropout, spec.train.seed)
     if spec.moe.freeze_router:
         for name, param in model.named_parameters():
             if name.endswith("mlp.gate.weight"):
                 param.requires_grad_(False)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=spec.train.learning_rate)
-    step, start_time = 0, time.time()
+    step, history, state = 0, [], None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:  # resumed: after a worker failure, or the same job run again
         with checkpoint.as_directory() as folder:
             state = torch.load(Path(folder) / STATE_FILE, weights_only=False)
         model.load_state_dict(state["model"], strict=False)
-        optimizer.load_state_dict(state["optimizer"])
-        step = state["step"]
-    ddp_model = ray.train.torch.prepare_model(model, parallel_strategy="ddp") if context.get_world_size() > 1 \
-        else model
+        step, history = state["step"], state.get("history", [])
+    strategy = spec.scaling.resolved_strategy() if context.get_world_size() > 1 else "single"
+    parallel_model = _parallelize(model, strategy)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # after FSDP: its sharded parameters
+    optimizer = torch.optim.AdamW(trainable, lr=spec.train.learning_rate)
+    if state is not None:
+        _load_optimizer_state(model, optimizer, state["optimizer"], strategy)
+    start_time = time.time()
     shard = ray.train.get_dataset_shard("train")
     pad_id = config["pad_id"]
     batch_size, accumulate = spec.train.per_device_batch_size, spec.train.gradient_accumulation_steps
@@ -167,7 +184,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     while not done:
         micro = 0
         for batch in _batches(shard, batch_size):  # one pass over this worker's shard = one epoch
-            loss, metrics = _batch_loss(ddp_model, spec, batch, pad_id)
+            loss, metrics = _batch_loss(parallel_model, spec, batch, pad_id)
             (loss / accumulate).backward()
             micro += 1
             if micro % accumulate:
@@ -189,10 +206,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if step % spec.eval.every_steps == 0 or step == total_steps:
                 report["eval_loss"] = _eval_loss(model, spec, config["eval_rows"], pad_id)
             save = step % spec.checkpoint.every_steps == 0 or step == total_steps
+            history.append(report)
             if context.get_world_rank() == 0 and config.get("metrics_path"):
                 with open(config["metrics_path"], "a") as metrics_file:  # one JSON line per step
                     metrics_file.write(json.dumps(report) + "\n")
-            _report(report, model, optimizer, step, save, context.get_world_rank() == 0)
+            _report(report, history, model, optimizer, step, save, context.get_world_rank() == 0, strategy)
             if step >= total_steps:
                 done = True
                 break
@@ -201,14 +219,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 def _batches(shard, batch_size: int):
-    batch = []
-    for row in shard.iter_rows():
-        batch.append({k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in row.items()})
-        if len(batch) == batch_size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+    """Batches of rows (dicts of lists) from this worker's Ray Data shard, prefetched in the
+    background so the training step does not wait on the data pipeline."""
+    for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=4):
+        columns = list(batch)
+        yield [{column: _as_list(batch[column][i]) for column in columns} for i in range(len(batch[columns[0]]))]
+
+
+def _as_list(value):
+    return value.tolist() if hasattr(value, "tolist") else value
 
 
 @torch.no_grad()
@@ -221,18 +240,83 @@ def _eval_loss(model, spec: JobSpec, rows: list[dict[str, Any]], pad_id: int) ->
     return sum(losses) / len(losses)
 
 
-def _report(metrics: dict, model, optimizer, step: int, save: bool, is_rank0: bool) -> None:
+def _parallelize(model: torch.nn.Module, strategy: str) -> torch.nn.Module:
+    """The module the training step calls: the model itself, DDP around it, or the model sharded
+    in place with FSDP2 (one unit per decoder layer plus the root)."""
+    import ray.train.torch
+
+    if strategy == "single":
+        return model.to(ray.train.torch.get_device())
+    if strategy == "ddp":
+        return ray.train.torch.prepare_model(model, parallel_strategy="ddp")
+    if strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        device = ray.train.torch.get_device()
+        model.to(device)
+        with torch.no_grad():
+            for param in model.parameters():
+                if not param.is_contiguous():  # FSDP shards flat storage; down_proj is stored column-major
+                    param.data = param.data.contiguous()
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        return model
+    raise ValueError(f"unknown parallel strategy {strategy!r}")
+
+
+def _full_state(model: torch.nn.Module, optimizer, strategy: str) -> tuple[dict, dict]:
+    """(trainable parameters and buffers, optimizer state), whole and on CPU. Under FSDP this is a
+    collective: every worker must call it."""
+    if strategy == "fsdp":
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        weights = get_model_state_dict(model, options=options)
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad} | {n for n, _ in model.named_buffers()}
+        return ({n: t for n, t in weights.items() if n in trainable},
+                get_optimizer_state_dict(model, optimizer, options=options))
+    trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    buffers = {n: b.detach().cpu() for n, b in model.named_buffers()}
+    return {**trainable, **buffers}, optimizer.state_dict()
+
+
+def _load_optimizer_state(model: torch.nn.Module, optimizer, saved: dict, strategy: str) -> None:
+    if strategy == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, saved, options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(saved)
+
+
+def _report(metrics: dict, history: list[dict], model, optimizer, step: int, save: bool, is_rank0: bool,
+            strategy: str) -> None:
+    """Log the step's progress; on checkpoint steps report to Ray Train with a checkpoint holding
+    the training state, the metrics of every step so far (metrics.jsonl) and their loss curve
+    (loss.png). Only checkpoint steps call `ray.train.report`: each call synchronises with the
+    Train controller (about 2 s on a small machine), far longer than a small model's step."""
     import ray.train
 
-    if not (save and is_rank0):
+    if is_rank0:
+        eta = metrics.get("eta_s")
+        print(f"moeray: step {step} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
+              f"tokens/s {metrics['tokens_per_s']:.0f}"
+              + (f" eval_loss {metrics['eval_loss']:.4f}" if metrics.get("eval_loss") is not None else "")
+              + (f" eta {eta:.0f}s" if eta is not None else ""), flush=True)
+    if not save:
+        return
+    weights, optimizer_state = _full_state(model, optimizer, strategy)
+    if not is_rank0:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as folder:
-        trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
-        buffers = {n: b.detach().cpu() for n, b in model.named_buffers()}
-        torch.save({"model": {**trainable, **buffers}, "optimizer": optimizer.state_dict(), "step": step},
+        torch.save({"model": weights, "optimizer": optimizer_state, "step": step, "history": history},
                    Path(folder) / STATE_FILE)
         (Path(folder) / "metrics.json").write_text(json.dumps(metrics))
+        (Path(folder) / METRICS_FILE).write_text("".join(json.dumps(row) + "\n" for row in history))
+        plot_loss_curve(history, Path(folder) / LOSS_CURVE_FILE)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 

@@ -90,7 +90,10 @@ def _jobs_run(opts: argparse.Namespace) -> int:
     if not ray.is_initialized():
         # Under the Ray Jobs API RAY_ADDRESS names the cluster the job was submitted to.
         address = opts.address or os.environ.get("RAY_ADDRESS") or "local"
-        ray.init(address=address, **({"include_dashboard": False} if address == "local" else {}))
+        # A local Ray gets logical CPUs beyond the cores, so that Ray Data's tasks still run
+        # beside training workers that reserve every core for their torch threads.
+        local = {"include_dashboard": False, "num_cpus": max(os.cpu_count() or 1, 4)}
+        ray.init(address=address, **(local if address == "local" else {}))
     result = run(spec, data)
     with result.checkpoint.as_directory() as folder:
         out = export(spec, folder)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from moeray.jobs.data import (IGNORE_INDEX, DataError, pack, pad_batch, read_jsonl, split_eval, tokenize_dpo,
-                              tokenize_sft, validate_dpo_row, validate_sft_row)
+                              tokenize_sft, tokenize_text, validate_dpo_row, validate_sft_row,
+                              validate_text_row)
 from moeray.model.tokenizer import Tokenizer
 from support import EOS, write_tiny_tokenizer
 
@@ -219,3 +220,17 @@ def test_split_eval_is_deterministic_and_complete():
     assert split_eval(rows, 0.1, seed=4)[1] != evaluation
     assert split_eval(rows, 0.0, seed=3) == (rows, [])
     assert [len(part) for part in split_eval(rows[:3], 0.01, seed=0)] == [2, 1]  # at least one held out
+
+
+def test_text_rows_become_full_rows_of_the_token_stream(tokenizer):
+    rows = tokenize_text(["def f():\n    return 1\n", "import os\n" * 40], tokenizer, max_length=32)
+    stream = [tokenizer.bos_token_id, *tokenizer.encode("def f():\n    return 1\n", add_special_tokens=False),
+              tokenizer.eos_token_id, tokenizer.bos_token_id]
+    assert rows[0]["input_ids"][:len(stream)] == stream
+    assert all(len(row["input_ids"]) == 32 for row in rows[:-1]) and len(rows[-1]["input_ids"]) >= 8
+    assert all(row["labels"] == row["input_ids"] for row in rows)
+
+
+def test_text_row_without_text_is_named():
+    with pytest.raises(DataError, match=r"corpus\.jsonl:7: text must be a non-empty string"):
+        validate_text_row({"content": "x"}, "corpus.jsonl", 7)

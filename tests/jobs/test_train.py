@@ -6,15 +6,17 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
+import moeray.model
 from moeray import LLM, SamplingParams
 from moeray.jobs.export import export, trained_model
 from moeray.jobs.spec import JobSpec
 from moeray.jobs.trainer import _eval_loss, prepare, run
-from support import write_hf_model_folder
+from support import moeray_greedy, write_hf_model_folder
 
 pytestmark = pytest.mark.slow
 
@@ -77,6 +79,27 @@ def test_sft_lowers_held_out_loss_and_export_serves_the_same_model(ray_session, 
     served = LLM(out, max_model_len=128).generate([prompt], SamplingParams(temperature=0, max_tokens=6,
                                                                           ignore_eos=True))[0].outputs[0]
     assert served.token_ids == expected
+
+
+def test_pretraining_from_scratch_learns_text_and_exports_a_servable_model(ray_session, tmp_path, base):
+    lines = [f"def f{i}(x):\n    return x + {i}\n" for i in range(60)]
+    write_jsonl(tmp_path / "train.jsonl", [{"text": line} for line in lines])
+    spec = make_spec(tmp_path, base, name="job-pretrain", method="pretrain", init="random",
+                     train={"max_steps": 30, "learning_rate": 1e-2, "max_length": 32},
+                     checkpoint={"every_steps": 30}, eval={"every_steps": 10})
+    result = run(spec)
+    history = [json.loads(line) for line in (tmp_path / "ckpt" / "job-pretrain" / "metrics.jsonl").read_text().splitlines()]
+    evals = [row["eval_loss"] for row in history if row.get("eval_loss") is not None]
+    assert evals[-1] < evals[0] * 0.7
+    untrained = moeray.model.build(moeray.model.ModelArgs.from_file(base / "config.json"), seed=0)
+    with result.checkpoint.as_directory() as folder:
+        trained = trained_model(spec, folder)
+        out = export(spec, folder)
+    assert not torch.equal(trained.lm_head.weight, moeray.model.load(base).lm_head.weight)  # not the base weights
+    assert not torch.equal(trained.lm_head.weight, untrained.lm_head.weight)  # and trained
+    served = LLM(out, max_model_len=64).generate([[1, 5, 7]], SamplingParams(temperature=0, max_tokens=4,
+                                                                             ignore_eos=True))
+    assert served[0].outputs[0].token_ids == moeray_greedy(trained, [1, 5, 7], 4)
 
 
 def test_malformed_row_stops_before_training(tmp_path, base):
@@ -150,6 +173,33 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_session, tmp_path, base)
     restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
     assert steps[restart] > 1 and (steps[restart] - 1) % 5 == 0  # continued after a checkpoint, not from 0
     assert steps[-1] == 60
+    # The final checkpoint's own record is the continued curve: each step once, no gap.
+    with outcome["result"].checkpoint.as_directory() as folder:
+        history = [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
+        assert [row["step"] for row in history] == list(range(1, 61))
+        assert (Path(folder) / "loss.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_fsdp_on_two_cpu_workers_trains_checkpoints_whole_weights_and_resumes(ray_session, tmp_path, base):
+    write_jsonl(tmp_path / "train.jsonl", sft_rows())
+    scaling = {"num_workers": 2, "strategy": "fsdp"}
+    first = run(make_spec(tmp_path, base, name="job-fsdp", scaling=scaling, train={"max_steps": 6},
+                          checkpoint={"every_steps": 3}, eval={"every_steps": 3}))
+    history = [json.loads(line) for line in (tmp_path / "ckpt" / "job-fsdp" / "metrics.jsonl").read_text().splitlines()]
+    assert history[-1]["eval_loss"] < history[2]["eval_loss"]
+    with first.checkpoint.as_directory() as folder:
+        state = torch.load(Path(folder) / "state.pt", weights_only=False)
+    reference = moeray.model.load(base).state_dict()
+    for name, tensor in state["model"].items():  # whole tensors, not one worker's shard
+        assert tuple(tensor.shape) == tuple(reference[name].shape), name
+    second = run(make_spec(tmp_path, base, name="job-fsdp", scaling=scaling, train={"max_steps": 9},
+                           checkpoint={"every_steps": 3}, eval={"every_steps": 3}))
+    with second.checkpoint.as_directory() as folder:
+        steps = [json.loads(line)["step"] for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
+        assert steps == list(range(1, 10))  # resumed at 7 with its optimizer state, not restarted
+        out = export(make_spec(tmp_path, base, name="job-fsdp"), folder)
+    served = LLM(out, max_model_len=64).generate([[1, 5, 7]], SamplingParams(temperature=0, max_tokens=3))
+    assert len(served[0].outputs[0].token_ids) >= 1
 
 
 def test_tokenizer_that_does_not_match_the_model_fails_before_training(tmp_path):

@@ -1,0 +1,45 @@
+"""The loss curve of a training run as a PNG (matplotlib, no display needed).
+
+Contract: `plot_loss_curve(history, path)` draws training loss per step and, where present,
+held-out loss (`eval_loss`) and DPO preference accuracy (`rewards/accuracy`, right axis) from
+the per-step metrics rows the trainer reports; it writes `path` and returns it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def plot_loss_curve(history: list[dict[str, Any]], path: str | Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")  # render to a file; training workers have no display
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    figure, loss_axis = plt.subplots(figsize=(7, 4), dpi=100)
+    steps = [row["step"] for row in history]
+    loss_axis.plot(steps, [row["loss"] for row in history], label="training loss", linewidth=1.2)
+    evaluated = [row for row in history if row.get("eval_loss") is not None]
+    if evaluated:
+        loss_axis.plot([r["step"] for r in evaluated], [r["eval_loss"] for r in evaluated], "o-",
+                       label="held-out loss", linewidth=1.2, markersize=3)
+    loss_axis.set_xlabel("step")
+    loss_axis.set_ylabel("loss")
+    loss_axis.grid(alpha=0.3)
+    handles, labels = loss_axis.get_legend_handles_labels()
+    accuracy = [row for row in history if row.get("rewards/accuracy") is not None]
+    if accuracy:
+        accuracy_axis = loss_axis.twinx()
+        accuracy_axis.plot([r["step"] for r in accuracy], [r["rewards/accuracy"] for r in accuracy],
+                           color="tab:green", alpha=0.6, label="preference accuracy")
+        accuracy_axis.set_ylabel("preference accuracy")
+        accuracy_axis.set_ylim(0, 1)
+        more_handles, more_labels = accuracy_axis.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
+    loss_axis.legend(handles, labels, loc="upper right")
+    figure.tight_layout()
+    figure.savefig(path, format="png")
+    plt.close(figure)
+    return path
