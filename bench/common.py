@@ -29,7 +29,7 @@ def small_checkpoint(preset: str = "small") -> Path:
     model = moeray.model.build(args, seed=0)
     save_checkpoint(model, folder, args)
     del model
-    write_bench_tokenizer(folder)
+    write_bench_tokenizer(folder, min(2048, args.vocab_size))
     return folder
 
 

@@ -37,6 +37,9 @@ class EngineConfig:
     # With remote experts: run each step as two micro-batches so one's attention overlaps the other's
     # experts. Pays off when shards have their own devices; on a few shared CPU cores it does not.
     overlap_microbatches: bool = False
+    # FP8 checkpoints (DeepSeek-V3): "keep" serves the float8 weights with their block scales
+    # (dequantised inside the GEMM), "dequantize" converts them at load; "auto": keep on CUDA.
+    fp8: str = "auto"
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -79,7 +79,8 @@ class LLM:
         config = EngineConfig(dtype=dtype, device=device, **engine_options)
         if experts is None:
             experts = start_experts(model, expert_shards, redundant_experts, transport, dtype=dtype)
-        loaded = moeray.model.load(model, dtype=config.torch_dtype, device=device, local_experts=experts is None)
+        loaded = moeray.model.load(model, dtype=config.torch_dtype, device=device, local_experts=experts is None,
+                                   fp8=config.fp8)
         # A model under an s3:// URI streams its tensors remotely; only its tokenizer files are copied.
         tok = Tokenizer.from_pretrained(local_copy(str(tokenizer or model), skip_suffixes=(".safetensors",)))
         check_tokenizer_matches(tok, loaded.args, str(tokenizer or model))

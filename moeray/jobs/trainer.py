@@ -173,7 +173,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     optimizer = torch.optim.AdamW(trainable, lr=spec.train.learning_rate)
     if state is not None:
         _load_optimizer_state(model, optimizer, state["optimizer"], strategy)
-    start_time = time.time()
+    start_time = run_start = time.time()
+    first_step = step  # 0, or the step this (resumed) run continues from
     shard = ray.train.get_dataset_shard("train")
     pad_id = config["pad_id"]
     batch_size, accumulate = spec.train.per_device_batch_size, spec.train.gradient_accumulation_steps
@@ -201,7 +202,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             elapsed = time.time() - start_time
             report = {"step": step, "loss": float(loss), "lr": optimizer.param_groups[0]["lr"],
                       "tokens_per_s": metrics.pop("tokens") * context.get_world_size() / max(elapsed, 1e-6),
-                      "eta_s": elapsed / step * (total_steps - step) if step else None, **metrics}
+                      "eta_s": (time.time() - run_start) / (step - first_step) * (total_steps - step), **metrics}
             start_time = time.time()
             if step % spec.eval.every_steps == 0 or step == total_steps:
                 report["eval_loss"] = _eval_loss(model, spec, config["eval_rows"], pad_id)

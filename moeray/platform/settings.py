@@ -50,6 +50,9 @@ class EngineSettings(_Strict):
     overlap_microbatches: bool = Field(False, description="With expert shards: split each step in two "
                                        "micro-batches so attention overlaps remote expert work (for shards on "
                                        "their own devices).")
+    fp8: Literal["auto", "keep", "dequantize"] = Field("auto", description="FP8 checkpoints: keep the float8 "
+                                                       "weights and block scales (dequantised inside the GEMM, no "
+                                                       "bf16 copy) or dequantize at load; auto: keep on CUDA.")
 
     def to_engine_config(self) -> EngineConfig:
         return EngineConfig(**self.model_dump())

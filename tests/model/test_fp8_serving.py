@@ -3,7 +3,6 @@
 engine with the same greedy tokens. The reference path dequantises blockwise with the checkpoint
 reader's arithmetic, so on CPU in float32 the two models agree to float rounding."""
 
-import functools
 import json
 
 import pytest
@@ -103,7 +102,7 @@ def test_prepare_for_decode_leaves_fp8_layers_alone(models):
     assert (layer.weight.data_ptr(), layer.weight.stride()) == before
 
 
-def test_engine_greedy_output_equals_dequantized_model(fp8_folder, monkeypatch):
+def test_engine_greedy_output_equals_dequantized_model(fp8_folder):
     folder, _ = fp8_folder
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 400, (n,), generator=gen).tolist() for n in (1, 6, 17)]
@@ -111,9 +110,7 @@ def test_engine_greedy_output_equals_dequantized_model(fp8_folder, monkeypatch):
     options = dict(block_size=4, max_num_batched_tokens=16, max_model_len=64, max_num_seqs=4)
 
     def tokens(fp8: str):
-        # The engine loads through moeray.model.load, which on CPU dequantises by default.
-        monkeypatch.setattr(moeray.model, "load", functools.partial(ORIGINAL_LOAD, fp8=fp8))
-        llm = LLM(folder, **options)
+        llm = LLM(folder, fp8=fp8, **options)  # the engine option, as the serve settings pass it
         fp8_layers = sum(isinstance(m, Fp8Linear) for m in llm.engine.model.modules())
         return [r.outputs[0].token_ids for r in llm.generate(prompts, greedy)], fp8_layers
 
@@ -123,7 +120,6 @@ def test_engine_greedy_output_equals_dequantized_model(fp8_folder, monkeypatch):
     assert got == want
 
 
-ORIGINAL_LOAD = moeray.model.load
 
 
 def test_quantize_blocks_inverts_dequantize_with_partial_edges():
