@@ -250,7 +250,8 @@ def default_api_client():
         if os.environ.get("KUBERNETES_SERVICE_HOST"):
             config.load_incluster_config()
         else:
-            config.load_kube_config()
+            # KUBECONFIG as it is now: the client library reads it only once, at import.
+            config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
     except (config.ConfigException, OSError) as err:
         raise KubeError(f"no Kubernetes configuration: {err} (set KUBECONFIG or run inside a pod)") from None
     return client.ApiClient()

@@ -124,6 +124,22 @@ def test_dpo_starts_at_ln2_and_learns_preferences(ray_session, tmp_path, base):
     history = [json.loads(line) for line in (tmp_path / "ckpt" / spec.name / "metrics.jsonl").read_text().splitlines()]
     assert abs(history[0]["loss"] - math.log(2)) < 1e-5
     assert result.metrics["rewards/accuracy"] >= 0.75
+    # The exported PEFT adapter, served beside its base model, answers as the trained model does.
+    from moeray.engine import Engine, EngineConfig
+    from moeray.jobs.lora import merged_variant
+    from moeray.model.tokenizer import Tokenizer
+
+    with result.checkpoint.as_directory() as folder:
+        trained = trained_model(spec, folder)
+        adapter = export(spec, folder)
+    served_base = moeray.model.load(base)
+    engine = Engine(served_base, Tokenizer.from_pretrained(base), EngineConfig(max_model_len=64),
+                    adapters={"dpo": merged_variant(served_base, adapter)})
+    engine.add_request("r", [1, 5, 7, 9], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), "dpo")
+    tokens = []
+    while engine.has_unfinished:
+        tokens += [t for out in engine.step() for o in out.outputs for t in o.token_ids]
+    assert tokens == moeray_greedy(trained, [1, 5, 7, 9], 6)
 
 
 def test_same_job_again_resumes_from_its_last_checkpoint(ray_session, tmp_path, base):

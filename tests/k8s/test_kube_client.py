@@ -283,3 +283,28 @@ def test_no_kubeconfig_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "absent-kubeconfig"))
     with pytest.raises(kube.KubeError, match="^no Kubernetes configuration: .*set KUBECONFIG"):
         kube.status(NAME, NAMESPACE)
+
+
+def test_cli_k8s_commands_use_the_kubeconfig_context(api, tmp_path, monkeypatch, capsys):
+    from moeray.platform.cli import main
+
+    server, _ = api
+    kubeconfig = {"apiVersion": "v1", "kind": "Config", "current-context": "local",
+                  "clusters": [{"name": "local", "cluster": {"server": server.url}}],
+                  "users": [{"name": "dev", "user": {}}],
+                  "contexts": [{"name": "local", "context": {"cluster": "local", "user": "dev"}}]}
+    (tmp_path / "kubeconfig").write_text(json.dumps(kubeconfig))
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "kubeconfig"))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    running = {"jobStatus": "RUNNING", "jobDeploymentStatus": "Running"}
+    server.expect(Exchange("POST", RAYJOBS, 201, rayjob_answer()),
+                  Exchange("POST", CONFIGMAPS, 201, {"kind": "ConfigMap"}),
+                  Exchange("GET", f"{RAYJOBS}/{NAME}", 200, rayjob_answer(running)),
+                  Exchange("POST", RAYJOBS, 403, status_body(403, "Forbidden", "rayjobs.ray.io is forbidden")))
+    assert main(["jobs", "submit", str(SPEC), "--k8s", "--namespace", NAMESPACE]) == 0
+    assert f"created RayJob {NAMESPACE}/{NAME}" in capsys.readouterr().out
+    assert main(["jobs", "status", NAME, "--k8s", "--namespace", NAMESPACE]) == 0
+    assert "job RUNNING, deployment Running" in capsys.readouterr().out
+    assert main(["jobs", "submit", str(SPEC), "--k8s", "--namespace", NAMESPACE]) == 1
+    assert f"cannot create RayJob {NAMESPACE}/{NAME}: forbidden (403)" in capsys.readouterr().err
+    server.verify()
