@@ -185,3 +185,23 @@ def moeray_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int
         for _ in range(max_new_tokens):
             ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
     return ids[len(prompt_ids):]
+
+
+def quantize_checkpoint(folder, block: tuple[int, int]) -> None:
+    """Rewrite `folder`'s 2-D projection weights as FP8 with `block` scales, in place (as V3 ships them)."""
+    from safetensors.torch import load_file, save_file
+
+    from moeray.kernels.fp8 import quantize_blocks
+
+    tensors = load_file(folder / "model.safetensors")
+    out = {}
+    for name, tensor in tensors.items():
+        if tensor.dim() == 2 and "proj" in name:
+            out[name], out[name + "_scale_inv"] = quantize_blocks(tensor, block)
+        else:
+            out[name] = tensor
+    save_file(out, folder / "model.safetensors")
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                     "weight_block_size": list(block)}
+    (folder / "config.json").write_text(json.dumps(config))

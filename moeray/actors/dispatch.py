@@ -172,7 +172,7 @@ class PendingExperts:
 def start_expert_parallel(model_path: str, num_shards: int, redundant: int = 0, name: str | None = None,
                           namespace: str | None = None, num_cpus: float = 1.0, num_gpus: float = 0.0,
                           strategy: str = "SPREAD", dtype: str = "float32", rebalance_interval_s: float | None = None,
-                          detached: bool = False, transport: str = "ray"):
+                          detached: bool = False, transport: str = "ray", fp8: str = "auto"):
     """Create (or join, by name) the Router and its shards; returns (router handle, backend)."""
     from moeray.actors.router import Router, ShardOptions
 
@@ -184,7 +184,8 @@ def start_expert_parallel(model_path: str, num_shards: int, redundant: int = 0, 
         options["lifetime"] = "detached"
     router = ray.remote(Router).options(**options).remote(
         name, namespace, str(model_path), num_shards, redundant,
-        ShardOptions(num_cpus=num_cpus, num_gpus=num_gpus, strategy=strategy, dtype=dtype), rebalance_interval_s)
+        ShardOptions(num_cpus=num_cpus, num_gpus=num_gpus, strategy=strategy, dtype=dtype, fp8=fp8),
+        rebalance_interval_s)
     # Shards register from their constructors; wait until all have.
     deadline = time.monotonic() + 300
     while len(ray.get(router.health.remote())["pids"]) < num_shards:

@@ -38,6 +38,11 @@ class ShardOptions:
     num_gpus: float = 0.0
     strategy: str = "SPREAD"  # or PACK: how the placement group lays shards over nodes
     dtype: str = "float32"
+    fp8: str = "auto"  # FP8 checkpoints: keep | dequantize | auto (keep on GPU shards)
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.num_gpus > 0 else "cpu"
 
 
 class Router:
@@ -59,7 +64,8 @@ class Router:
             remote.options(name=f"{name}-shard-{i}", namespace=namespace, max_restarts=-1, max_task_retries=0,
                            max_concurrency=8, num_cpus=options.num_cpus, num_gpus=options.num_gpus,
                            scheduling_strategy=PlacementGroupSchedulingStrategy(self._group, placement_group_bundle_index=i),
-                           ).remote(i, model_path, self._placement.slots[i], name, namespace, options.dtype)
+                           ).remote(i, model_path, self._placement.slots[i], name, namespace, options.dtype,
+                                    options.fp8, options.device)
             for i in range(num_shards)]
         self._stop = threading.Event()
         if rebalance_interval_s:

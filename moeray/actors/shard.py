@@ -24,6 +24,7 @@ import torch
 
 from moeray.model import ModelArgs
 from moeray.model.checkpoint import CheckpointReader, read_model_args
+from moeray.kernels.fp8 import ExpertScales
 from moeray.model.moe import expert_pairs_forward
 
 
@@ -32,26 +33,45 @@ class StaleLayoutError(KeyError):
 
 
 class _SlotTable:
-    def __init__(self, reader: CheckpointReader, args: ModelArgs, slots: dict[int, list[int]], dtype: torch.dtype):
+    """The experts of one slot layout, per MoE layer: grouped tensors as `RoutedExperts` holds
+    them, in float8 with block scales when the checkpoint is FP8 and `keep_fp8` is set."""
+
+    def __init__(self, reader: CheckpointReader, args: ModelArgs, slots: dict[int, list[int]], dtype: torch.dtype,
+                 keep_fp8: bool = False, device: str = "cpu"):
         self.slots = {int(layer): list(experts) for layer, experts in slots.items()}
         d, i = args.hidden_size, args.moe_intermediate_size
         self.gate_up: dict[int, torch.Tensor] = {}
         self.down: dict[int, torch.Tensor] = {}
+        self.scales: dict[int, ExpertScales | None] = {}
         for layer, experts in self.slots.items():
-            gate_up = torch.empty(len(experts), 2 * i, d, dtype=dtype)
-            down = torch.empty(len(experts), i, d, dtype=dtype).transpose(1, 2)  # as RoutedExperts stores it
+            stored = [reader.routed_expert_fp8(layer, e) if keep_fp8 else None for e in experts]
+            fp8 = bool(experts) and all(s is not None for s in stored)
+            weight_dtype = torch.float8_e4m3fn if fp8 else dtype
+            gate_up = torch.empty(len(experts), 2 * i, d, dtype=weight_dtype, device=device)
+            # [S, D, I] viewed from [S, I, D]: column-major, as RoutedExperts stores it
+            down = torch.empty(len(experts), i, d, dtype=weight_dtype, device=device).transpose(1, 2)
+            scales = None
+            if fp8:
+                gate_up_scales = torch.stack([s[1] for s in stored]).to(device)
+                down_scales = torch.stack([s[3] for s in stored]).to(device)
+                scales = ExpertScales(gate_up_scales, down_scales, reader.block_size)
             for slot, expert in enumerate(experts):
-                expert_gate_up, expert_down = reader.routed_expert(layer, expert)
+                expert_gate_up, expert_down = ((stored[slot][0], stored[slot][2]) if fp8
+                                               else reader.routed_expert(layer, expert))
                 gate_up[slot].copy_(expert_gate_up)
                 down[slot].copy_(expert_down)
-            self.gate_up[layer], self.down[layer] = gate_up, down
+            self.gate_up[layer], self.down[layer], self.scales[layer] = gate_up, down, scales
 
 
 class ExpertShard:
     def __init__(self, shard_id: int, model_path: str, slots: dict[int, list[int]], router_name: str | None = None,
-                 namespace: str | None = None, dtype: str = "float32"):
+                 namespace: str | None = None, dtype: str = "float32", fp8: str = "auto", device: str = "cpu"):
         self.shard_id = shard_id
         self.dtype = getattr(torch, dtype)
+        self.device = device
+        # FP8 checkpoints: keep experts in float8 (dequantised inside the fused MoE) where asked,
+        # or by default on GPUs; a CPU shard dequantises once at load, as the model does.
+        self.keep_fp8 = fp8 == "keep" or (fp8 == "auto" and device.startswith("cuda"))
         self.reader = CheckpointReader(model_path)
         self.args = read_model_args(model_path)
         self._lock = threading.Lock()
@@ -62,7 +82,7 @@ class ExpertShard:
 
             self.router = ray.get_actor(router_name, namespace=namespace)
             layout, slots = ray.get(self.router.slots_of.remote(shard_id))
-        self.tables = {layout: _SlotTable(self.reader, self.args, slots, self.dtype)}
+        self.tables = {layout: self._table(slots)}
         self.counts = {layer: torch.zeros(self.args.n_routed_experts, dtype=torch.long) for layer in slots}
         if self.router is not None:
             import ray
@@ -76,13 +96,23 @@ class ExpertShard:
             raise StaleLayoutError(f"shard {self.shard_id} has no slot table for layout {layout} "
                                    f"(has {sorted(self.tables)})")
         with torch.inference_mode():
-            out = expert_pairs_forward(x.to(self.dtype), token_of_pair, slot_of_pair, weight_of_pair,
-                                       table.gate_up[layer], table.down[layer])
+            out = expert_pairs_forward(x.to(self.device, self.dtype), token_of_pair.to(self.device),
+                                       slot_of_pair.to(self.device), weight_of_pair.to(self.device),
+                                       table.gate_up[layer], table.down[layer], table.scales[layer]).cpu()
         experts = torch.tensor(table.slots[layer])[slot_of_pair]
         with self._lock:
             self.counts.setdefault(layer, torch.zeros(self.args.n_routed_experts, dtype=torch.long))
             self.counts[layer] += torch.bincount(experts, minlength=self.args.n_routed_experts)
         return out.to(x.dtype)
+
+    def _table(self, slots: dict[int, list[int]]) -> _SlotTable:
+        return _SlotTable(self.reader, self.args, slots, self.dtype, self.keep_fp8, self.device)
+
+    def holds_fp8(self) -> bool:
+        """True when this shard's current experts are stored in float8."""
+        with self._lock:
+            table = self.tables[max(self.tables)]
+        return any(scales is not None for scales in table.scales.values())
 
     def join_collective(self, host: str, port: int, rank: int, world: int, timeout_s: float) -> None:
         """Join a replica's gloo group and serve its expert work on a thread (collective transport)."""
@@ -93,7 +123,7 @@ class ExpertShard:
                          name=f"collective-{host}:{port}", daemon=True).start()
 
     def prepare(self, layout: int, slots: dict[int, list[int]]) -> None:
-        table = _SlotTable(self.reader, self.args, slots, self.dtype)  # loads while old layouts keep serving
+        table = self._table(slots)  # loads while old layouts keep serving
         with self._lock:
             self.tables[layout] = table
 

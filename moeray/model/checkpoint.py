@@ -284,6 +284,19 @@ class CheckpointReader:
             return dequantize_fp8_blocks(q, scale, self.block_size, dtype or torch.float32)
         return tensor if dtype is None else tensor.to(dtype)
 
+    def routed_expert_fp8(self, layer: int, expert: int):
+        """One routed expert as stored in FP8 with its block scales, or None when the checkpoint
+        does not hold it so (per-expert names only, as DeepSeek-V3 ships):
+        (gate_up [2I, D] float8, gate_up scales [2 * ceil(I / bn), ceil(D / bk)] with gate's block
+        rows before up's, down [D, I] float8, down scales [ceil(D / bn), ceil(I / bk)])."""
+        prefix = f"model.layers.{layer}.mlp.experts.{expert}"
+        if not self.is_fp8(f"{prefix}.gate_proj.weight"):
+            return None
+        gate, gate_scale = self.get_fp8(f"{prefix}.gate_proj.weight")
+        up, up_scale = self.get_fp8(f"{prefix}.up_proj.weight")
+        down, down_scale = self.get_fp8(f"{prefix}.down_proj.weight")
+        return torch.cat((gate, up)), torch.cat((gate_scale, up_scale)), down, down_scale
+
     def routed_expert(self, layer: int, expert: int, dtype: torch.dtype | None = None):
         """One routed expert's (gate_up [2I, D], down [D, I]) from either checkpoint layout."""
         prefix = f"model.layers.{layer}.mlp.experts"

@@ -157,3 +157,23 @@ def test_shards_read_only_their_own_experts_from_s3(ray_session, s3_server, hf_f
         assert all(read <= expert_bytes / 2 + header_allowance for read in per_shard), (per_shard, expert_bytes)
     finally:
         ray.get(router.shutdown.remote())
+
+
+def test_fp8_checkpoint_shards_keep_float8_experts_and_match_local(ray_session, tmp_path, prompts):
+    from moeray.model import ModelArgs, build
+    from moeray.model.checkpoint import save_checkpoint
+    from support import quantize_checkpoint, write_tiny_tokenizer
+
+    args = ModelArgs.preset("tiny")
+    save_checkpoint(build(args, seed=5), tmp_path, args)
+    quantize_checkpoint(tmp_path, (16, 24))
+    write_tiny_tokenizer(tmp_path)
+    local = LLM(tmp_path, max_model_len=256, fp8="keep").generate(prompts, GREEDY)
+    router, backend = start_expert_parallel(str(tmp_path), 2, name="fp8-shards", num_cpus=0.5, fp8="keep")
+    try:
+        shards = ray.get(router.shard_handles.remote())
+        assert all(ray.get([shard.holds_fp8.remote() for shard in shards]))
+        sharded = LLM(tmp_path, max_model_len=256, fp8="keep", experts=backend).generate(prompts, GREEDY)
+        assert [r.outputs[0].token_ids for r in sharded] == [r.outputs[0].token_ids for r in local]
+    finally:
+        ray.get(router.shutdown.remote())

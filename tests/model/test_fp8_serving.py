@@ -3,11 +3,10 @@
 engine with the same greedy tokens. The reference path dequantises blockwise with the checkpoint
 reader's arithmetic, so on CPU in float32 the two models agree to float rounding."""
 
-import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import moeray.model
 from moeray import LLM, SamplingParams, kernels
@@ -15,25 +14,9 @@ from moeray.kernels.fp8 import Fp8Linear, quantize_blocks
 from moeray.model import ModelArgs
 from moeray.model.checkpoint import save_checkpoint
 from moeray.model.layers import Linear
-from support import write_tiny_tokenizer
+from support import quantize_checkpoint, write_tiny_tokenizer
 
 BLOCKS = [(128, 128), (16, 24)]
-
-
-def quantize_checkpoint(folder, block: tuple[int, int]) -> None:
-    """Rewrite `folder`'s 2-D projection weights as FP8 with `block` scales, in place (as V3 ships them)."""
-    tensors = load_file(folder / "model.safetensors")
-    out = {}
-    for name, tensor in tensors.items():
-        if tensor.dim() == 2 and "proj" in name:
-            out[name], out[name + "_scale_inv"] = quantize_blocks(tensor, block)
-        else:
-            out[name] = tensor
-    save_file(out, folder / "model.safetensors")
-    config = json.loads((folder / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                     "weight_block_size": list(block)}
-    (folder / "config.json").write_text(json.dumps(config))
 
 
 @pytest.fixture(scope="module", params=BLOCKS, ids=lambda b: f"{b[0]}x{b[1]}")
