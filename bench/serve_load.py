@@ -67,6 +67,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--port", type=int, default=8123)
+    parser.add_argument("--ingress", choices=["separate", "colocated"], default="colocated",
+                        help="OpenAI app in its own deployment, or inside the model replica")
     opts = parser.parse_args()
     folder = small_checkpoint("small")
     requests = workload(opts.clients)
@@ -83,7 +85,8 @@ def main() -> None:
     serve.start(http_options={"host": "127.0.0.1", "port": opts.port})
     engine = {"max_model_len": 1024, "max_num_seqs": 64}
     serve.run(build_app({"model": str(folder), "served_model_name": "small", "engine": engine,
-                         "replica_cpus": os.cpu_count() or 1}), name="bench", route_prefix="/", blocking=False)
+                         "replica_cpus": os.cpu_count() or 1, "ingress": opts.ingress}),
+              name="bench", route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{opts.port}/v1/completions"
     while True:
         try:
@@ -106,7 +109,7 @@ def main() -> None:
     served_rate, offline_rate = total / served_seconds, total / offline_seconds
     ttft = [r["ttft"] for r in served]
     tpot = [r["tpot"] for r in served]
-    results = {"preset": "small", "clients": opts.clients, "output_tokens": total,
+    results = {"preset": "small", "clients": opts.clients, "ingress": opts.ingress, "output_tokens": total,
                "ttft_p50_s": round(statistics.median(ttft), 3), "ttft_p99_s": round(percentile(ttft, 0.99), 3),
                "tpot_p50_s": round(statistics.median(tpot), 4), "tpot_p99_s": round(percentile(tpot, 0.99), 4),
                "served_tok_s": round(served_rate, 1), "offline_tok_s": round(offline_rate, 1),

@@ -1,6 +1,7 @@
 """Training throughput: moeray's training step against the same step on transformers' model.
 
-Both sides start from the same random checkpoint (the `tiny` preset by default), see the same
+Both sides start from the same checkpoint (the `tiny` preset, i.e. the embedded default model,
+by default; other presets with random weights), see the same
 batches in the same order, compute the same loss with the same functions (moeray.jobs.losses)
 and take an AdamW step; only the model differs: moeray's `DeepseekForCausalLM` (as the Ray
 Train workers run it) against transformers' `DeepseekV3ForCausalLM`. Steps alternate between
@@ -26,6 +27,7 @@ from moeray.jobs.losses import dpo_loss, sequence_logprobs, sft_loss
 from moeray.jobs.spec import JobSpec
 from moeray.jobs.trainer import _batch_loss
 from moeray.model.tokenizer import Tokenizer
+from moeray.platform.default_model import DEFAULT_MODEL_DIR
 
 
 def snippets(count: int, lines: int = 12) -> list[list[str]]:
@@ -91,7 +93,8 @@ def measure(method: str, folder, rows: list[dict], steps: int, batch_size: int, 
     from transformers import DeepseekV3ForCausalLM
 
     spec = JobSpec.model_validate({"name": "bench", "base_model": str(folder), "method": method,
-                                   "output": "unused", "data": {"train": "unused.jsonl"}})
+                                   "output": "unused", "data": {"train": "unused.jsonl"},
+                                   "checkpoint": {"storage": "unused"}})
     ours = moeray.model.load(folder).train()
     theirs = DeepseekV3ForCausalLM.from_pretrained(folder, dtype=torch.float32).train()
     optimizers = {"moeray": torch.optim.AdamW(ours.parameters(), lr=1e-4),
@@ -131,8 +134,10 @@ def main() -> None:
     opts = parser.parse_args()
     torch.set_num_threads(opts.threads)
     torch.manual_seed(0)
-    folder = small_checkpoint(opts.preset)
-    tokenizer = Tokenizer.from_pretrained(folder)
+    # The tiny preset is the embedded default model; larger presets get random weights. The data
+    # is tokenized with the default model's tokenizer (its chat template; ids fit every preset).
+    folder = DEFAULT_MODEL_DIR if opts.preset == "tiny" else small_checkpoint(opts.preset)
+    tokenizer = Tokenizer.from_pretrained(DEFAULT_MODEL_DIR)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     count = opts.batch * (opts.steps + 2)
     results = {"preset": opts.preset, "batch": opts.batch, "max_length": opts.max_length, "steps": opts.steps}

@@ -119,7 +119,10 @@ def _batch_loss(model, spec: JobSpec, batch: dict[str, Any], pad_id: int):
     device = next(model.parameters()).device
     if spec.method in ("pretrain", "sft"):
         tensors = {name: t.to(device) for name, t in pad_batch(batch, pad_id).items()}
-        logits = model(tensors["input_ids"], tensors["position_ids"], tensors["segment_ids"])
+        # Rows of one sequence each need no segment mask: right padding comes after every real
+        # token, so plain causal attention (SDPA's fused kernel) is exact where the loss looks.
+        packed = spec.method == "sft" and spec.train.packing
+        logits = model(tensors["input_ids"], tensors["position_ids"], tensors["segment_ids"] if packed else None)
         loss = sft_loss(logits, tensors["labels"])
         metrics = {"tokens": int((tensors["labels"] != -100).sum())}
     else:

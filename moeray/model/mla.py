@@ -95,11 +95,16 @@ class MultiHeadLatentAttention(nn.Module):
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         k = torch.cat((k_nope, k_pe[:, :, None, :].expand(-1, -1, self.num_heads, -1)), dim=-1)
         q = torch.cat((q_nope, q_pe), dim=-1)
+        qk_dim = q.shape[-1]
+        if mask is None and self.v_dim < qk_dim:
+            # SDPA's fused (flash) kernel wants values as wide as queries and keys: pad them with
+            # zeros and drop those output columns again. Much faster than the unfused fallback.
+            v = F.pad(v, (0, qk_dim - self.v_dim))
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # [B, H, T|S, d]
             attn_mask=None if mask is None else mask[:, None], is_causal=causal and mask is None,
             scale=self.softmax_scale)
-        return out.transpose(1, 2)
+        return out.transpose(1, 2)[..., :self.v_dim]
 
     def attend_absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
                         k_pe: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

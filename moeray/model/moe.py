@@ -97,7 +97,9 @@ def expert_pairs_forward(x: torch.Tensor, token_of_pair: torch.Tensor, expert_of
     tokens_sorted = token_of_pair[order]
     counts = torch.bincount(expert_of_pair, minlength=gate_up.shape[0]).tolist()
     x_sorted = x.index_select(0, tokens_sorted)  # [P, D]
-    out_sorted = torch.empty_like(x_sorted)
+    # Each expert's rows, concatenated once at the end: under autograd, writing into slices of a
+    # preallocated tensor would make every expert's backward clone and clear the whole gradient.
+    outputs = []
     start = 0
     for expert, count in enumerate(counts):
         if count == 0:
@@ -106,9 +108,10 @@ def expert_pairs_forward(x: torch.Tensor, token_of_pair: torch.Tensor, expert_of
         w_gate_up, w_down = ((gate_up[expert], down[expert]) if scales is None
                              else scales.dequantize(expert, gate_up, down, x.dtype))
         gate, up = F.linear(x_sorted[start:end], w_gate_up).chunk(2, dim=-1)
-        out_sorted[start:end] = F.linear(F.silu(gate) * up, w_down)
+        outputs.append(F.linear(F.silu(gate) * up, w_down))
         start = end
-    out_sorted.mul_(weight_of_pair[order, None].to(x.dtype))
+    out_sorted = torch.cat(outputs) if outputs else torch.empty_like(x_sorted)  # [P, D]
+    out_sorted = out_sorted * weight_of_pair[order, None].to(x.dtype)
     return torch.zeros_like(x).index_add_(0, tokens_sorted, out_sorted)
 
 

@@ -16,7 +16,7 @@ from typing import Any
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from moeray.platform.openai_api import build_openai_app
+from moeray.platform.openai_api import LocalClient, build_openai_app
 from moeray.platform.service import GenerateChunk, GenerateRequest, ReplicaService
 from moeray.platform.settings import ServeSettings
 
@@ -109,6 +109,30 @@ class OpenAIIngress:
         return build_openai_app(self.client, self.settings)
 
 
+@serve.deployment
+@serve.ingress()
+class OpenAIModelDeployment:
+    """`ingress: colocated`: the OpenAI app and the engine in one replica. Each request's tokens
+    then cross one Ray hop (replica -> HTTP proxy) instead of two, which matters when the CPU
+    that carries them is the CPU the model runs on; /metrics shows the answering replica."""
+
+    def __init__(self, settings: dict[str, Any]):
+        self.settings = ServeSettings.model_validate(settings)
+        self.service = load_replica_service(self.settings)
+
+    def __serve_build_asgi_app__(self):
+        return build_openai_app(LocalClient(self.service), self.settings)
+
+    def check_health(self) -> None:
+        if not self.service.async_engine.is_running:
+            raise RuntimeError("engine thread is not running")
+
+    def __del__(self):
+        service = getattr(self, "service", None)
+        if service is not None:
+            service.shutdown()
+
+
 def build_app(args: dict[str, Any]) -> serve.Application:
     # MOERAY_* environment variables fill in what `args` leaves out: on Kubernetes the API keys
     # come from a Secret as MOERAY_API_KEYS, never through serveConfigV2.
@@ -116,6 +140,11 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     config = settings.model_dump(mode="json")
     config["api_keys"] = settings.api_key_values()
     resources = {"num_cpus": settings.replica_cpus, "num_gpus": settings.replica_gpus}
+    if settings.ingress == "colocated":
+        return OpenAIModelDeployment.options(
+            name="model", autoscaling_config=settings.autoscaling.to_serve(), ray_actor_options=resources,
+            max_ongoing_requests=settings.max_ongoing_requests, max_queued_requests=settings.max_queued_requests,
+        ).bind(config)
     model = ModelDeployment.options(
         name="model", autoscaling_config=settings.autoscaling.to_serve(), ray_actor_options=resources,
         max_ongoing_requests=settings.max_ongoing_requests, max_queued_requests=settings.max_queued_requests,

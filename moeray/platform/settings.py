@@ -114,6 +114,11 @@ class ServeSettings(_Strict):
                                      "get 503 with Retry-After.")
     retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with 503 when the queue is full.")
     app_name: str = Field("moeray", description="Ray Serve application name.")
+    ingress: Literal["separate", "colocated"] = Field("separate", description="separate: an OpenAI ingress "
+                                                      "deployment in front of the autoscaled model deployment; "
+                                                      "colocated: the OpenAI app runs inside each model replica "
+                                                      "(one Ray hop less per token; /metrics then shows the "
+                                                      "replica that answers).")
 
     @model_validator(mode="after")
     def _adapter_names_are_distinct(self) -> ServeSettings:

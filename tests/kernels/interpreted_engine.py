@@ -3,7 +3,6 @@ paged MLA decode) gives the same tokens as the torch path, prefill chunks and ba
 of different lengths included; likewise for an FP8 checkpoint served in FP8 (the block-scaled
 GEMM for the projections, the fused MoE dequantising FP8 experts)."""
 
-import functools
 import json
 
 import torch
@@ -57,11 +56,11 @@ def test_fp8_model_greedy_tokens_equal_with_triton_paths(device, tmp_path, monke
     (folder / "config.json").write_text(json.dumps(config))
     write_tiny_tokenizer(folder)
 
-    monkeypatch.setattr(moeray.model, "load", functools.partial(moeray.model.load, fp8="keep"))
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 400, (n,), generator=gen).tolist() for n in (1, 9)]
     greedy = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
-    llm = LLM(folder, device=device, block_size=4, max_num_batched_tokens=16, enable_prefix_caching=False)
+    llm = LLM(folder, device=device, block_size=4, max_num_batched_tokens=16, enable_prefix_caching=False,
+              fp8="keep")
     assert llm.engine.model.model.layers[1].mlp.experts.gate_up_proj.dtype == torch.float8_e4m3fn
 
     monkeypatch.setattr(kernels, "use_triton", lambda _: False)
