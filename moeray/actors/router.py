@@ -25,6 +25,7 @@ import ray
 from ray.util.placement_group import placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from moeray.actors import SHARED_CPU_ENV
 from moeray.actors.placement import Placement, imbalance, initial_placement, rebalance
 from moeray.actors.shard import ExpertShard
 from moeray.model.checkpoint import read_model_args
@@ -63,6 +64,7 @@ class Router:
         self.shards = [
             remote.options(name=f"{name}-shard-{i}", namespace=namespace, max_restarts=-1, max_task_retries=0,
                            max_concurrency=8, num_cpus=options.num_cpus, num_gpus=options.num_gpus,
+                           runtime_env=None if options.num_gpus else {"env_vars": SHARED_CPU_ENV},
                            scheduling_strategy=PlacementGroupSchedulingStrategy(self._group, placement_group_bundle_index=i),
                            ).remote(i, model_path, self._placement.slots[i], name, namespace, options.dtype,
                                     options.fp8, options.device)

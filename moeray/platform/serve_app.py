@@ -139,7 +139,11 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     settings = ServeSettings.load(overrides=args)
     config = settings.model_dump(mode="json")
     config["api_keys"] = settings.api_key_values()
-    resources = {"num_cpus": settings.replica_cpus, "num_gpus": settings.replica_gpus}
+    resources: dict[str, Any] = {"num_cpus": settings.replica_cpus, "num_gpus": settings.replica_gpus}
+    if settings.expert_parallel.shards and settings.engine.device == "cpu":
+        from moeray.actors import SHARED_CPU_ENV
+
+        resources["runtime_env"] = {"env_vars": SHARED_CPU_ENV}  # the replica shares cores with its shards
     if settings.ingress == "colocated":
         return OpenAIModelDeployment.options(
             name="model", autoscaling_config=settings.autoscaling.to_serve(), ray_actor_options=resources,

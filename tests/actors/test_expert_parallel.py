@@ -155,6 +155,10 @@ def test_shards_read_only_their_own_experts_from_s3(ray_session, s3_server, hf_f
         # Each shard fetched its half of the routed experts (plus file headers), never whole files.
         assert sum(per_shard) >= expert_bytes
         assert all(read <= expert_bytes / 2 + header_allowance for read in per_shard), (per_shard, expert_bytes)
+        # CPU shards share cores with the replica: their OpenMP workers do not spin-wait long.
+        for pid in ray.get([shard.pid.remote() for shard in ray.get(router.shard_handles.remote())]):
+            with open(f"/proc/{pid}/environ", "rb") as environ:
+                assert b"GOMP_SPINCOUNT=20000" in environ.read().split(b"\0")
     finally:
         ray.get(router.shutdown.remote())
 
