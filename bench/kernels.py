@@ -65,7 +65,6 @@ def peak_copy_bandwidth(device, num_bytes: int = 2 << 30) -> float:
     src = torch.empty(num_bytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     seconds = gpu_time(lambda: dst.copy_(src), repeats=10)
-    del src, dst
     return 2 * num_bytes / seconds
 
 

@@ -205,3 +205,25 @@ def quantize_checkpoint(folder, block: tuple[int, int]) -> None:
     config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                      "weight_block_size": list(block)}
     (folder / "config.json").write_text(json.dumps(config))
+
+
+def deploy(settings: dict, route_prefix: str, port: int, name: str) -> str:
+    """Run one moeray Serve app and wait until it answers /health; returns its base URL."""
+    import time
+
+    import httpx
+    from ray import serve
+
+    from moeray.platform.serve_app import build_app
+
+    serve.run(build_app(settings), name=name, route_prefix=route_prefix, blocking=False)
+    base = f"http://127.0.0.1:{port}{route_prefix.rstrip('/')}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base}/health", timeout=5).status_code == 200:
+                return base
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"app {name} did not become healthy")

@@ -1,9 +1,8 @@
 import socket
-import time
 
 import pytest
 
-from support import write_hf_model_folder, write_random_adapter
+from support import deploy, write_hf_model_folder, write_random_adapter  # noqa: F401 (deploy re-exported)
 
 from support import API_KEY  # noqa: F401 (re-exported for tests)
 
@@ -30,24 +29,6 @@ def serve_port(ray_session):
     return port
 
 
-def deploy(settings: dict, route_prefix: str, port: int, name: str) -> str:
-    """Run one moeray Serve app and wait until it answers /health; returns its base URL."""
-    import httpx
-    from ray import serve
-
-    from moeray.platform.serve_app import build_app
-
-    serve.run(build_app(settings), name=name, route_prefix=route_prefix, blocking=False)
-    base = f"http://127.0.0.1:{port}{route_prefix.rstrip('/')}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base}/health", timeout=5).status_code == 200:
-                return base
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"app {name} did not become healthy")
 
 
 @pytest.fixture(scope="session")

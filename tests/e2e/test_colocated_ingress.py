@@ -5,15 +5,13 @@ import openai
 import pytest
 
 from moeray import LLM, SamplingParams
-from support import API_KEY
+from support import API_KEY, deploy
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def colocated(serve_port, model_folder):
-    from conftest import deploy
-
     settings = {"model": str(model_folder), "served_model_name": "tiny-colocated", "api_keys": [API_KEY],
                 "ingress": "colocated", "engine": {"max_model_len": 256, "block_size": 4, "num_cache_blocks": 512}}
     base = deploy(settings, "/colocated", serve_port, "colocated")

@@ -5,7 +5,7 @@ import openai
 import pytest
 import ray
 
-from conftest import deploy
+from support import deploy
 from moeray import LLM, SamplingParams
 from support import API_KEY
 

@@ -6,7 +6,7 @@ import time
 import httpx
 import pytest
 
-from conftest import deploy
+from support import deploy
 from support import API_KEY
 
 pytestmark = pytest.mark.slow
