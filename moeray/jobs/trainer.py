@@ -69,8 +69,11 @@ def _dpo_example(model, tokenizer: Tokenizer, row: dict, max_length: int) -> dic
     return example
 
 
-def prepare(spec: JobSpec) -> PreparedData:
-    base = local_copy(spec.base_model)
+def prepare(spec: JobSpec, check_only: bool = False) -> PreparedData | None:
+    """Check the spec against the world, then tokenize. With `check_only` it stops after the
+    checks (what `moeray jobs submit` runs on the submitting machine: no tokenization, no DPO
+    reference pass, and no model weights fetched, only config and tokenizer)."""
+    base = local_copy(spec.base_model, skip_suffixes=(".safetensors",))
     if not (base / "config.json").exists():
         raise FileNotFoundError(f"base_model {spec.base_model!r}: no config.json there")
     tokenizer = Tokenizer.from_pretrained(base)
@@ -84,6 +87,8 @@ def prepare(spec: JobSpec) -> PreparedData:
     eval_rows = _rows(spec, spec.data.eval) if spec.data.eval else []
     if spec.data.eval_fraction:
         train_rows, eval_rows = split_eval(train_rows, spec.data.eval_fraction, spec.train.seed)
+    if check_only:
+        return None
     max_len = spec.train.max_length
     if spec.method == "pretrain":
         return PreparedData(tokenize_text([r["text"] for r in train_rows], tokenizer, max_len),
@@ -95,7 +100,7 @@ def prepare(spec: JobSpec) -> PreparedData:
                 return pack(examples, max_len)
             return [{"input_ids": ids, "labels": labels} for ids, labels in examples]
         return PreparedData(encode(train_rows, spec.train.packing), encode(eval_rows, False))
-    reference = moeray.model.load(base).eval()  # the reference pass, then it is gone
+    reference = moeray.model.load(spec.base_model).eval()  # the reference pass, then it is gone
     data = PreparedData([_dpo_example(reference, tokenizer, r, max_len) for r in train_rows],
                         [_dpo_example(reference, tokenizer, r, max_len) for r in eval_rows])
     del reference
