@@ -438,31 +438,28 @@ def _missing_name(target_name: str, mask: torch.Tensor | None, shape: tuple[int,
     return f"{prefix}.{expert}.{proj}.weight"
 
 
+# Grouped routed-expert tensors of the model -> the per-expert Hugging Face names they split into.
+_GROUPED_EXPERT_NAMES = {
+    "experts.gate_up_proj": ("gate_proj.weight", "up_proj.weight"),
+    "experts.down_proj": ("down_proj.weight",),
+    "experts.gate_up_proj_scale_inv": (f"gate_proj.weight{_SCALE_SUFFIX}", f"up_proj.weight{_SCALE_SUFFIX}"),
+    "experts.down_proj_scale_inv": (f"down_proj.weight{_SCALE_SUFFIX}",),
+}
+
+
 def hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The model's tensors under Hugging Face names, routed experts split per expert (FP8 experts'
     scales too, as `...experts.E.gate_proj.weight_scale_inv`)."""
     out: dict[str, torch.Tensor] = {}
     for name, tensor in model.state_dict().items():
-        if name.endswith("experts.gate_up_proj_scale_inv"):  # FP8 experts: gate's block rows, then up's
-            prefix, half = name.rsplit(".", 1)[0], tensor.shape[1] // 2
-            for e in range(tensor.shape[0]):
-                out[f"{prefix}.{e}.gate_proj.weight{_SCALE_SUFFIX}"] = tensor[e, :half]
-                out[f"{prefix}.{e}.up_proj.weight{_SCALE_SUFFIX}"] = tensor[e, half:]
-        elif name.endswith("experts.down_proj_scale_inv"):
-            prefix = name.rsplit(".", 1)[0]
-            for e in range(tensor.shape[0]):
-                out[f"{prefix}.{e}.down_proj.weight{_SCALE_SUFFIX}"] = tensor[e]
-        elif name.endswith("experts.gate_up_proj"):
-            prefix, half = name.rsplit(".", 1)[0], tensor.shape[1] // 2
-            for e in range(tensor.shape[0]):
-                out[f"{prefix}.{e}.gate_proj.weight"] = tensor[e, :half]
-                out[f"{prefix}.{e}.up_proj.weight"] = tensor[e, half:]
-        elif name.endswith("experts.down_proj"):
-            prefix = name.rsplit(".", 1)[0]
-            for e in range(tensor.shape[0]):
-                out[f"{prefix}.{e}.down_proj.weight"] = tensor[e]
-        else:
+        per_expert = next((names for suffix, names in _GROUPED_EXPERT_NAMES.items() if name.endswith(suffix)), None)
+        if per_expert is None:
             out[name] = tensor
+            continue
+        prefix = name.rsplit(".", 1)[0]
+        for e in range(tensor.shape[0]):  # gate_up rows (and their scale rows): gate's half, then up's
+            for part, hf_name in zip(tensor[e].chunk(len(per_expert)), per_expert, strict=True):
+                out[f"{prefix}.{e}.{hf_name}"] = part
     return out
 
 

@@ -22,6 +22,7 @@ import signal
 import sys
 import threading
 
+from moeray.platform import kube, ray_jobs
 from moeray.platform.kube import KubeError
 from moeray.platform.ray_jobs import JobsApiError
 from moeray.platform.settings import ServeSettings, SettingsError
@@ -103,15 +104,11 @@ def _jobs_run(opts: argparse.Namespace) -> int:
 
 def _jobs_submit(opts: argparse.Namespace) -> int:
     if opts.k8s:
-        from moeray.platform import kube
-
         options = {"image": opts.image} if opts.image else {}
         name = kube.submit(opts.spec, opts.namespace, **options)
         print(f"moeray: created RayJob {opts.namespace}/{name}; follow it with: moeray jobs logs {name} --k8s "
               f"--namespace {opts.namespace} --follow", flush=True)
         return 0
-    from moeray.platform import ray_jobs
-
     submission_id = ray_jobs.submit(opts.spec, opts.address)
     print(f"moeray: submitted {submission_id} to {ray_jobs.resolve_address(opts.address)}; follow it with: "
           f"moeray jobs logs {submission_id} --follow", flush=True)
@@ -120,14 +117,8 @@ def _jobs_submit(opts: argparse.Namespace) -> int:
 
 def _jobs_status(opts: argparse.Namespace) -> int:
     if opts.k8s:
-        from moeray.platform import kube
-
-        info = kube.status(opts.id, opts.namespace)
-        print(f"{info.name}: job {info.job_status or 'PENDING'}, deployment {info.deployment_status or '-'}"
-              f"{'; ' + info.message if info.message else ''}")
+        print(kube.status(opts.id, opts.namespace).summary())
         return 0
-    from moeray.platform import ray_jobs
-
     info = ray_jobs.status(opts.id, opts.address)
     print(f"{info.submission_id}: {info.status}{'; ' + info.message if info.message else ''}")
     return 0
@@ -135,12 +126,8 @@ def _jobs_status(opts: argparse.Namespace) -> int:
 
 def _jobs_logs(opts: argparse.Namespace) -> int:
     if opts.k8s:
-        from moeray.platform import kube
-
         chunks = kube.logs(opts.id, opts.namespace, follow=opts.follow)
     else:
-        from moeray.platform import ray_jobs
-
         chunks = ray_jobs.logs(opts.id, opts.address, follow=opts.follow)
     for chunk in chunks:
         sys.stdout.write(chunk if chunk.endswith("\n") or opts.follow else chunk + "\n")
@@ -150,13 +137,9 @@ def _jobs_logs(opts: argparse.Namespace) -> int:
 
 def _jobs_stop(opts: argparse.Namespace) -> int:
     if opts.k8s:
-        from moeray.platform import kube
-
         kube.stop(opts.id, opts.namespace)
         print(f"moeray: deleted RayJob {opts.namespace}/{opts.id}")
         return 0
-    from moeray.platform import ray_jobs
-
     stopped = ray_jobs.stop(opts.id, opts.address)
     print(f"moeray: {'stopping' if stopped else 'already ended:'} {opts.id}")
     return 0
@@ -164,13 +147,9 @@ def _jobs_stop(opts: argparse.Namespace) -> int:
 
 def _jobs_list(opts: argparse.Namespace) -> int:
     if opts.k8s:
-        from moeray.platform import kube
-
         for info in kube.list_jobs(opts.namespace):
-            print(f"{info.name:<40} {info.job_status or 'PENDING':<10} {info.deployment_status:<14} {info.start_time}")
+            print(info.summary())
         return 0
-    from moeray.platform import ray_jobs
-
     for info in ray_jobs.list_jobs(opts.address):
         print(info.line())
     return 0

@@ -54,17 +54,12 @@ def load_replica_service(settings: ServeSettings) -> ReplicaService:
     return ReplicaService(Engine(model, tokenizer, engine_config, experts, adapters))
 
 
-@serve.deployment
-class ModelDeployment:
+class _HostsEngine:
+    """What every deployment that holds an engine shares: building it, health, shutdown."""
+
     def __init__(self, settings: dict[str, Any]):
-        self.service = load_replica_service(ServeSettings.model_validate(settings))
-
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
-        async for chunk in self.service.generate(request):
-            yield chunk
-
-    async def stats(self) -> dict[str, Any]:
-        return self.service.stats().as_dict()
+        self.settings = ServeSettings.model_validate(settings)
+        self.service = load_replica_service(self.settings)
 
     def check_health(self) -> None:
         if not self.service.async_engine.is_running:
@@ -74,6 +69,16 @@ class ModelDeployment:
         service = getattr(self, "service", None)
         if service is not None:
             service.shutdown()
+
+
+@serve.deployment
+class ModelDeployment(_HostsEngine):
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+        async for chunk in self.service.generate(request):
+            yield chunk
+
+    async def stats(self) -> dict[str, Any]:
+        return self.service.stats().as_dict()
 
 
 class HandleClient:
@@ -111,26 +116,13 @@ class OpenAIIngress:
 
 @serve.deployment
 @serve.ingress()
-class OpenAIModelDeployment:
+class OpenAIModelDeployment(_HostsEngine):
     """`ingress: colocated`: the OpenAI app and the engine in one replica. Each request's tokens
     then cross one Ray hop (replica -> HTTP proxy) instead of two, which matters when the CPU
     that carries them is the CPU the model runs on; /metrics shows the answering replica."""
 
-    def __init__(self, settings: dict[str, Any]):
-        self.settings = ServeSettings.model_validate(settings)
-        self.service = load_replica_service(self.settings)
-
     def __serve_build_asgi_app__(self):
         return build_openai_app(LocalClient(self.service), self.settings)
-
-    def check_health(self) -> None:
-        if not self.service.async_engine.is_running:
-            raise RuntimeError("engine thread is not running")
-
-    def __del__(self):
-        service = getattr(self, "service", None)
-        if service is not None:
-            service.shutdown()
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
