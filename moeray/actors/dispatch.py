@@ -3,8 +3,9 @@
 Contract: `ShardedExperts` is an `ExpertBackend`. For one MoE layer it maps every
 (token, expert) pair to a replica of that expert (the only one, or the least loaded so far in
 this call when there are several), sends each shard its tokens once (unique rows) with the
-pairs' slots and weights over the chosen transport (`transport.py`: Ray actor calls or a gloo
-collective group), and adds the weighted results back in token order.
+pairs' slots and weights over the chosen transport (`transport.py`: Ray actor calls, or
+collective groups: gloo, with NCCL for the tensors when replica and shards hold GPUs), and adds
+the weighted results back in token order.
 - The placement is cached; the hot path never calls the Router per layer. A version probe runs
   at most once per `refresh_interval_s`, without blocking, and a failure refreshes at once.
 - A shard that dies mid-layer is reported to the Router and the whole layer is re-run on the
@@ -41,12 +42,13 @@ class _LayerRoutes:
 
 
 class ShardedExperts:
-    def __init__(self, router, transport: str = "ray", timeout_s: float = 120.0, refresh_interval_s: float = 1.0):
+    def __init__(self, router, transport: str = "ray", timeout_s: float = 120.0, refresh_interval_s: float = 1.0,
+                 device: str = "cpu"):
         if transport not in TRANSPORT_TYPES:
             raise ValueError(f"unknown expert transport {transport!r}; choose one of {sorted(TRANSPORT_TYPES)}")
         self.router = router
         self.shards = ray.get(router.shard_handles.remote())
-        self.transport = TRANSPORT_TYPES[transport](self.shards)
+        self.transport = TRANSPORT_TYPES[transport](self.shards, device=device)
         self.timeout_s, self.refresh_interval_s = timeout_s, refresh_interval_s
         self._probe = None
         self._last_probe = time.monotonic()
@@ -107,19 +109,19 @@ class ShardedExperts:
         slot_of_pair = routes.slot[experts]
         if routes.multi:
             self._spread_replicas(routes, experts, shard_of_pair, slot_of_pair)
-        x_cpu = x.cpu()
+        x_sent = x.to(self.transport.device)  # the host, or the GPU on the NCCL data plane
         works = []
         for shard in shard_of_pair.unique().tolist():
             mask = shard_of_pair == shard
             tokens, local = token_of_pair[mask].unique(return_inverse=True)
-            works.append(ShardWork(shard, tokens, x_cpu[tokens], local, slot_of_pair[mask], weight_of_pair[mask]))
+            works.append(ShardWork(shard, tokens, x_sent[tokens.to(x_sent.device)], local, slot_of_pair[mask],
+                                   weight_of_pair[mask]))
         return works
 
-    @staticmethod
-    def _combine(x: torch.Tensor, works: list[ShardWork], results: dict[int, torch.Tensor]) -> torch.Tensor:
-        out = torch.zeros(x.shape, dtype=x.dtype)
+    def _combine(self, x: torch.Tensor, works: list[ShardWork], results: dict[int, torch.Tensor]) -> torch.Tensor:
+        out = torch.zeros(x.shape, dtype=x.dtype, device=self.transport.device)
         for work in works:
-            out.index_add_(0, work.tokens, results[work.shard])
+            out.index_add_(0, work.tokens.to(out.device), results[work.shard].to(out.device))
         return out.to(x.device)
 
     def _dispatch(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -172,8 +174,10 @@ class PendingExperts:
 def start_expert_parallel(model_path: str, num_shards: int, redundant: int = 0, name: str | None = None,
                           namespace: str | None = None, num_cpus: float = 1.0, num_gpus: float = 0.0,
                           strategy: str = "SPREAD", dtype: str = "float32", rebalance_interval_s: float | None = None,
-                          detached: bool = False, transport: str = "ray", fp8: str = "auto"):
-    """Create (or join, by name) the Router and its shards; returns (router handle, backend)."""
+                          detached: bool = False, transport: str = "ray", fp8: str = "auto", device: str = "cpu"):
+    """Create (or join, by name) the Router and its shards; returns (router handle, backend).
+    `device` is the calling replica's (the collective transport uses NCCL when it and the
+    shards are GPUs)."""
     from moeray.actors.router import Router, ShardOptions
 
     if not ray.is_initialized():
@@ -192,4 +196,4 @@ def start_expert_parallel(model_path: str, num_shards: int, redundant: int = 0, 
         if time.monotonic() > deadline:
             raise TimeoutError(f"expert shards of {name} did not start")
         time.sleep(0.1)
-    return router, ShardedExperts(router, transport)
+    return router, ShardedExperts(router, transport, device=device)

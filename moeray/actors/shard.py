@@ -17,6 +17,7 @@ Contract:
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 
@@ -90,7 +91,9 @@ class ExpertShard:
             ray.get(self.router.register.remote(shard_id, os.getpid()))
 
     def compute(self, layout: int, layer: int, x: torch.Tensor, token_of_pair: torch.Tensor,
-                slot_of_pair: torch.Tensor, weight_of_pair: torch.Tensor) -> torch.Tensor:
+                slot_of_pair: torch.Tensor, weight_of_pair: torch.Tensor, on_device: bool = False) -> torch.Tensor:
+        """The weighted expert output rows [U, D] for x's pairs: on the host in x's dtype, or on
+        this shard's device when `on_device` (the NCCL data plane)."""
         table = self.tables.get(layout)
         if table is None:
             raise StaleLayoutError(f"shard {self.shard_id} has no slot table for layout {layout} "
@@ -98,12 +101,12 @@ class ExpertShard:
         with torch.inference_mode():
             out = expert_pairs_forward(x.to(self.device, self.dtype), token_of_pair.to(self.device),
                                        slot_of_pair.to(self.device), weight_of_pair.to(self.device),
-                                       table.gate_up[layer], table.down[layer], table.scales[layer]).cpu()
-        experts = torch.tensor(table.slots[layer])[slot_of_pair]
+                                       table.gate_up[layer], table.down[layer], table.scales[layer])
+        experts = torch.tensor(table.slots[layer])[slot_of_pair.cpu()]
         with self._lock:
             self.counts.setdefault(layer, torch.zeros(self.args.n_routed_experts, dtype=torch.long))
             self.counts[layer] += torch.bincount(experts, minlength=self.args.n_routed_experts)
-        return out.to(x.dtype)
+        return out if on_device else out.to("cpu", x.dtype)
 
     def _table(self, slots: dict[int, list[int]]) -> _SlotTable:
         return _SlotTable(self.reader, self.args, slots, self.dtype, self.keep_fp8, self.device)
@@ -114,12 +117,26 @@ class ExpertShard:
             table = self.tables[max(self.tables)]
         return any(scales is not None for scales in table.scales.values())
 
-    def join_collective(self, host: str, port: int, rank: int, world: int, timeout_s: float) -> None:
-        """Join a replica's gloo group and serve its expert work on a thread (collective transport)."""
-        from moeray.actors.transport import open_group, serve_collective
+    def device_type(self) -> str:
+        return torch.device(self.device).type
 
-        group = open_group(host, port, rank, world, timeout_s)
-        threading.Thread(target=serve_collective, args=(group, self.compute, self.args.hidden_size),
+    def gpu_ids(self) -> list[str]:
+        """The GPUs Ray gave this shard (empty on CPU)."""
+        import ray
+
+        return [str(i) for i in ray.get_runtime_context().get_accelerator_ids().get("GPU", [])]
+
+    def join_collective(self, host: str, port: int, rank: int, world: int, timeout_s: float,
+                        data_plane: str = "gloo") -> None:
+        """Join a replica's collective groups and serve its expert work on a thread."""
+        from moeray.actors.transport import open_groups, serve_collective
+
+        device = torch.device(self.device) if data_plane == "nccl" else torch.device("cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        control, data = open_groups(host, port, rank, world, timeout_s, data_plane)
+        compute = functools.partial(self.compute, on_device=data_plane == "nccl")
+        threading.Thread(target=serve_collective, args=(control, data, compute, self.args.hidden_size, device),
                          name=f"collective-{host}:{port}", daemon=True).start()
 
     def prepare(self, layout: int, slots: dict[int, list[int]]) -> None:

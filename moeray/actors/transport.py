@@ -7,13 +7,19 @@ micro-batch's attention) while the shards work.
 A shard that cannot answer raises `ShardFailed` naming it; a shard that no longer holds the
 caller's slot layout raises `ShardFailed(stale=True)`.
 - `RayTransport`: one actor call per shard (any topology, tensors through the object store).
-- `CollectiveTransport`: a torch.distributed gloo group formed by the replica (rank 0) and its
-  shards (ranks 1..N), with point-to-point messages: per shard and layer a fixed header, then one
-  packed float32 payload (x, then token, slot and weight of each pair), answered by one packed
-  reply (the output rows, then a status); each shard runs a receive loop on a thread. Three
-  messages per shard and layer, since on a few busy cores each message costs a thread wake-up.
-  On a broken group (a shard died) it hands over to `RayTransport` for good: gloo groups cannot
-  lose a member.
+- `CollectiveTransport`: torch.distributed groups formed by the replica (rank 0) and its shards
+  (ranks 1..N), with point-to-point messages: per shard and layer a fixed header, then one packed
+  float32 payload (x, then token, slot and weight of each pair), answered by the output rows and
+  a status; each shard runs a receive loop on a thread.
+  - On CPU everything travels on one gloo group and the status rides at the end of the reply:
+    three messages per shard and layer, since on a few busy cores each message costs a thread
+    wake-up.
+  - When the replica and every shard hold a GPU, payloads and replies travel GPU to GPU on an
+    NCCL group (the data plane), while headers and statuses stay on the gloo group (the control
+    plane). A shard sends its status only once its reply has arrived, so the replica waits on
+    gloo, which notices a dead peer, and never blocks on an NCCL receive that cannot complete.
+  On a broken group (a shard died) it hands over to `RayTransport` for good: the groups cannot
+  lose a member (an NCCL group is aborted so its pending receives are released).
 """
 
 from __future__ import annotations
@@ -52,8 +58,9 @@ class ShardWork:
 
 class RayTransport:
     name = "ray"
+    device = torch.device("cpu")  # tensors travel through the object store
 
-    def __init__(self, shards: list):
+    def __init__(self, shards: list, device: str = "cpu"):
         self.shards = shards
 
     def start(self, layout: int, layer: int, works: list[ShardWork]):
@@ -88,64 +95,103 @@ def _free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def open_group(host: str, port: int, rank: int, world: int, timeout_s: float) -> dist.ProcessGroupGloo:
-    """A gloo group of its own (no global default group): the replica's and each shard's."""
+def open_groups(host: str, port: int, rank: int, world: int, timeout_s: float, data_plane: str = "gloo"):
+    """The (control, data) groups of one replica and its shards, outside any global default group.
+    The control group is gloo; the data group is the same group, or an NCCL group on the current
+    CUDA device when `data_plane` is "nccl"."""
     store = dist.TCPStore(host, port, world, is_master=rank == 0, timeout=datetime.timedelta(seconds=120))
-    return dist.ProcessGroupGloo(store, rank, world, datetime.timedelta(seconds=timeout_s))
+    control = dist.ProcessGroupGloo(store, rank, world, datetime.timedelta(seconds=timeout_s))
+    if data_plane == "gloo":
+        return control, control
+    if data_plane != "nccl":
+        raise ValueError(f"unknown data plane {data_plane!r}; choose gloo or nccl")
+    if not (dist.is_nccl_available() and torch.cuda.is_available()):
+        raise RuntimeError("the nccl data plane needs a CUDA device and a torch build with NCCL")
+    options = dist.ProcessGroupNCCL.Options()
+    options._timeout = datetime.timedelta(seconds=timeout_s)
+    return control, dist.ProcessGroupNCCL(dist.PrefixStore("data", store), rank, world, options)
+
+
+def data_plane_for(replica_device: str, shard_devices: list[str]) -> str:
+    """NCCL when the replica and every shard compute on CUDA (and torch has NCCL), else gloo."""
+    on_gpus = torch.device(replica_device).type == "cuda" and all(d == "cuda" for d in shard_devices)
+    return "nccl" if on_gpus and dist.is_nccl_available() else "gloo"
 
 
 class CollectiveTransport:
     name = "collective"
 
-    def __init__(self, shards: list, host: str | None = None, timeout_s: float = 30.0):
+    def __init__(self, shards: list, device: str = "cpu", host: str | None = None, timeout_s: float = 30.0):
         self.shards = shards
         self.fallback = RayTransport(shards)
         self.broken = False
+        self.data_plane = data_plane_for(device, ray.get([s.device_type.remote() for s in shards]))
+        self.device = torch.device(device) if self.data_plane == "nccl" else torch.device("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
         host = host or ray.util.get_node_ip_address()
         port = _free_port(host)
         world = len(shards) + 1
-        joins = [s.join_collective.remote(host, port, i + 1, world, timeout_s) for i, s in enumerate(shards)]
-        self.group = open_group(host, port, 0, world, timeout_s)
+        joins = [s.join_collective.remote(host, port, i + 1, world, timeout_s, self.data_plane)
+                 for i, s in enumerate(shards)]
+        self.group, self.data = open_groups(host, port, 0, world, timeout_s, self.data_plane)
         ray.get(joins)
+        logger.info("collective expert transport: %d shards, data plane %s", len(shards), self.data_plane)
 
     def start(self, layout: int, layer: int, works: list[ShardWork]):
         """Post the sends and the receives; nothing waits here (the shards start computing)."""
         if self.broken:
             return ("ray", self.fallback.start(layout, layer, works))
+        split = self.data is not self.group  # NCCL data plane: statuses travel on their own
         try:
-            handles, replies = [], {}
-            for w in works:
+            control, data, replies, statuses = [], [], {}, {}
+            for w in works:  # every send first: on NCCL a receive queued before a send delays it
                 dst = w.shard + 1
                 header = torch.tensor([OP_COMPUTE, layout, layer, w.x.shape[0], w.token_of_pair.numel()])
-                handles.append(self.group.send([header], dst, 0))
-                handles.append(self.group.send([pack_work(w.x, w.token_of_pair, w.slot_of_pair,
-                                                          w.weight_of_pair)], dst, 0))
-                replies[w.shard] = torch.empty(w.x.shape[0] * w.x.shape[1] + 1)  # output rows, then status
-                handles.append(self.group.recv([replies[w.shard]], dst, 1))
+                control.append(self.group.send([header], dst, 0))
+                data.append(self.data.send([pack_work(w.x, w.token_of_pair, w.slot_of_pair, w.weight_of_pair)],
+                                           dst, 0))
+            for w in works:
+                dst = w.shard + 1
+                rows = w.x.shape[0] * w.x.shape[1]
+                replies[w.shard] = torch.empty(rows if split else rows + 1, device=self.device)
+                data.append(self.data.recv([replies[w.shard]], dst, 1))
+                if split:
+                    statuses[w.shard] = torch.empty(1, dtype=torch.long)
+                    control.append(self.group.recv([statuses[w.shard]], dst, 1))
         except RuntimeError as err:
             return self._break(err, layout, layer, works)
-        return ("collective", (handles, replies, (layout, layer, works)))
+        return ("collective", (control + data, replies, statuses, (layout, layer, works)))
 
     def _break(self, err, layout, layer, works):
         logger.warning("collective expert transport broken (%s); continuing over Ray actor calls", err)
-        self.broken = True  # a member died: the group is unusable from now on
+        self.broken = True  # a member died: the groups are unusable from now on
+        if self.data is not self.group:
+            self.data.abort()  # release receives that will never complete
         return ("ray", self.fallback.start(layout, layer, works))
 
     def finish(self, pending) -> dict[int, torch.Tensor]:
         kind, state = pending
         if kind == "ray":
             return self.fallback.finish(state)
-        handles, replies, request = state
+        handles, replies, statuses, request = state
         try:
+            # Gloo raises when a peer dies. The control handles come first: on the NCCL data plane
+            # a shard sends its status only once its reply has arrived, so the NCCL waits after
+            # them cannot hang on a dead shard.
             for handle in handles:
                 handle.wait()
         except RuntimeError as err:
             return self.fallback.finish(self._break(err, *request)[1])
-        if any(int(reply[-1]) != 0 for reply in replies.values()):
+        if statuses:
+            failed = any(int(status) != 0 for status in statuses.values())
+        else:
+            failed = any(int(reply[-1]) != 0 for reply in replies.values())
+            replies = {shard: reply[:-1] for shard, reply in replies.items()}
+        if failed:
             raise ShardFailed(set(), stale=True)
         works = {w.shard: w for w in request[2]}
-        return {shard: reply[:-1].view(works[shard].x.shape).to(works[shard].x.dtype)
-                for shard, reply in replies.items()}
+        return {shard: reply.view(works[shard].x.shape).to(works[shard].x.dtype) for shard, reply in replies.items()}
 
     def exchange(self, layout: int, layer: int, works: list[ShardWork]) -> dict[int, torch.Tensor]:
         return self.finish(self.start(layout, layer, works))
@@ -163,8 +209,9 @@ class CollectiveTransport:
 def pack_work(x: torch.Tensor, token_of_pair: torch.Tensor, slot_of_pair: torch.Tensor,
               weight_of_pair: torch.Tensor) -> torch.Tensor:
     """One float32 message: x [U, D] flattened, then token, slot and weight of each of the P pairs.
-    Token and slot indices are small integers (< 2**24), exact in float32."""
-    return torch.cat((x.float().reshape(-1), token_of_pair.float(), slot_of_pair.float(), weight_of_pair.float()))
+    Token and slot indices are small integers (< 2**24), exact in float32. Built on x's device."""
+    pairs = [t.to(x.device, torch.float32) for t in (token_of_pair, slot_of_pair, weight_of_pair)]
+    return torch.cat((x.float().reshape(-1), *pairs))
 
 
 def unpack_work(payload: torch.Tensor, num_tokens: int, num_pairs: int, hidden_size: int):
@@ -173,27 +220,38 @@ def unpack_work(payload: torch.Tensor, num_tokens: int, num_pairs: int, hidden_s
     return x.view(num_tokens, hidden_size), tokens.long(), slots.long(), weights
 
 
-def serve_collective(group: dist.ProcessGroupGloo, compute, hidden_size: int) -> None:
-    """The shard side: receive work from rank 0, compute, send the output back, until OP_STOP."""
+def serve_collective(control: dist.ProcessGroup, data: dist.ProcessGroup, compute, hidden_size: int,
+                     device: torch.device) -> None:
+    """The shard side: receive work from rank 0, compute, send the output back, until OP_STOP.
+    `compute(layout, layer, x, token_of_pair, slot_of_pair, weight_of_pair)` returns rows on
+    `device` (the data plane's); a KeyError from it means a stale slot layout."""
+    split = data is not control
     header = torch.empty(HEADER_FIELDS, dtype=torch.long)
     while True:
         try:
-            group.recv([header], 0, 0).wait()
+            control.recv([header], 0, 0).wait()
         except RuntimeError:
             return  # the replica went away
         op, layout, layer, num_tokens, num_pairs = header.tolist()
         if op == OP_STOP:
             return
-        payload = torch.empty(num_tokens * hidden_size + 3 * num_pairs)
-        group.recv([payload], 0, 0).wait()
-        reply = torch.empty(num_tokens * hidden_size + 1)
+        payload = torch.empty(num_tokens * hidden_size + 3 * num_pairs, device=device)
+        data.recv([payload], 0, 0).wait()
+        rows = num_tokens * hidden_size
+        reply = torch.empty(rows if split else rows + 1, device=device)
         try:
-            reply[:-1] = compute(layout, layer, *unpack_work(payload, num_tokens, num_pairs, hidden_size)).reshape(-1)
-            reply[-1] = 0
+            reply[:rows] = compute(layout, layer, *unpack_work(payload, num_tokens, num_pairs, hidden_size)).reshape(-1)
+            status = 0
         except KeyError:  # StaleLayoutError: tell the replica to refresh its placement
             reply.zero_()
-            reply[-1] = 1
-        group.send([reply], 0, 1).wait()
+            status = 1
+        if not split:
+            reply[-1] = status
+            control.send([reply], 0, 1).wait()
+            continue
+        data.send([reply], 0, 1).wait()
+        torch.cuda.current_stream(device).synchronize()  # the reply has reached the replica
+        control.send([torch.tensor([status])], 0, 1).wait()
 
 
 TRANSPORT_TYPES = {RayTransport.name: RayTransport, CollectiveTransport.name: CollectiveTransport}

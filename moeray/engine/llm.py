@@ -78,7 +78,8 @@ class LLM:
                  redundant_experts: int = 0, transport: str = "ray", **engine_options: Any):
         config = EngineConfig(dtype=dtype, device=device, **engine_options)
         if experts is None:
-            experts = start_experts(model, expert_shards, redundant_experts, transport, dtype=dtype, fp8=config.fp8)
+            experts = start_experts(model, expert_shards, redundant_experts, transport, dtype=dtype, fp8=config.fp8,
+                                    device=device)
         loaded = moeray.model.load(model, dtype=config.torch_dtype, device=device, local_experts=experts is None,
                                    fp8=config.fp8)
         # A model under an s3:// URI streams its tensors remotely; only its tokenizer files are copied.

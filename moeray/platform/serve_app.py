@@ -43,7 +43,7 @@ def load_replica_service(settings: ServeSettings) -> ReplicaService:
             str(folder), ep.shards, ep.redundant_experts, name=f"{settings.app_name}-router", namespace="moeray",
             num_cpus=ep.shard_cpus, num_gpus=ep.shard_gpus, strategy=ep.placement_strategy,
             dtype=engine_config.dtype, rebalance_interval_s=ep.rebalance_interval_s, detached=True,
-            transport=ep.transport, fp8=engine_config.fp8)
+            transport=ep.transport, fp8=engine_config.fp8, device=engine_config.device)
         experts.timeout_s = ep.timeout_s
     model = load(folder, dtype=engine_config.torch_dtype, device=engine_config.device, local_experts=experts is None,
                  fp8=engine_config.fp8)

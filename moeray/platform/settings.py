@@ -80,7 +80,8 @@ class ExpertParallelSettings(_Strict):
     shards: int = Field(0, ge=0, description="ExpertShard actors holding the routed experts.")
     redundant_experts: int = Field(0, ge=0, description="Extra replicas per MoE layer for the hottest experts.")
     transport: Literal["ray", "collective"] = Field("ray", description="How replicas reach shards: Ray actor "
-                                                    "calls, or a torch.distributed group (gloo on CPU).")
+                                                    "calls, or torch.distributed point-to-point (gloo; NCCL "
+                                                    "for the tensors when replica and shards hold GPUs).")
     shard_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves for each shard.")
     shard_gpus: float = Field(0.0, ge=0, description="GPUs Ray reserves for each shard.")
     placement_strategy: Literal["SPREAD", "PACK"] = Field("SPREAD", description="Placement group strategy for "

@@ -7,6 +7,7 @@ import time
 
 import pytest
 import ray
+import torch
 
 from moeray import LLM, SamplingParams
 from moeray.actors.dispatch import ExpertsUnavailableError, start_expert_parallel
@@ -32,6 +33,8 @@ def sharded_llm(folder, shards, redundant=0, name=None, **kwargs):
 def test_sharded_greedy_equals_local(ray_session, hf_folder, prompts, local_outputs, shards, transport):
     router, llm = sharded_llm(hf_folder[0], shards, name=f"eq-{shards}-{transport}", transport=transport)
     assert llm.engine.runner.experts.transport.name == transport
+    if transport == "collective":  # CPU replica and shards: everything travels on the gloo group
+        assert llm.engine.runner.experts.transport.data_plane == "gloo"
     try:
         assert [r.outputs[0].token_ids for r in llm.generate(prompts, GREEDY)] == local_outputs
         # Every shard did work: the experts really ran remotely.
@@ -39,6 +42,43 @@ def test_sharded_greedy_equals_local(ray_session, hf_folder, prompts, local_outp
         assert sum(sum(v) for v in loads.values()) > 0
         assert llm.engine.model.model.layers[1].mlp.experts is None  # no local copy of routed experts
         assert not getattr(llm.engine.runner.experts.transport, "broken", False)  # no fallback happened
+    finally:
+        ray.get(router.shutdown.remote())
+
+
+def test_data_plane_is_nccl_only_when_replica_and_every_shard_hold_gpus():
+    import torch.distributed as dist
+
+    from moeray.actors.transport import data_plane_for, open_groups
+
+    nccl = "nccl" if dist.is_nccl_available() else "gloo"
+    assert data_plane_for("cpu", ["cpu", "cpu"]) == "gloo"
+    assert data_plane_for("cpu", ["cuda", "cuda"]) == "gloo"  # the replica has no GPU to receive on
+    assert data_plane_for("cuda", ["cuda", "cpu"]) == "gloo"
+    assert data_plane_for("cuda:0", ["cuda", "cuda"]) == nccl
+    with pytest.raises(ValueError, match="unknown data plane 'mpi'"):
+        open_groups("127.0.0.1", 0, 0, 1, 5.0, "mpi")
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.device_count() >= 2),
+                    reason="the NCCL data plane needs two GPUs: one for the replica, one for the shard")
+def test_collective_over_nccl_between_gpus_equals_local(ray_session, hf_folder, prompts):
+    """Replica and one shard on different GPUs: payloads and replies travel over NCCL."""
+    from moeray.actors.dispatch import ShardedExperts
+
+    folder = hf_folder[0]
+    router, _ = start_expert_parallel(str(folder), 1, name="nccl-eq", num_cpus=0.5, num_gpus=1)
+    try:
+        shard = ray.get(router.shard_handles.remote())[0]
+        shard_gpu = int(ray.get(shard.gpu_ids.remote())[0])
+        device = f"cuda:{1 if shard_gpu == 0 else 0}"  # NCCL needs a GPU per rank
+        expected = [r.outputs[0].token_ids
+                    for r in LLM(folder, max_model_len=256, device=device).generate(prompts, GREEDY)]
+        backend = ShardedExperts(router, "collective", device=device)
+        assert backend.transport.data_plane == "nccl"
+        llm = LLM(folder, max_model_len=256, device=device, experts=backend)
+        assert [r.outputs[0].token_ids for r in llm.generate(prompts, GREEDY)] == expected
+        assert not backend.transport.broken
     finally:
         ray.get(router.shutdown.remote())
 
