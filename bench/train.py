@@ -1,13 +1,17 @@
 """Training throughput: moeray's training step against the same step on transformers' model.
 
 Both sides start from the same checkpoint (the `tiny` preset, i.e. the embedded default model,
-by default; other presets with random weights), see the same
-batches in the same order, compute the same loss with the same functions (moeray.jobs.losses)
-and take an AdamW step; only the model differs: moeray's `DeepseekForCausalLM` (as the Ray
-Train workers run it) against transformers' `DeepseekV3ForCausalLM`. Steps alternate between
-the two so that noise on this shared machine hits both alike. The first loss of each side is
-printed as a parity check. Reported: training tokens/s (non-padding tokens through forward and
-backward) for SFT and DPO, and the ratio (target >= 1.3x).
+by default; other presets with random weights), see the same batches in the same order,
+compute the same loss and take an AdamW step. Steps alternate between the two so that noise on
+this shared machine hits both alike; the first loss of each side is printed as a parity check.
+- moeray: the training step its Ray Train workers run (`moeray.jobs.trainer._batch_loss`): the
+  rows concatenated without padding, the output head only on positions whose next token carries
+  a label, DPO's chosen and rejected sides in one forward.
+- transformers: the usual loop on `DeepseekV3ForCausalLM`: right-padded batches with an
+  attention mask, logits at every position, one forward per DPO side, the losses of
+  moeray.jobs.losses on those logits.
+Reported: training tokens/s (non-padding tokens through forward and backward) for SFT and DPO,
+and the ratio (target >= 1.3x).
 
     cd bench && ../.venv/bin/python train.py [--preset tiny] [--steps 12] [--batch 8] [--max-length 256]
 """
@@ -99,7 +103,7 @@ def measure(method: str, folder, rows: list[dict], steps: int, batch_size: int, 
     theirs = DeepseekV3ForCausalLM.from_pretrained(folder, dtype=torch.float32).train()
     optimizers = {"moeray": torch.optim.AdamW(ours.parameters(), lr=1e-4),
                   "transformers": torch.optim.AdamW(theirs.parameters(), lr=1e-4)}
-    steps_of = {"moeray": lambda batch: _batch_loss(ours, spec, batch, pad_id)[0],
+    steps_of = {"moeray": lambda batch: _batch_loss(ours, spec, batch)[0],
                 "transformers": lambda batch: hf_batch_loss(theirs, method, batch, pad_id, spec.train.beta)}
     seconds = {"moeray": 0.0, "transformers": 0.0}
     first_loss = {}

@@ -19,6 +19,8 @@ Contract:
   leading bos) so that prompt plus the longest continuation fits ``max_length``.
 * ``pack`` fills rows first-fit with ``position_ids`` restarting per example and ``segment_ids``
   1, 2, ... per example; ``pad_batch`` right-pads rows into tensors (segment 0 marks padding).
+* ``flatten`` turns rows (plain, or packed and split at their segments) into one stream of
+  sequences without padding, with each position's next-token label, as training consumes them.
 * Pre-training rows hold ``text`` (a non-empty string). ``tokenize_text`` joins the rows'
   tokens (each document framed by bos/eos) and cuts the stream into rows of ``max_length``
   tokens, every token a label, as language-model pre-training does.
@@ -32,6 +34,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -296,6 +299,51 @@ def pad_batch(rows: Sequence[dict[str, Sequence[int]]], pad_id: int) -> dict[str
                 raise ValueError(f"{key} has {len(values[key])} entries, input_ids has {length}")
             batch[key].append([*values[key], *[fill] * (width - length)])
     return {key: torch.tensor(value, dtype=torch.long) for key, value in batch.items()}
+
+
+@dataclass
+class SequenceBatch:
+    """Sequences concatenated without padding: what `DeepseekForCausalLM.forward_sequences` takes."""
+
+    input_ids: torch.Tensor  # [N]
+    position_ids: torch.Tensor  # [N], restarting at 0 for each sequence
+    lengths: list[int]  # tokens of each sequence, in order; sum is N
+    next_labels: torch.Tensor  # [N] label of the following token of the same sequence, else IGNORE_INDEX
+
+    @property
+    def sequence_of_token(self) -> torch.Tensor:  # [N]
+        sizes = torch.tensor(self.lengths, device=self.input_ids.device)
+        return torch.arange(len(self.lengths), device=sizes.device).repeat_interleave(sizes)
+
+    def to(self, device: torch.device | str) -> "SequenceBatch":
+        return SequenceBatch(self.input_ids.to(device), self.position_ids.to(device), self.lengths,
+                             self.next_labels.to(device))
+
+
+def flatten(rows: Sequence[dict[str, Sequence[int]]]) -> SequenceBatch:
+    """Rows with input_ids and labels as one padding-free stream of sequences. A packed row
+    (segment_ids) splits into its examples, so no label is predicted across two examples."""
+    if not rows:
+        raise ValueError("flatten needs at least one row")
+    input_ids: list[int] = []
+    next_labels: list[int] = []
+    positions: list[int] = []
+    lengths: list[int] = []
+    for row in rows:
+        ids, labels = list(row["input_ids"]), list(row["labels"])
+        segments = list(row.get("segment_ids") or [1] * len(ids))
+        if not len(ids) == len(labels) == len(segments):
+            raise ValueError(f"input_ids ({len(ids)}), labels ({len(labels)}) and segment_ids ({len(segments)}) "
+                             "differ in length")
+        start = 0
+        for end in range(1, len(ids) + 1):
+            if end == len(ids) or segments[end] != segments[start]:
+                input_ids += ids[start:end]
+                next_labels += labels[start + 1:end] + [IGNORE_INDEX]
+                positions += range(end - start)
+                lengths.append(end - start)
+                start = end
+    return SequenceBatch(torch.tensor(input_ids), torch.tensor(positions), lengths, torch.tensor(next_labels))
 
 
 def split_eval(rows: Sequence[Any], fraction: float, seed: int) -> tuple[list[Any], list[Any]]:

@@ -5,6 +5,9 @@ Contract:
   is not -100 (only assistant tokens carry labels), averaged over those tokens.
 - `sequence_logprobs(logits, input_ids, loss_mask)`: per-row sum of log p(token) over the masked
   positions (the response), the quantity DPO compares.
+- `target_logprobs(model, batch)`: the training path for both: log p of every labelled next token
+  of a padding-free `SequenceBatch`, with the output head run on those positions only;
+  `sft_loss` is minus their mean and `sequence_logprobs` their per-sequence sum.
 - `dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)`: the sigmoid DPO
   loss -log sigmoid(beta * ((pc - rc) - (pr - rr))) and its metrics. With the policy equal to
   the reference (step 0) the loss is exactly ln 2.
@@ -15,10 +18,15 @@ Contract:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
 from moeray.model.moe import MoE
+
+if TYPE_CHECKING:
+    from moeray.jobs.data import SequenceBatch
 
 IGNORE = -100
 
@@ -36,6 +44,15 @@ def sequence_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: 
     logprobs = logits[:, :-1].float().log_softmax(-1)  # [B, S-1, V]
     token_logprobs = logprobs.gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # [B, S-1]
     return (token_logprobs * loss_mask[:, 1:].to(token_logprobs.dtype)).sum(-1)
+
+
+def target_logprobs(model, batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p [M] of each labelled next token, the sequence [M] it belongs to). Prompt tokens and
+    each sequence's last token predict nothing the loss uses, so the head skips them."""
+    where = (batch.next_labels != IGNORE).nonzero().squeeze(1)  # [M]
+    logits = model(batch.input_ids, batch.position_ids, lengths=batch.lengths, logits_at=where).float()  # [M, V]
+    logprobs = -F.cross_entropy(logits, batch.next_labels[where], reduction="none")
+    return logprobs, batch.sequence_of_token[where]
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,

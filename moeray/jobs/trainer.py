@@ -29,9 +29,9 @@ from typing import Any
 import torch
 
 import moeray.model
-from moeray.jobs.data import (pad_batch, pack, read_jsonl, split_eval, tokenize_dpo, tokenize_sft, tokenize_text,
+from moeray.jobs.data import (IGNORE_INDEX, flatten, pack, read_jsonl, split_eval, tokenize_dpo, tokenize_sft, tokenize_text,
                               validate_dpo_row, validate_sft_row, validate_text_row)
-from moeray.jobs.losses import dpo_loss, router_aux_loss, sequence_logprobs, sft_loss, update_routing_bias
+from moeray.jobs.losses import dpo_loss, router_aux_loss, target_logprobs, update_routing_bias
 from moeray.jobs.curves import plot_loss_curve
 from moeray.jobs.spec import JobSpec
 from moeray.model.tokenizer import Tokenizer
@@ -60,12 +60,11 @@ def _dpo_example(model, tokenizer: Tokenizer, row: dict, max_length: int) -> dic
     parts = tokenize_dpo(row, tokenizer, max_length)
     example = {}
     for side in ("chosen", "rejected"):
-        ids = parts["prompt_ids"] + parts[f"{side}_ids"]
-        mask = [0] * len(parts["prompt_ids"]) + [1] * len(parts[f"{side}_ids"])
-        example[f"{side}_ids"], example[f"{side}_mask"] = ids, mask
-        with torch.no_grad():
-            logits = model(torch.tensor([ids]))
-        example[f"ref_{side}"] = float(sequence_logprobs(logits, torch.tensor([ids]), torch.tensor([mask]))[0])
+        example[f"{side}_ids"] = parts["prompt_ids"] + parts[f"{side}_ids"]
+        example[f"{side}_mask"] = [0] * len(parts["prompt_ids"]) + [1] * len(parts[f"{side}_ids"])
+    with torch.no_grad():
+        ref_chosen, ref_rejected = _pair_logprobs(model, [example])
+    example["ref_chosen"], example["ref_rejected"] = float(ref_chosen[0]), float(ref_rejected[0])
     return example
 
 
@@ -119,28 +118,35 @@ def _lr_factor(spec: JobSpec, step: int, total: int) -> float:
     return 1.0
 
 
-def _batch_loss(model, spec: JobSpec, batch: dict[str, Any], pad_id: int):
-    """Loss and metrics of one batch (list-of-rows form, as Ray Data hands them over)."""
+def _response_rows(example: dict[str, Any], side: str) -> dict[str, list[int]]:
+    """A DPO side as a row whose labels are its response tokens (the prompt is IGNORE_INDEX)."""
+    ids = example[f"{side}_ids"]
+    return {"input_ids": ids, "labels": [t if m else IGNORE_INDEX for t, m in zip(ids, example[f"{side}_mask"])]}
+
+
+def _pair_logprobs(model, examples: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response log-probabilities [B] of the chosen and of the rejected sides: both sides of
+    every pair in one padding-free forward."""
+    device = next(model.parameters()).device
+    rows = [_response_rows(e, "chosen") for e in examples] + [_response_rows(e, "rejected") for e in examples]
+    logprobs, sequence = target_logprobs(model, flatten(rows).to(device))
+    totals = torch.zeros(len(rows), device=device, dtype=logprobs.dtype).index_add(0, sequence, logprobs)
+    return totals[:len(examples)], totals[len(examples):]
+
+
+def _batch_loss(model, spec: JobSpec, batch: list[dict[str, Any]]):
+    """Loss and metrics of one batch (list-of-rows form, as Ray Data hands them over). Rows run
+    without padding (`flatten`) and the output head only where the loss looks."""
     device = next(model.parameters()).device
     if spec.method in ("pretrain", "sft"):
-        tensors = {name: t.to(device) for name, t in pad_batch(batch, pad_id).items()}
-        # Rows of one sequence each need no segment mask: right padding comes after every real
-        # token, so plain causal attention (SDPA's fused kernel) is exact where the loss looks.
-        packed = spec.method == "sft" and spec.train.packing
-        logits = model(tensors["input_ids"], tensors["position_ids"], tensors["segment_ids"] if packed else None)
-        loss = sft_loss(logits, tensors["labels"])
-        metrics = {"tokens": int((tensors["labels"] != -100).sum())}
+        logprobs, _ = target_logprobs(model, flatten(batch).to(device))
+        loss = -logprobs.mean() if logprobs.numel() else logprobs.sum()
+        metrics = {"tokens": int(logprobs.numel())}
     else:
-        logps = {}
-        for side in ("chosen", "rejected"):
-            rows = [{"input_ids": r[f"{side}_ids"], "labels": r[f"{side}_mask"]} for r in batch]
-            tensors = {name: t.to(device) for name, t in pad_batch(rows, pad_id).items()}
-            mask = (tensors["labels"] > 0).long()
-            logits = model(tensors["input_ids"])
-            logps[side] = sequence_logprobs(logits, tensors["input_ids"], mask)
+        policy_chosen, policy_rejected = _pair_logprobs(model, batch)
         ref_c = torch.tensor([r["ref_chosen"] for r in batch], device=device)
         ref_r = torch.tensor([r["ref_rejected"] for r in batch], device=device)
-        loss, metrics = dpo_loss(logps["chosen"], logps["rejected"], ref_c, ref_r, spec.train.beta)
+        loss, metrics = dpo_loss(policy_chosen, policy_rejected, ref_c, ref_r, spec.train.beta)
         metrics["tokens"] = sum(sum(r["chosen_mask"]) + sum(r["rejected_mask"]) for r in batch)
     if spec.moe.router_aux_loss_coef:
         loss = loss + spec.moe.router_aux_loss_coef * router_aux_loss(model)
@@ -184,7 +190,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     start_time = run_start = time.time()
     first_step = step  # 0, or the step this (resumed) run continues from
     shard = ray.train.get_dataset_shard("train")
-    pad_id = config["pad_id"]
     batch_size, accumulate = spec.train.per_device_batch_size, spec.train.gradient_accumulation_steps
     rows_per_epoch = config["num_train_rows"] // context.get_world_size()
     steps_per_epoch = max(1, rows_per_epoch // (batch_size * accumulate))
@@ -193,7 +198,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     while not done:
         micro = 0
         for batch in _batches(shard, batch_size):  # one pass over this worker's shard = one epoch
-            loss, metrics = _batch_loss(parallel_model, spec, batch, pad_id)
+            loss, metrics = _batch_loss(parallel_model, spec, batch)
             (loss / accumulate).backward()
             micro += 1
             if micro % accumulate:
@@ -213,7 +218,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                       "eta_s": (time.time() - run_start) / (step - first_step) * (total_steps - step), **metrics}
             start_time = time.time()
             if step % spec.eval.every_steps == 0 or step == total_steps:
-                report["eval_loss"] = _eval_loss(model, spec, config["eval_rows"], pad_id)
+                report["eval_loss"] = _eval_loss(model, spec, config["eval_rows"])
             save = step % spec.checkpoint.every_steps == 0 or step == total_steps
             history.append(report)
             if context.get_world_rank() == 0 and config.get("metrics_path"):
@@ -240,11 +245,11 @@ def _as_list(value):
 
 
 @torch.no_grad()
-def _eval_loss(model, spec: JobSpec, rows: list[dict[str, Any]], pad_id: int) -> float | None:
+def _eval_loss(model, spec: JobSpec, rows: list[dict[str, Any]]) -> float | None:
     if not rows:
         return None
     model.eval()
-    losses = [float(_batch_loss(model, spec, rows[i:i + 8], pad_id)[0]) for i in range(0, len(rows), 8)]
+    losses = [float(_batch_loss(model, spec, rows[i:i + 8])[0]) for i in range(0, len(rows), 8)]
     model.train()
     return sum(losses) / len(losses)
 
@@ -349,14 +354,12 @@ def run(spec: JobSpec, data: PreparedData | None = None):
     from ray.train.torch import TorchTrainer
 
     data = data or prepare(spec)
-    tokenizer = Tokenizer.from_pretrained(local_copy(spec.base_model))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     storage, filesystem = ray_storage(spec.checkpoint.storage)
     if filesystem is None:
         (Path(storage) / spec.name).mkdir(parents=True, exist_ok=True)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"spec": spec.model_dump(), "pad_id": pad_id, "eval_rows": data.eval,
+        train_loop_config={"spec": spec.model_dump(), "eval_rows": data.eval,
                            "num_train_rows": len(data.train),
                            "metrics_path": None if filesystem else str(Path(storage) / spec.name / "metrics.jsonl")},
         scaling_config=ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,

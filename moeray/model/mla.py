@@ -156,3 +156,33 @@ class DenseCausalAttention:
                                    latent.view(b, s, -1), k_pe.view(b, s, -1), mask=self.mask,
                                    causal=self.mask is None)
         return out.reshape(b * s, *out.shape[2:])
+
+
+class VarlenCausalAttention:
+    """Backend for concatenated sequences without padding (training): tokens arrive flat [N, ...],
+    sequence i being the next `lengths[i]` tokens, and each attends causally within itself.
+
+    Keys and values are decompressed for all N tokens at once; then each sequence's queries,
+    keys and values (contiguous slices) go through the fused causal kernel on their own, so no
+    compute is spent on padding (a padded batch pays for longest**2 per sequence) and every
+    per-token op before and after runs on real tokens only.
+    """
+
+    def __init__(self, lengths: list[int], device: torch.device | str | None = None):
+        if not lengths or min(lengths) < 1:
+            raise ValueError(f"every sequence needs at least one token, got lengths {lengths}")
+        self.lengths = list(lengths)
+
+    def __call__(self, attn: MultiHeadLatentAttention, q_nope, q_pe, latent, k_pe) -> torch.Tensor:
+        n = latent.shape[0]
+        kv = attn.kv_b_proj(latent).view(n, attn.num_heads, attn.nope_dim + attn.v_dim)
+        k_nope, v = kv.split([attn.nope_dim, attn.v_dim], dim=-1)
+        k = torch.cat((k_nope, k_pe[:, None, :].expand(-1, attn.num_heads, -1)), dim=-1)  # [N, H, dq]
+        q = torch.cat((q_nope, q_pe), dim=-1)  # [N, H, dq]
+        v = F.pad(v, (0, q.shape[-1] - attn.v_dim))  # the fused kernel wants values as wide as keys
+        # Per sequence by split (not slicing: each slice's backward would clear a full-size gradient).
+        pieces = [t.transpose(0, 1).split(self.lengths, dim=1) for t in (q, k, v)]  # each [H, n_i, dq]
+        outs = [F.scaled_dot_product_attention(qi[None], ki[None], vi[None], is_causal=True,
+                                               scale=attn.softmax_scale)[0]  # [H, n_i, dq]
+                for qi, ki, vi in zip(*pieces)]
+        return torch.cat(outs, dim=1).transpose(0, 1)[..., :attn.v_dim]  # [N, H, dv]

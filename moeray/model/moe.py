@@ -97,19 +97,17 @@ def expert_pairs_forward(x: torch.Tensor, token_of_pair: torch.Tensor, expert_of
     tokens_sorted = token_of_pair[order]
     counts = torch.bincount(expert_of_pair, minlength=gate_up.shape[0]).tolist()
     x_sorted = x.index_select(0, tokens_sorted)  # [P, D]
-    # Each expert's rows, concatenated once at the end: under autograd, writing into slices of a
-    # preallocated tensor would make every expert's backward clone and clear the whole gradient.
+    # Under autograd every piece is taken with split/unbind and the rows are concatenated once at
+    # the end: indexing or slicing per expert would make each expert's backward allocate, clear
+    # and accumulate a gradient as large as the whole input (or all experts' weights).
+    weights = (zip(gate_up.unbind(0), down.unbind(0)) if scales is None
+               else (scales.dequantize(e, gate_up, down, x.dtype) for e in range(gate_up.shape[0])))
     outputs = []
-    start = 0
-    for expert, count in enumerate(counts):
+    for rows, count, (w_gate_up, w_down) in zip(x_sorted.split(counts), counts, weights):
         if count == 0:
             continue
-        end = start + count
-        w_gate_up, w_down = ((gate_up[expert], down[expert]) if scales is None
-                             else scales.dequantize(expert, gate_up, down, x.dtype))
-        gate, up = F.linear(x_sorted[start:end], w_gate_up).chunk(2, dim=-1)
+        gate, up = F.linear(rows, w_gate_up).chunk(2, dim=-1)
         outputs.append(F.linear(F.silu(gate) * up, w_down))
-        start = end
     out_sorted = torch.cat(outputs) if outputs else torch.empty_like(x_sorted)  # [P, D]
     out_sorted = out_sorted * weight_of_pair[order, None].to(x.dtype)
     return torch.zeros_like(x).index_add_(0, tokens_sorted, out_sorted)

@@ -6,6 +6,9 @@ Contract:
   any number of sequences through the stack and returns final hidden states [T, D]; the
   attention backend decides which keys each token sees and the expert backend where the routed
   experts run. Every MoE layer routes all T tokens at once. `logits(hidden)` applies the head.
+- The training form, `model(token_ids [N], positions [N], lengths=..., logits_at=[M])`: sequences
+  concatenated without padding, each causal within itself, and logits [M, V] only at the
+  positions a loss looks at. It goes through `forward`, so DDP and FSDP wrappers see it.
 - Parameter names are the Hugging Face names (`model.layers.N.self_attn.q_a_proj.weight`, ...);
   routed experts use the grouped transformers-5 names (`...mlp.experts.gate_up_proj`).
 """
@@ -17,7 +20,8 @@ from torch import nn
 
 from moeray.model.config import ModelArgs
 from moeray.model.layers import MLP, Linear, RMSNorm
-from moeray.model.mla import AttentionBackend, DenseCausalAttention, MultiHeadLatentAttention
+from moeray.model.mla import (AttentionBackend, DenseCausalAttention, MultiHeadLatentAttention,
+                              VarlenCausalAttention)
 from moeray.model.moe import MoE, ExpertBackend
 from moeray.model.rope import RotaryEmbedding
 
@@ -102,8 +106,21 @@ class DeepseekForCausalLM(nn.Module):
         return self.lm_head(hidden)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [B, S, V] for input_ids [B, S]; packed rows pass position_ids and segment_ids [B, S]."""
+                segment_ids: torch.Tensor | None = None, *, lengths: list[int] | None = None,
+                logits_at: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, S, V] for input_ids [B, S]; packed rows pass position_ids and segment_ids [B, S].
+
+        With `lengths`, input_ids and position_ids [N] hold sequences concatenated without padding
+        (sum(lengths) == N): no compute is spent on padding and none crosses sequences; the result
+        is logits [M, V] at the flat positions `logits_at` [M] (all N when None).
+        """
+        if lengths is not None:
+            if (input_ids.dim() != 1 or position_ids is None or position_ids.shape != input_ids.shape
+                    or sum(lengths) != input_ids.numel()):
+                raise ValueError(f"input_ids {tuple(input_ids.shape)} and position_ids must be flat and hold "
+                                 f"sum(lengths) = {sum(lengths)} tokens")
+            hidden = self.forward_tokens(input_ids, position_ids, VarlenCausalAttention(lengths, input_ids.device))
+            return self.logits(hidden if logits_at is None else hidden[logits_at])
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape [batch, seq], got {tuple(input_ids.shape)}")
         batch, seq_len = input_ids.shape

@@ -46,3 +46,55 @@ def test_balance_terms_from_a_training_forward():
     before = gate.e_score_correction_bias.clone()
     update_routing_bias(model, 0.01)
     assert not torch.equal(before, gate.e_score_correction_bias)
+
+
+def _spec(method: str):
+    from moeray.jobs.spec import JobSpec
+
+    return JobSpec.model_validate({"name": "t", "base_model": "unused", "method": method, "output": "unused",
+                                   "data": {"train": "unused.jsonl"}, "checkpoint": {"storage": "unused"}})
+
+
+def test_padding_free_training_losses_equal_the_padded_computation():
+    """The trainer runs rows without padding and the head only on labelled positions; the SFT and
+    DPO losses equal those of a padded batch through the full head."""
+    from moeray.jobs.data import pad_batch
+    from moeray.jobs.trainer import _batch_loss
+
+    model = moeray.model.build(ModelArgs.preset("tiny"), seed=3)
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for length in (7, 3, 12):
+        ids = torch.randint(3, 200, (length,), generator=gen).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * (length // 2) + ids[length // 2:]})
+    with torch.no_grad():
+        padded = pad_batch(rows, pad_id=2)
+        expected = sft_loss(model(padded["input_ids"]), padded["labels"])
+        loss, metrics = _batch_loss(model, _spec("sft"), rows)
+        torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
+        assert metrics["tokens"] == int((padded["labels"][:, 1:] != -100).sum())
+
+        pairs = [{"chosen_ids": r["input_ids"], "chosen_mask": [int(t != -100) for t in r["labels"]],
+                  "rejected_ids": r["input_ids"][::-1]} for r in rows]
+        for pair in pairs:
+            pair["rejected_mask"] = [0] * (len(pair["rejected_ids"]) // 2) + [1] * (len(pair["rejected_ids"]) -
+                                                                                     len(pair["rejected_ids"]) // 2)
+            pair["ref_chosen"], pair["ref_rejected"] = -40.0, -41.0
+        logps = {}
+        for side in ("chosen", "rejected"):
+            side_rows = pad_batch([{"input_ids": p[f"{side}_ids"], "labels": p[f"{side}_mask"]} for p in pairs], 2)
+            logps[side] = sequence_logprobs(model(side_rows["input_ids"]), side_rows["input_ids"],
+                                            side_rows["labels"].clamp(min=0))
+        expected, _ = dpo_loss(logps["chosen"], logps["rejected"], torch.full((3,), -40.0), torch.full((3,), -41.0))
+        loss, _ = _batch_loss(model, _spec("dpo"), pairs)
+        torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_packed_row_predicts_nothing_across_its_examples():
+    from moeray.jobs.data import flatten, pack
+
+    rows = pack([([5, 6, 7], [5, 6, 7]), ([8, 9], [8, 9])], max_length=8)
+    batch = flatten(rows)
+    assert batch.lengths == [3, 2] and batch.position_ids.tolist() == [0, 1, 2, 0, 1]
+    # The last token of the first example has no target: 8 starts another example.
+    assert batch.next_labels.tolist() == [6, 7, -100, 9, -100]
