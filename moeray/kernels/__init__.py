@@ -7,7 +7,8 @@ them); the choice of implementation never changes results beyond float rounding.
   `torch.nn.functional.linear`.
 - `batched_linear(x, weight)`: the same per attention head, [B, M, in] x [B, out, in]^T.
 - `prepare_for_decode(model)`: on CPU, stores short-row Linear weights column-major (same shape and
-  values, other strides), the layout the streaming kernel reads fastest. `Fp8Linear` layers are
+  values, other strides), the layout the streaming kernel reads fastest, except those marked
+  `row_major_decode` (MLA's kv_b_proj, read per head by `batched_linear`). `Fp8Linear` layers are
   left alone (they are not `nn.Linear`, and their FP8 layout is the checkpoint's).
 - `fused_expert_pairs(x, token_of_pair, expert_of_pair, weight_of_pair, gate_up, down, scales)`:
   weighted SwiGLU experts; on CUDA (see `use_triton`) without autograd, the Triton fused MoE
@@ -129,6 +130,7 @@ def prepare_for_decode(model: torch.nn.Module) -> None:
         for module in model.modules():
             weight = getattr(module, "weight", None)
             if (isinstance(module, torch.nn.Linear) and weight.device.type == "cpu"
+                    and not getattr(module, "row_major_decode", False)
                     and weight.dtype == torch.float32 and weight.shape[1] <= SHORT_ROW and weight.stride(1) == 1):
                 module.weight.data = weight.t().contiguous().t()
 

@@ -72,6 +72,13 @@ static void gemv_cols(const float* WT, long ldw, const float* x, long inner, flo
         }
         for (int j = 0; j < 16; j++) _mm512_storeu_ps(y + c + 16 * j, acc[j]);
     }
+    /* Narrower matrices (a head's 64 value rows of kv_b_proj) still go 16 columns at a time: a
+     * scalar walk down a column would read one float per cache line. */
+    for (; c + 16 <= col_end; c += 16) {
+        __m512 acc = _mm512_setzero_ps();
+        for (long i = 0; i < inner; i++) acc = _mm512_fmadd_ps(_mm512_set1_ps(x[i]), _mm512_loadu_ps(WT + i * ldw + c), acc);
+        _mm512_storeu_ps(y + c, acc);
+    }
     for (; c < col_end; c++) {
         float s = 0.0f;
         for (long i = 0; i < inner; i++) s += x[i] * WT[i * ldw + c];
