@@ -5,7 +5,8 @@ step (decode tokens first, then prefill chunks, as the runner lays them out). Fo
 1. writes every token's latent + rope key into its cache slot (`slot_mapping`);
 2. decode tokens (one query each): the absorbed form, batched over sequences, reading each
    sequence's cached latents through its block table (padded to the longest, masked); on CUDA
-   (`kernels.use_triton`) the Triton paged kernel reads the cache in place instead of gathering;
+   (`kernels.use_triton`) the Triton paged kernel reads the cache in place instead of gathering,
+   and on CPU a few sequences take one C call (`kernels.cpu_latent_decode`);
 3. prefill chunks: the expanded form; a chunk that starts at position 0 attends causally to
    itself, a later chunk (or one after a prefix-cache hit) gathers its cached prefix first.
 """
@@ -51,6 +52,10 @@ class StepAttention:
         b = meta.num_decodes
         if b and kernels.use_triton(layer.device):
             out[:b] = self._decode_paged(attn, q_nope[:b], q_pe[:b], layer)
+        elif b and (fused := kernels.cpu_latent_decode(q_nope[:b], q_pe[:b], attn.kv_b_proj.weight, layer,
+                                                       meta.decode_slots, meta.decode_mask[:, 0].sum(dim=-1),
+                                                       attn.softmax_scale)) is not None:
+            out[:b] = fused
         elif b:
             slots = meta.decode_slots
             keys = layer.index_select(0, slots.flatten()).view(*slots.shape, -1).to(q_nope.dtype)  # [B, S_max, r+dr]

@@ -16,7 +16,10 @@ them); the choice of implementation never changes results beyond float rounding.
   multiple of 16); on CPU in float32 for a few pairs, one fused C call; else None (the caller runs
   the grouped torch path).
 - `paged_latent_decode(...)`: absorbed MLA decode over the paged latent cache; Triton only (the
-  engine calls it when `use_triton` holds and otherwise runs its torch path).
+  engine calls it when `use_triton` holds).
+- `cpu_latent_decode(...)`: the whole absorbed decode (per-head projections, scores, softmax,
+  values) over the paged cache in one C call, on CPU in float32 for up to `MAX_CPU_DECODE_SEQS`
+  sequences; else None (the engine runs its torch path).
 - `fp8_block_linear(x, weight, scale_inv, block)`: x @ W^T with W float8 e4m3 plus block scales;
   the Triton kernel on CUDA, the dequantise-then-`F.linear` reference elsewhere.
 `use_triton(device)`: True when `device` is CUDA, triton is importable, the kernels are enabled
@@ -133,6 +136,34 @@ def prepare_for_decode(model: torch.nn.Module) -> None:
                     and not getattr(module, "row_major_decode", False)
                     and weight.dtype == torch.float32 and weight.shape[1] <= SHORT_ROW and weight.stride(1) == 1):
                 module.weight.data = weight.t().contiguous().t()
+
+
+MAX_CPU_DECODE_SEQS = 8  # beyond this the batched torch path reuses each head's weights better
+
+
+def cpu_latent_decode(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_b_weight: torch.Tensor, layer: torch.Tensor,
+                      decode_slots: torch.Tensor, lengths: torch.Tensor, softmax_scale: float) -> torch.Tensor | None:
+    """q_nope [B, H, dn], q_pe [B, H, dr], kv_b_weight [H*(dn+dv), r] (row-major), layer
+    [slots, r + dr], decode_slots [B, S_max] (the first lengths[b] of row b are real) ->
+    [B, H, dv], or None where the C kernel does not apply."""
+    b, h, dn = q_nope.shape
+    r = kv_b_weight.shape[1]
+    if not (b <= MAX_CPU_DECODE_SEQS and _cpu_fp32(q_nope, q_pe, kv_b_weight, layer)
+            and not _needs_grad(q_nope, q_pe, kv_b_weight) and kv_b_weight.is_contiguous()
+            and layer.is_contiguous() and layer.shape[1] == r + q_pe.shape[2]):
+        return None
+    lib = cpu.library()
+    if lib is None:
+        return None
+    dv = kv_b_weight.shape[0] // h - dn
+    q_nope, q_pe = q_nope.contiguous(), q_pe.contiguous()
+    slots = decode_slots.contiguous()
+    lengths = lengths.to(torch.long).contiguous()
+    out = torch.empty(b, h, dv)
+    lib.moeray_mla_decode(q_nope.data_ptr(), q_pe.data_ptr(), kv_b_weight.data_ptr(), layer.data_ptr(),
+                          slots.data_ptr(), slots.stride(0), lengths.data_ptr(), out.data_ptr(), b, h, dn,
+                          q_pe.shape[2], dv, r, softmax_scale)
+    return out
 
 
 def fused_expert_pairs(x: torch.Tensor, token_of_pair: torch.Tensor, expert_of_pair: torch.Tensor,

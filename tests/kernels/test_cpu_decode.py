@@ -38,3 +38,30 @@ def test_per_head_projections_of_kv_b_proj_equal_torch(layout):
                                atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(kernels.batched_linear(out_latent, w_uv), torch.bmm(out_latent, w_uv.transpose(1, 2)),
                                atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("lengths", [[1], [37], [5, 130, 64]])
+def test_latent_decode_over_scattered_cache_slots_equals_the_absorbed_torch_path(lengths):
+    from moeray.model import ModelArgs
+    from moeray.model.mla import MultiHeadLatentAttention
+
+    args = ModelArgs.preset("small")
+    attn = MultiHeadLatentAttention(args, 0)
+    torch.nn.init.normal_(attn.kv_b_proj.weight, std=0.05)
+    gen = torch.Generator().manual_seed(len(lengths))
+    b, h, r, dr = len(lengths), attn.num_heads, attn.kv_lora_rank, attn.rope_dim
+    layer = torch.randn(600, r + dr, generator=gen)
+    longest = max(lengths)
+    slots = torch.zeros(b, longest, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        slots[i, :n] = torch.randperm(600, generator=gen)[:n]
+    mask = (torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None])[:, None]  # [B, 1, S]
+    q_nope = torch.randn(b, h, attn.nope_dim, generator=gen)
+    q_pe = torch.randn(b, h, dr, generator=gen)
+    with torch.no_grad():
+        keys = layer[slots]  # [B, S, r + dr]
+        expected = attn.attend_absorbed(q_nope[:, None], q_pe[:, None], keys[..., :r], keys[..., r:], mask=mask)[:, 0]
+        got = kernels.cpu_latent_decode(q_nope, q_pe, attn.kv_b_proj.weight, layer, slots,
+                                        mask[:, 0].sum(-1), attn.softmax_scale)
+    assert got is not None
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)

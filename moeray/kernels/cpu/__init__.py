@@ -70,6 +70,8 @@ def library() -> ctypes.CDLL | None:
     lib.moeray_gemv_batched.restype = None
     lib.moeray_moe_pairs.argtypes = [p, i, p, p, p, i, p, p, i, p, i]
     lib.moeray_moe_pairs.restype = None
+    lib.moeray_mla_decode.argtypes = [p, p, p, p, p, i, p, p, i, i, i, i, i, i, ctypes.c_float]
+    lib.moeray_mla_decode.restype = None
     lib.moeray_stream_sum.argtypes = [p, i]
     lib.moeray_stream_sum.restype = ctypes.c_double
     return lib

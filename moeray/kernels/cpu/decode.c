@@ -18,8 +18,16 @@
 
 #ifdef __AVX512F__
 static inline float dot(const float* w, const float* x, long cols) {
-    __m512 acc = _mm512_setzero_ps();
+    /* Four accumulators: one would chain every FMA on the previous one's latency. */
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     long k = 0;
+    for (; k + 64 <= cols; k += 64) {
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k), _mm512_loadu_ps(x + k), a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 16), _mm512_loadu_ps(x + k + 16), a1);
+        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 32), _mm512_loadu_ps(x + k + 32), a2);
+        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 48), _mm512_loadu_ps(x + k + 48), a3);
+    }
+    __m512 acc = _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));
     for (; k + 16 <= cols; k += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(w + k), _mm512_loadu_ps(x + k), acc);
     float s = _mm512_reduce_add_ps(acc);
     for (; k < cols; k++) s += w[k] * x[k];
@@ -185,6 +193,88 @@ void moeray_moe_pairs(const float* X, long D, const long* token_of_pair, const l
         for (long d = 0; d < D; d++) o[d] += w * s[d];
     }
     free(scratch);
+}
+
+/*
+ * Absorbed MLA decode of B sequences (one query each) over the paged latent cache, a layer per
+ * call: what MultiHeadLatentAttention.attend_absorbed computes, without its ~20 small torch ops.
+ * For sequence b and head h (the B * H jobs are spread over threads):
+ *   q_lat   = W_uk[h]^T q_nope[b, h]                       [r]   W_uk[h]: kv_b rows h*(dn+dv) ..+dn
+ *   score_s = scale * (q_lat . latent_s + q_pe[b, h] . k_pe_s)   for s < lengths[b]
+ *   o_lat   = sum_s softmax(score)_s latent_s               [r]
+ *   out[b, h] = W_uv[h] o_lat                               [dv]  W_uv[h]: the next dv rows
+ * kv_b: row-major [H * (dn + dv), r]. cache: row-major [slots, r + dr], latent then rope key; the
+ * s-th key of sequence b is cache row slots[b * slots_stride + s]. q_nope [B, H, dn], q_pe
+ * [B, H, dr] and out [B, H, dv] are contiguous. Each job runs alone, so results do not depend
+ * on the thread count.
+ */
+/* dst[k] = sum_n coeff[n] * row_n[k] for k < width, row_n = base + (rows ? rows[n] : n) * stride.
+ * Each 256-column stripe is summed in registers over all rows, so dst is written once. */
+static void weighted_row_sum(const float* coeff, const float* base, long stride, const long* rows, long count,
+                             long width, float* dst) {
+    long c = 0;
+#ifdef __AVX512F__
+    for (; c + 256 <= width; c += 256) {
+        __m512 acc[16];
+        for (int j = 0; j < 16; j++) acc[j] = _mm512_setzero_ps();
+        for (long n = 0; n < count; n++) {
+            const float* row = base + (rows ? rows[n] : n) * stride + c;
+            __m512 a = _mm512_set1_ps(coeff[n]);
+            for (int j = 0; j < 16; j++) acc[j] = _mm512_fmadd_ps(a, _mm512_loadu_ps(row + 16 * j), acc[j]);
+        }
+        for (int j = 0; j < 16; j++) _mm512_storeu_ps(dst + c + 16 * j, acc[j]);
+    }
+#endif
+    for (long k = c; k < width; k++) dst[k] = 0.0f;
+    for (long n = 0; n < count && c < width; n++) {
+        const float a = coeff[n], *row = base + (rows ? rows[n] : n) * stride;
+        #pragma omp simd
+        for (long k = c; k < width; k++) dst[k] += a * row[k];
+    }
+}
+
+#ifndef __AVX512F__
+static inline float dot(const float* w, const float* x, long cols) {
+    float s = 0.0f;
+    #pragma omp simd reduction(+ : s)
+    for (long k = 0; k < cols; k++) s += w[k] * x[k];
+    return s;
+}
+#endif
+
+void moeray_mla_decode(const float* q_nope, const float* q_pe, const float* kv_b, const float* cache,
+                       const long* slots, long slots_stride, const long* lengths, float* out, long B, long H,
+                       long dn, long dr, long dv, long r, float scale) {
+    long longest = 1;
+    for (long b = 0; b < B; b++) longest = lengths[b] > longest ? lengths[b] : longest;
+    #pragma omp parallel
+    {
+        float* q_lat = malloc(sizeof(float) * r);
+        float* o_lat = malloc(sizeof(float) * r);
+        float* probs = malloc(sizeof(float) * longest);
+        #pragma omp for schedule(static)
+        for (long job = 0; job < B * H; job++) {
+            const long b = job / H, h = job % H, n = lengths[b];
+            const long* keys = slots + b * slots_stride;
+            const float* w_uk = kv_b + h * (dn + dv) * r;
+            weighted_row_sum(q_nope + job * dn, w_uk, r, NULL, dn, r, q_lat);
+            float top = -INFINITY;
+            for (long s = 0; s < n; s++) {
+                const float* key = cache + keys[s] * (r + dr);
+                probs[s] = (dot(key, q_lat, r) + dot(key + r, q_pe + job * dr, dr)) * scale;
+                top = probs[s] > top ? probs[s] : top;
+            }
+            float total = 0.0f;
+            for (long s = 0; s < n; s++) total += (probs[s] = expf(probs[s] - top));
+            for (long s = 0; s < n; s++) probs[s] /= total;
+            weighted_row_sum(probs, cache, r + dr, keys, n, r, o_lat);
+            const float* w_uv = w_uk + dn * r;
+            for (long j = 0; j < dv; j++) out[job * dv + j] = dot(w_uv + j * r, o_lat, r);
+        }
+        free(q_lat);
+        free(o_lat);
+        free(probs);
+    }
 }
 
 /* Streaming read of n floats with all threads: the bandwidth probe for roofline figures. */
