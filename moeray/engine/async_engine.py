@@ -98,6 +98,21 @@ class AsyncEngine:
             except RuntimeError:  # the caller's event loop has closed: nobody listens any more
                 self._streams.pop(request_id, None)
 
+    def _deliver_step(self, outputs: list[RequestOutput]) -> None:
+        """A step's outputs, one wake-up per listening event loop (not one per request): each
+        cross-thread call writes the loop's wake-up pipe and contends for the GIL."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[str, asyncio.Queue, RequestOutput]]] = {}
+        for output in outputs:
+            target = self._streams.get(output.request_id)
+            if target is not None:
+                by_loop.setdefault(target[0], []).append((output.request_id, target[1], output))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the callers' event loop has closed: nobody listens any more
+                for request_id, _, _ in items:
+                    self._streams.pop(request_id, None)
+
     # ---- engine thread -----------------------------------------------------------------------
     def _apply_commands(self) -> bool:
         while True:
@@ -132,7 +147,11 @@ class AsyncEngine:
                     self.engine.abort(request_id)
                     self._deliver(request_id, err)
                 continue
-            for output in outputs:
-                self._deliver(output.request_id, output)
+            self._deliver_step(outputs)
         for request_id in list(self._streams):
             self._deliver(request_id, EngineDeadError("the engine was shut down"))
+
+
+def _put_all(items: list[tuple[str, asyncio.Queue, RequestOutput]]) -> None:
+    for _, stream, item in items:
+        stream.put_nowait(item)
