@@ -170,7 +170,7 @@ class VarlenCausalAttention:
     per-token op before and after runs on real tokens only.
     """
 
-    def __init__(self, lengths: list[int], device: torch.device | str | None = None):
+    def __init__(self, lengths: list[int]):
         if not lengths or min(lengths) < 1:
             raise ValueError(f"every sequence needs at least one token, got lengths {lengths}")
         self.lengths = list(lengths)

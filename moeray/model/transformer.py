@@ -119,7 +119,7 @@ class DeepseekForCausalLM(nn.Module):
                     or sum(lengths) != input_ids.numel()):
                 raise ValueError(f"input_ids {tuple(input_ids.shape)} and position_ids must be flat and hold "
                                  f"sum(lengths) = {sum(lengths)} tokens")
-            hidden = self.forward_tokens(input_ids, position_ids, VarlenCausalAttention(lengths, input_ids.device))
+            hidden = self.forward_tokens(input_ids, position_ids, VarlenCausalAttention(lengths))
             return self.logits(hidden if logits_at is None else hidden[logits_at])
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape [batch, seq], got {tuple(input_ids.shape)}")
