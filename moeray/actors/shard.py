@@ -135,9 +135,17 @@ class ExpertShard:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         control, data = open_groups(host, port, rank, world, timeout_s, data_plane)
+        self._collective_data = data if data is not control else None
         compute = functools.partial(self.compute, on_device=data_plane == "nccl")
         threading.Thread(target=serve_collective, args=(control, data, compute, self.args.hidden_size, device),
                          name=f"collective-{host}:{port}", daemon=True).start()
+
+    def leave_collective(self) -> None:
+        """The replica gave up its collective groups: abort this side's NCCL group, so nothing
+        posted on it blocks the device streams the actor-call path now uses."""
+        data, self._collective_data = getattr(self, "_collective_data", None), None
+        if data is not None:
+            data.abort()
 
     def prepare(self, layout: int, slots: dict[int, list[int]]) -> None:
         table = self._table(slots)  # loads while old layouts keep serving

@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 HEADER_FIELDS = 5  # op, layout, layer, unique tokens U, pairs P
 OP_COMPUTE, OP_STOP = 1, 0
+STATUS_OK, STATUS_STALE, STATUS_ERROR = 0, 1, 2
 
 
 class ShardFailed(Exception):
@@ -108,7 +109,9 @@ def open_groups(host: str, port: int, rank: int, world: int, timeout_s: float, d
     if not (dist.is_nccl_available() and torch.cuda.is_available()):
         raise RuntimeError("the nccl data plane needs a CUDA device and a torch build with NCCL")
     options = dist.ProcessGroupNCCL.Options()
-    options._timeout = datetime.timedelta(seconds=timeout_s)
+    # The gloo waits guard every NCCL one and run one after another: the NCCL watchdog (which
+    # ends the process) must only fire long after all of them would have.
+    options._timeout = datetime.timedelta(seconds=timeout_s * (2 * world + 2))
     return control, dist.ProcessGroupNCCL(dist.PrefixStore("data", store), rank, world, options)
 
 
@@ -167,7 +170,11 @@ class CollectiveTransport:
         logger.warning("collective expert transport broken (%s); continuing over Ray actor calls", err)
         self.broken = True  # a member died: the groups are unusable from now on
         if self.data is not self.group:
-            self.data.abort()  # release receives that will never complete
+            # Release what is still posted on NCCL, here and in the live shards, before their
+            # streams are needed for the actor-call path.
+            self.data.abort()
+            for shard in self.shards:
+                shard.leave_collective.remote()
         return ("ray", self.fallback.start(layout, layer, works))
 
     def finish(self, pending) -> dict[int, torch.Tensor]:
@@ -184,11 +191,13 @@ class CollectiveTransport:
         except RuntimeError as err:
             return self.fallback.finish(self._break(err, *request)[1])
         if statuses:
-            failed = any(int(status) != 0 for status in statuses.values())
+            codes = {shard: int(status) for shard, status in statuses.items()}
         else:
-            failed = any(int(reply[-1]) != 0 for reply in replies.values())
+            codes = {shard: int(reply[-1]) for shard, reply in replies.items()}
             replies = {shard: reply[:-1] for shard, reply in replies.items()}
-        if failed:
+        if errors := sorted(shard for shard, code in codes.items() if code == STATUS_ERROR):
+            raise RuntimeError(f"expert shards {errors} failed computing layer {request[1]} (see their logs)")
+        if any(code == STATUS_STALE for code in codes.values()):
             raise ShardFailed(set(), stale=True)
         works = {w.shard: w for w in request[2]}
         return {shard: reply.view(works[shard].x.shape).to(works[shard].x.dtype) for shard, reply in replies.items()}
@@ -220,18 +229,27 @@ def unpack_work(payload: torch.Tensor, num_tokens: int, num_pairs: int, hidden_s
     return x.view(num_tokens, hidden_size), tokens.long(), slots.long(), weights
 
 
+IDLE_WAIT = datetime.timedelta(days=365)  # a shard waits for work however long the replica idles
+
+
 def serve_collective(control: dist.ProcessGroup, data: dist.ProcessGroup, compute, hidden_size: int,
                      device: torch.device) -> None:
     """The shard side: receive work from rank 0, compute, send the output back, until OP_STOP.
     `compute(layout, layer, x, token_of_pair, slot_of_pair, weight_of_pair)` returns rows on
-    `device` (the data plane's); a KeyError from it means a stale slot layout."""
+    `device` (the data plane's); a KeyError from it means a stale slot layout (status 1), any
+    other error is reported as status 2 (the replica raises it rather than waiting)."""
     split = data is not control
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # the current device is per thread
     header = torch.empty(HEADER_FIELDS, dtype=torch.long)
     while True:
         try:
-            control.recv([header], 0, 0).wait()
+            # Not the group timeout: an idle replica is not a dead one. A dead one still raises.
+            control.recv([header], 0, 0).wait(IDLE_WAIT)
         except RuntimeError:
-            return  # the replica went away
+            if split:
+                data.abort()  # the replica is gone: release anything still posted on NCCL
+            return
         op, layout, layer, num_tokens, num_pairs = header.tolist()
         if op == OP_STOP:
             return
@@ -241,10 +259,14 @@ def serve_collective(control: dist.ProcessGroup, data: dist.ProcessGroup, comput
         reply = torch.empty(rows if split else rows + 1, device=device)
         try:
             reply[:rows] = compute(layout, layer, *unpack_work(payload, num_tokens, num_pairs, hidden_size)).reshape(-1)
-            status = 0
+            status = STATUS_OK
         except KeyError:  # StaleLayoutError: tell the replica to refresh its placement
             reply.zero_()
-            status = 1
+            status = STATUS_STALE
+        except Exception:
+            logger.exception("expert shard failed computing layer %d", layer)
+            reply.zero_()
+            status = STATUS_ERROR
         if not split:
             reply[-1] = status
             control.send([reply], 0, 1).wait()
