@@ -120,6 +120,11 @@ class ExpertShard:
     def device_type(self) -> str:
         return torch.device(self.device).type
 
+    def device_uuid(self) -> str:
+        """The physical GPU this shard computes on ("" on CPU)."""
+        device = torch.device(self.device)
+        return str(torch.cuda.get_device_properties(device).uuid) if device.type == "cuda" else ""
+
     def gpu_ids(self) -> list[str]:
         """The GPUs Ray gave this shard (empty on CPU)."""
         import ray

@@ -121,6 +121,12 @@ def data_plane_for(replica_device: str, shard_devices: list[str]) -> str:
     return "nccl" if on_gpus and dist.is_nccl_available() else "gloo"
 
 
+def _shares_a_gpu(replica_device: str, shard_uuids: list[str]) -> bool:
+    """True when two ranks would sit on one physical GPU (fractional GPUs): NCCL refuses that."""
+    mine = str(torch.cuda.get_device_properties(torch.device(replica_device)).uuid)
+    return mine in shard_uuids or len(set(shard_uuids)) < len(shard_uuids)
+
+
 class CollectiveTransport:
     name = "collective"
 
@@ -129,6 +135,10 @@ class CollectiveTransport:
         self.fallback = RayTransport(shards)
         self.broken = False
         self.data_plane = data_plane_for(device, ray.get([s.device_type.remote() for s in shards]))
+        if self.data_plane == "nccl" and _shares_a_gpu(device, ray.get([s.device_uuid.remote() for s in shards])):
+            logger.warning("the replica and its shards do not each have a GPU of their own; NCCL needs that, "
+                           "so expert payloads go over gloo")
+            self.data_plane = "gloo"
         self.device = torch.device(device) if self.data_plane == "nccl" else torch.device("cpu")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)

@@ -60,6 +60,15 @@ def test_data_plane_is_nccl_only_when_replica_and_every_shard_hold_gpus():
         open_groups("127.0.0.1", 0, 0, 1, 5.0, "mpi")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_two_ranks_on_one_gpu_are_detected():
+    from moeray.actors.transport import _shares_a_gpu
+
+    mine = str(torch.cuda.get_device_properties(0).uuid)
+    assert _shares_a_gpu("cuda:0", [mine]) and _shares_a_gpu("cuda:0", ["other", "other"])
+    assert not _shares_a_gpu("cuda:0", ["a", "b"])
+
+
 @pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.device_count() >= 2),
                     reason="the NCCL data plane needs two GPUs: one for the replica, one for the shard")
 def test_collective_over_nccl_between_gpus_equals_local(ray_session, hf_folder, prompts):
