@@ -90,27 +90,21 @@ class AsyncEngine:
         self._wakeup.set()
 
     def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
-        target = self._streams.get(request_id)
-        if target is not None:
-            loop, stream = target
-            try:
-                loop.call_soon_threadsafe(stream.put_nowait, item)
-            except RuntimeError:  # the caller's event loop has closed: nobody listens any more
-                self._streams.pop(request_id, None)
+        self._deliver_all([(request_id, item)])
 
-    def _deliver_step(self, outputs: list[RequestOutput]) -> None:
-        """A step's outputs, one wake-up per listening event loop (not one per request): each
+    def _deliver_all(self, items: list[tuple[str, RequestOutput | BaseException]]) -> None:
+        """One wake-up per listening event loop, however many requests it has outputs for: each
         cross-thread call writes the loop's wake-up pipe and contends for the GIL."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[str, asyncio.Queue, RequestOutput]]] = {}
-        for output in outputs:
-            target = self._streams.get(output.request_id)
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[str, asyncio.Queue, Any]]] = {}
+        for request_id, item in items:
+            target = self._streams.get(request_id)
             if target is not None:
-                by_loop.setdefault(target[0], []).append((output.request_id, target[1], output))
-        for loop, items in by_loop.items():
+                by_loop.setdefault(target[0], []).append((request_id, target[1], item))
+        for loop, queued in by_loop.items():
             try:
-                loop.call_soon_threadsafe(_put_all, items)
+                loop.call_soon_threadsafe(_put_all, queued)
             except RuntimeError:  # the callers' event loop has closed: nobody listens any more
-                for request_id, _, _ in items:
+                for request_id, _, _ in queued:
                     self._streams.pop(request_id, None)
 
     # ---- engine thread -----------------------------------------------------------------------
@@ -147,11 +141,11 @@ class AsyncEngine:
                     self.engine.abort(request_id)
                     self._deliver(request_id, err)
                 continue
-            self._deliver_step(outputs)
+            self._deliver_all([(output.request_id, output) for output in outputs])
         for request_id in list(self._streams):
             self._deliver(request_id, EngineDeadError("the engine was shut down"))
 
 
-def _put_all(items: list[tuple[str, asyncio.Queue, RequestOutput]]) -> None:
+def _put_all(items: list[tuple[str, asyncio.Queue, Any]]) -> None:
     for _, stream, item in items:
         stream.put_nowait(item)

@@ -13,7 +13,7 @@ step (decode tokens first, then prefill chunks, as the runner lays them out). Fo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -36,6 +36,11 @@ class AttentionMetadata:
     decode_slots: torch.Tensor | None  # [B, S_max] slots of each decode's keys (padding: slot 0)
     decode_mask: torch.Tensor | None  # [B, 1, S_max] True where the key is real
     prefills: list[PrefillSpan]
+    decode_lengths: torch.Tensor | None = field(init=False)  # [B] keys per decode, once per step
+
+    def __post_init__(self) -> None:
+        # The mask's row sums (no host sync); every layer's decode reads them.
+        self.decode_lengths = None if self.decode_mask is None else self.decode_mask[:, 0].sum(dim=-1)
 
 
 class StepAttention:
@@ -53,7 +58,7 @@ class StepAttention:
         if b and kernels.use_triton(layer.device):
             out[:b] = self._decode_paged(attn, q_nope[:b], q_pe[:b], layer)
         elif b and (fused := kernels.cpu_latent_decode(q_nope[:b], q_pe[:b], attn.kv_b_proj.weight, layer,
-                                                       meta.decode_slots, meta.decode_mask[:, 0].sum(dim=-1),
+                                                       meta.decode_slots, meta.decode_lengths,
                                                        attn.softmax_scale)) is not None:
             out[:b] = fused
         elif b:
@@ -80,14 +85,13 @@ class StepAttention:
         """`attend_absorbed` for one query per sequence, attending in the cache where it lies.
 
         q_nope [B, H, dn], q_pe [B, H, dr] -> [B, H, dv]. The runner lays decode_slots out as
-        block_table[p // bs] * bs + p % bs, so every bs-th slot names a block, and the mask's
-        row sums are the sequence lengths: no new metadata and no host sync.
+        block_table[p // bs] * bs + p % bs, so every bs-th slot names a block, and
+        `decode_lengths` are the mask's row sums: no new metadata and no host sync.
         """
         meta, bs = self.meta, self.cache.block_size
         block_tables = torch.div(meta.decode_slots[:, ::bs], bs, rounding_mode="floor")  # [B, ceil(S_max / bs)]
-        seq_lens = meta.decode_mask[:, 0].sum(dim=-1)  # [B]
         w_uk, w_uv = attn._kv_b_weights()  # [H, dn, r], [H, dv, r]
         q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [H, B, r] -> [B, H, r]
-        out_latent = kernels.paged_latent_decode(q_latent, q_pe, layer, block_tables, seq_lens, bs,
+        out_latent = kernels.paged_latent_decode(q_latent, q_pe, layer, block_tables, meta.decode_lengths, bs,
                                                  attn.softmax_scale, max_seq_len=meta.decode_slots.shape[1])
         return torch.bmm(out_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [B, H, dv]

@@ -303,7 +303,7 @@ def pad_batch(rows: Sequence[dict[str, Sequence[int]]], pad_id: int) -> dict[str
 
 @dataclass
 class SequenceBatch:
-    """Sequences concatenated without padding: what `DeepseekForCausalLM.forward_sequences` takes."""
+    """Sequences concatenated without padding: what `DeepseekForCausalLM(..., lengths=...)` takes."""
 
     input_ids: torch.Tensor  # [N]
     position_ids: torch.Tensor  # [N], restarting at 0 for each sequence

@@ -29,8 +29,8 @@ from typing import Any
 import torch
 
 import moeray.model
-from moeray.jobs.data import (IGNORE_INDEX, flatten, pack, read_jsonl, split_eval, tokenize_dpo, tokenize_sft, tokenize_text,
-                              validate_dpo_row, validate_sft_row, validate_text_row)
+from moeray.jobs.data import (IGNORE_INDEX, flatten, pack, read_jsonl, split_eval, tokenize_dpo, tokenize_sft,
+                              tokenize_text, validate_dpo_row, validate_sft_row, validate_text_row)
 from moeray.jobs.losses import dpo_loss, router_aux_loss, target_logprobs, update_routing_bias
 from moeray.jobs.curves import plot_loss_curve
 from moeray.jobs.spec import JobSpec

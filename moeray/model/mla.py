@@ -85,6 +85,20 @@ class MultiHeadLatentAttention(nn.Module):
         w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
         return w[:, : self.nope_dim], w[:, self.nope_dim:]
 
+    def expand_qkv(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor,
+                   pad_values: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-head q, k [..., H, dn + dr] and v [..., H, dv] from any leading dims; with
+        `pad_values`, v is zero-padded to q's width: SDPA's fused (flash) kernel wants values as
+        wide as queries and keys, and is much faster than the unfused fallback (callers drop
+        the padded output columns again)."""
+        kv = self.kv_b_proj(latent).view(*latent.shape[:-1], self.num_heads, self.nope_dim + self.v_dim)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        k = torch.cat((k_nope, k_pe[..., None, :].expand(*k_nope.shape[:-1], -1)), dim=-1)
+        q = torch.cat((q_nope, q_pe), dim=-1)
+        if pad_values and self.v_dim < q.shape[-1]:
+            v = F.pad(v, (0, q.shape[-1] - self.v_dim))
+        return q, k, v
+
     def attend_expanded(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
                         k_pe: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
         """Batched attention with keys/values decompressed from the latent.
@@ -92,16 +106,7 @@ class MultiHeadLatentAttention(nn.Module):
         q_nope [B, T, H, dn], q_pe [B, T, H, dr], latent [B, S, r], k_pe [B, S, dr];
         mask [B, T, S] (True = may attend) or `causal` when T == S. Returns [B, T, H, dv].
         """
-        b, s = latent.shape[:2]
-        kv = self.kv_b_proj(latent).view(b, s, self.num_heads, self.nope_dim + self.v_dim)
-        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
-        k = torch.cat((k_nope, k_pe[:, :, None, :].expand(-1, -1, self.num_heads, -1)), dim=-1)
-        q = torch.cat((q_nope, q_pe), dim=-1)
-        qk_dim = q.shape[-1]
-        if mask is None and self.v_dim < qk_dim:
-            # SDPA's fused (flash) kernel wants values as wide as queries and keys: pad them with
-            # zeros and drop those output columns again. Much faster than the unfused fallback.
-            v = F.pad(v, (0, qk_dim - self.v_dim))
+        q, k, v = self.expand_qkv(q_nope, q_pe, latent, k_pe, pad_values=mask is None)
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # [B, H, T|S, d]
             attn_mask=None if mask is None else mask[:, None], is_causal=causal and mask is None,
@@ -176,12 +181,7 @@ class VarlenCausalAttention:
         self.lengths = list(lengths)
 
     def __call__(self, attn: MultiHeadLatentAttention, q_nope, q_pe, latent, k_pe) -> torch.Tensor:
-        n = latent.shape[0]
-        kv = attn.kv_b_proj(latent).view(n, attn.num_heads, attn.nope_dim + attn.v_dim)
-        k_nope, v = kv.split([attn.nope_dim, attn.v_dim], dim=-1)
-        k = torch.cat((k_nope, k_pe[:, None, :].expand(-1, attn.num_heads, -1)), dim=-1)  # [N, H, dq]
-        q = torch.cat((q_nope, q_pe), dim=-1)  # [N, H, dq]
-        v = F.pad(v, (0, q.shape[-1] - attn.v_dim))  # the fused kernel wants values as wide as keys
+        q, k, v = attn.expand_qkv(q_nope, q_pe, latent, k_pe, pad_values=True)  # each [N, H, dq]
         # Per sequence by split (not slicing: each slice's backward would clear a full-size gradient).
         pieces = [t.transpose(0, 1).split(self.lengths, dim=1) for t in (q, k, v)]  # each [H, n_i, dq]
         outs = [F.scaled_dot_product_attention(qi[None], ki[None], vi[None], is_causal=True,
