@@ -98,3 +98,14 @@ def test_a_packed_row_predicts_nothing_across_its_examples():
     assert batch.lengths == [3, 2] and batch.position_ids.tolist() == [0, 1, 2, 0, 1]
     # The last token of the first example has no target: 8 starts another example.
     assert batch.next_labels.tolist() == [6, 7, -100, 9, -100]
+
+
+def test_flatten_names_rows_whose_fields_differ_in_length():
+    import pytest
+
+    from moeray.jobs.data import flatten
+
+    with pytest.raises(ValueError, match=r"input_ids \(3\), labels \(2\)"):
+        flatten([{"input_ids": [5, 6, 7], "labels": [6, 7]}])
+    with pytest.raises(ValueError, match="at least one row"):
+        flatten([])
