@@ -24,6 +24,21 @@ def test_linear_equals_torch_for_both_layouts_and_odd_sizes(rows, cols, layout, 
     torch.testing.assert_close(kernels.linear(x, weight), x @ weight.t(), atol=1e-4, rtol=1e-4)
 
 
+def test_column_major_product_does_not_depend_on_the_thread_count():
+    """The inner dimension is cut into fixed slices whose partial sums add in a fixed order."""
+    gen = torch.Generator().manual_seed(3)
+    weight, x = column_major(torch.randn(1536, 384, generator=gen)), torch.randn(2, 384, generator=gen)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = kernels.linear(x, weight)
+        torch.set_num_threads(max(2, threads))
+        together = kernels.linear(x, weight)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(alone, together)
+
+
 @pytest.mark.parametrize("layout", ["row", "column"])
 def test_per_head_projections_of_kv_b_proj_equal_torch(layout):
     """The absorbed decode's W_uk / W_uv slices: strided views of one [H*(dn+dv), r] weight."""

@@ -64,9 +64,8 @@ static void gemv_rows(const float* W, long ldw, const float* x, long cols, float
 
 /*
  * Column-major weights (W^T stored row-major as [cols, rows], row stride ldw): y[c] for c in
- * [col_begin, col_end) accumulates x[i] * WT[i, c] over i, 256 outputs at a time in registers,
- * so every weight row segment is read once, contiguously. Short-row matrices (expert down
- * projections: 256 inputs) stream much better this way than as 1 KB dot products.
+ * [col_begin, col_end) accumulates x[i] * WT[i, c] over i, 256 outputs at a time in registers.
+ * Used per head (kv_b's narrow slices) by the batched product.
  */
 static void gemv_cols(const float* WT, long ldw, const float* x, long inner, float* y, long col_begin, long col_end) {
     long c = col_begin;
@@ -93,6 +92,36 @@ static void gemv_cols(const float* WT, long ldw, const float* x, long inner, flo
         y[c] = s;
     }
 }
+
+/*
+ * y[0, width) += sum_{i in [begin, end)} x[i] * WT[i, 0, width): whole rows of W^T, front to back,
+ * four at a time. Reading the rows contiguously is what lets the hardware prefetcher stream
+ * them; stripes of a row (gemv_cols) restart it on every row. y stays in L1 (a few KB).
+ */
+static void axpy_rows(const float* WT, long ldw, const float* x, long begin, long end, float* y, long width) {
+    long i = begin;
+    for (; i + 4 <= end; i += 4) {
+        const float *w0 = WT + i * ldw, *w1 = w0 + ldw, *w2 = w1 + ldw, *w3 = w2 + ldw;
+        const __m512 x0 = _mm512_set1_ps(x[i]), x1 = _mm512_set1_ps(x[i + 1]);
+        const __m512 x2 = _mm512_set1_ps(x[i + 2]), x3 = _mm512_set1_ps(x[i + 3]);
+        long c = 0;
+        for (; c + 16 <= width; c += 16) {
+            __m512 a = _mm512_fmadd_ps(x0, _mm512_loadu_ps(w0 + c), _mm512_loadu_ps(y + c));
+            __m512 b = _mm512_mul_ps(x1, _mm512_loadu_ps(w1 + c));
+            a = _mm512_fmadd_ps(x2, _mm512_loadu_ps(w2 + c), a);
+            b = _mm512_fmadd_ps(x3, _mm512_loadu_ps(w3 + c), b);
+            _mm512_storeu_ps(y + c, _mm512_add_ps(a, b));
+        }
+        for (; c < width; c++) y[c] += x[i] * w0[c] + x[i + 1] * w1[c] + x[i + 2] * w2[c] + x[i + 3] * w3[c];
+    }
+    for (; i < end; i++) {
+        const float* w = WT + i * ldw;
+        const __m512 xi = _mm512_set1_ps(x[i]);
+        long c = 0;
+        for (; c + 16 <= width; c += 16) _mm512_storeu_ps(y + c, _mm512_fmadd_ps(xi, _mm512_loadu_ps(w + c), _mm512_loadu_ps(y + c)));
+        for (; c < width; c++) y[c] += x[i] * w[c];
+    }
+}
 #else
 /* Portable path: the compiler vectorises the reduction for whatever -march=native offers. */
 static void gemv_rows(const float* W, long ldw, const float* x, long cols, float* y, long row_begin, long row_end) {
@@ -113,25 +142,63 @@ static void gemv_cols(const float* WT, long ldw, const float* x, long inner, flo
         for (long c = col_begin; c < col_end; c++) y[c] += x[i] * row[c];
     }
 }
+
+static void axpy_rows(const float* WT, long ldw, const float* x, long begin, long end, float* y, long width) {
+    for (long i = begin; i < end; i++) {
+        const float* row = WT + i * ldw;
+        #pragma omp simd
+        for (long c = 0; c < width; c++) y[c] += x[i] * row[c];
+    }
+}
 #endif
+
+#define INNER_SLICES 8
 
 /*
  * Y[m, :] = W X[m, :] for m < M, W of shape [rows, cols]. Row-major W (column_major = 0): W[r, k]
- * at W[r * ldw + k]; column-major (column_major = 1): W[r, k] at W[k * ldw + r]. Output rows are
- * split across threads in blocks, so each thread streams its own part of W.
+ * at W[r * ldw + k]; output rows are split across threads in blocks, so each thread streams its
+ * own part of W. Column-major W (column_major = 1): W[r, k] at W[k * ldw + r], i.e. W^T row-major;
+ * the inner dimension is cut into INNER_SLICES fixed slices, each streamed front to back into a
+ * partial sum, and the partials are added in slice order, so the result does not depend on the
+ * thread count.
  */
 void moeray_gemv(const float* W, long rows, long cols, long ldw, int column_major, const float* X, long ldx,
                  float* Y, long ldy, long M) {
-    long block = column_major ? 256 : ROWS_PER_BLOCK;
-    long blocks = (rows + block - 1) / block;
-    #pragma omp parallel for schedule(static)
-    for (long b = 0; b < blocks; b++) {
-        long begin = b * block, end = begin + block < rows ? begin + block : rows;
-        for (long m = 0; m < M; m++) {
-            if (column_major) gemv_cols(W, ldw, X + m * ldx, cols, Y + m * ldy, begin, end);
-            else gemv_rows(W, ldw, X + m * ldx, cols, Y + m * ldy, begin, end);
+    if (!column_major) {
+        long blocks = (rows + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK;
+        #pragma omp parallel for schedule(static)
+        for (long b = 0; b < blocks; b++) {
+            long begin = b * ROWS_PER_BLOCK, end = begin + ROWS_PER_BLOCK < rows ? begin + ROWS_PER_BLOCK : rows;
+            for (long m = 0; m < M; m++) gemv_rows(W, ldw, X + m * ldx, cols, Y + m * ldy, begin, end);
+        }
+        return;
+    }
+    long slice = ((cols + INNER_SLICES - 1) / INNER_SLICES + 3) / 4 * 4;
+    long slices = (cols + slice - 1) / slice;
+    float* partial = calloc(slices * M * rows, sizeof(float));  /* [slices, M, rows] */
+    long stripes = (rows + 255) / 256;
+    #pragma omp parallel
+    {
+        #pragma omp for schedule(static)
+        for (long j = 0; j < slices; j++) {
+            long begin = j * slice, end = begin + slice < cols ? begin + slice : cols;
+            for (long m = 0; m < M; m++) axpy_rows(W, ldw, X + m * ldx, begin, end, partial + (j * M + m) * rows, rows);
+        }
+        #pragma omp for schedule(static)
+        for (long stripe = 0; stripe < stripes; stripe++) {
+            long begin = stripe * 256, end = begin + 256 < rows ? begin + 256 : rows;
+            for (long m = 0; m < M; m++) {
+                float* y = Y + m * ldy;
+                for (long r = begin; r < end; r++) y[r] = partial[m * rows + r];
+                for (long j = 1; j < slices; j++) {
+                    const float* part = partial + (j * M + m) * rows;
+                    #pragma omp simd
+                    for (long r = begin; r < end; r++) y[r] += part[r];
+                }
+            }
         }
     }
+    free(partial);
 }
 
 /*
@@ -180,7 +247,9 @@ void moeray_moe_pairs(const float* X, long D, const long* token_of_pair, const l
                 float g = hidden[i];
                 hidden[i] = g / (1.0f + expf(-g)) * hidden[I + i];
             }
-            gemv_cols(down + expert_of_pair[p] * D * I, D, hidden, I, scratch + p * D, 0, D);
+            float* y = scratch + p * D;
+            for (long d = 0; d < D; d++) y[d] = 0.0f;
+            axpy_rows(down + expert_of_pair[p] * D * I, D, hidden, 0, I, y, D);
         }
         free(hidden);
     }
