@@ -4,7 +4,8 @@ Contract: `ModelRunner.execute(chunks)` takes the scheduler's chunks (decodes fi
 prefill chunks), builds token ids [T], positions [T], the slot mapping [T] and the per-sequence
 block tables, runs every layer once over all T tokens (so each MoE layer routes the whole step
 at once, through the given expert backend), and returns logits [N, V] (float32) for the N
-chunks that reach the end of their sequence, in chunk order. With remote experts that can be
+chunks that reach the end of their sequence, in chunk order. A step of a few decodes on CPU runs
+as one native call instead (`NativeDecoder`, same results). With remote experts that can be
 submitted asynchronously, the step runs as two micro-batches so attention overlaps expert work.
 Sequences served by LoRA adapters run through their adapter's model (which shares all other
 weights and the latent cache with the base model), one forward per adapter present in the step.
@@ -17,6 +18,7 @@ import torch
 from moeray import kernels
 from moeray.engine.attention import AttentionMetadata, PrefillSpan, StepAttention
 from moeray.engine.cache import LatentCache
+from moeray.engine.native_decode import NativeDecoder
 from moeray.engine.scheduler import ScheduledChunk
 from moeray.model.moe import ExpertBackend
 from moeray.model.transformer import DeepseekForCausalLM
@@ -31,6 +33,8 @@ class ModelRunner:
         for variant in self.models.values():
             kernels.prepare_for_decode(variant)
         self.device = next(model.parameters()).device
+        # A few decodes on CPU (no remote experts) run as one native call; None where it does not apply.
+        self.native = NativeDecoder.build(model, cache) if experts is None else None
 
     def _slots(self, block_table: list[int], start: int, end: int) -> list[int]:
         bs = self.cache.block_size
@@ -97,7 +101,11 @@ class ModelRunner:
         if self.overlaps and len(chunks) >= 2:
             return self._execute_overlapped(model, chunks)
         token_ids, positions, meta, logit_rows = self.prepare(chunks)
-        hidden = model.forward_tokens(token_ids, positions, StepAttention(self.cache, meta), self.experts)
+        hidden = None
+        if self.native is not None and model is self.model:
+            hidden = self.native(token_ids, positions, meta)
+        if hidden is None:
+            hidden = model.forward_tokens(token_ids, positions, StepAttention(self.cache, meta), self.experts)
         return model.logits(hidden[logit_rows]).float()
 
     def _execute_overlapped(self, model: DeepseekForCausalLM, chunks: list[ScheduledChunk]) -> torch.Tensor:

@@ -52,6 +52,11 @@ def set_enabled(enabled: bool) -> None:
     _enabled = enabled
 
 
+def cpu_kernels_enabled() -> bool:
+    """The C kernels may run: not switched off by `set_enabled(False)` and built (or buildable)."""
+    return _enabled and cpu.library() is not None
+
+
 KERNELS_ENV = "MOERAY_KERNELS"
 KERNEL_CHOICES = ("auto", "torch")
 

@@ -167,7 +167,10 @@ class MoE(nn.Module):
 
     def _count(self, expert_ids: torch.Tensor) -> None:
         counts = torch.bincount(expert_ids.flatten(), minlength=self.gate.num_experts)
-        self.routed_tokens = counts if self.routed_tokens is None else self.routed_tokens + counts
+        if self.routed_tokens is None:
+            self.routed_tokens = counts
+        else:
+            self.routed_tokens += counts  # in place: the native decoder holds a pointer to it
 
     def start(self, x: torch.Tensor, experts) -> "Callable[[], torch.Tensor]":
         """Route x and submit its routed experts to an async backend (`submit(...).wait()`); the

@@ -1,4 +1,5 @@
-"""CPU decode kernels (`decode.c`), compiled with the system C compiler on first use.
+"""CPU decode kernels (`decode.c`: one operation per call; `decoder.c`: the whole decoder stack
+for a few decode tokens per call; `common.h`: their shared helpers), compiled with the system C compiler on first use.
 
 Contract: `library()` returns the loaded ctypes library, or None when no compiler is available
 or the build fails (the reason is logged once and `unavailable_reason()` says it); callers then
@@ -21,7 +22,9 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("decode.c")
+HERE = Path(__file__).parent
+SOURCES = [HERE / "decode.c", HERE / "decoder.c"]
+HEADERS = [HERE / "common.h"]
 _failure: str | None = None
 
 
@@ -36,7 +39,7 @@ def _build(target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        cmd = [compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(SOURCE), "-o", str(out)]
+        cmd = [compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", *map(str, SOURCES), "-o", str(out)]
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed: {result.stderr.strip()[:2000]}")
@@ -49,7 +52,8 @@ def library() -> ctypes.CDLL | None:
     if os.environ.get("MOERAY_DISABLE_CPU_KERNELS") == "1":
         _failure = "disabled by MOERAY_DISABLE_CPU_KERNELS=1"
         return None
-    key = hashlib.sha256(SOURCE.read_bytes() + platform.machine().encode() + platform.node().encode()).hexdigest()[:16]
+    sources = b"".join(path.read_bytes() for path in SOURCES + HEADERS)
+    key = hashlib.sha256(sources + platform.machine().encode() + platform.node().encode()).hexdigest()[:16]
     target = _cache_dir() / f"decode-{key}.so"
     try:
         if not target.exists():
@@ -72,6 +76,8 @@ def library() -> ctypes.CDLL | None:
     lib.moeray_moe_pairs.restype = None
     lib.moeray_mla_decode.argtypes = [p, p, p, p, p, i, p, p, i, i, i, i, i, i, ctypes.c_float]
     lib.moeray_mla_decode.restype = None
+    lib.moeray_decode_stack.argtypes = [p, i, p, p, p, i, p, p, p, p, i, p]
+    lib.moeray_decode_stack.restype = None
     lib.moeray_stream_sum.argtypes = [p, i]
     lib.moeray_stream_sum.restype = ctypes.c_double
     return lib

@@ -1,0 +1,169 @@
+"""The whole decode step of a few sequences in one native call (`moeray/kernels/cpu/decoder.c`).
+
+Contract: `NativeDecoder.build(model, cache)` binds the C decoder stack to a model's weights and
+the latent cache, or returns None where it does not apply: no C kernels, weights not float32 on
+CPU, biases, FP8 or remote experts, a weight layout the kernels cannot read. Calling it with a
+step's token ids, positions and `AttentionMetadata` returns the final hidden states [B, D],
+what `model.forward_tokens(..., StepAttention(cache, meta))` returns (the same cache writes, the
+same routed-token counts), when the step is B <= `MAX_TOKENS` decodes and nothing else; for any
+other step (or with the kernels switched off) it returns None and the caller runs the model.
+
+The decoder reads the parameters' storage in place: it keeps a reference to every tensor it
+points at, so a parameter whose `.data` is replaced after `build` is not seen (build again).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from moeray import kernels
+from moeray.engine.attention import AttentionMetadata
+from moeray.engine.cache import LatentCache
+from moeray.kernels import cpu
+from moeray.model.layers import MLP
+from moeray.model.moe import MoE
+from moeray.model.transformer import DeepseekForCausalLM
+
+MAX_TOKENS = kernels.MAX_DECODE_TOKENS  # beyond this batched GEMMs reuse each weight enough to win
+
+_c_long, _c_float, _ptr = ctypes.c_long, ctypes.c_float, ctypes.c_void_p
+TOPK_METHODS = {"greedy": 0, "group_limited_greedy": 1, "noaux_tc": 2}
+
+
+class Matrix(ctypes.Structure):
+    _fields_ = [("w", _ptr), ("rows", _c_long), ("cols", _c_long), ("ld", _c_long), ("column_major", _c_long)]
+
+
+class Layer(ctypes.Structure):
+    _fields_ = [("input_norm", _ptr), ("q_a_norm", _ptr), ("kv_a_norm", _ptr), ("post_norm", _ptr),
+                ("q_a", Matrix), ("q_b", Matrix), ("kv_a", Matrix), ("o_proj", Matrix),
+                ("kv_b", _ptr), ("cache", _ptr),
+                ("gate", Matrix), ("up", Matrix), ("down", Matrix),
+                ("router", _ptr), ("router_bias", _ptr), ("experts_gate_up", _ptr), ("experts_down", _ptr),
+                ("num_experts", _c_long), ("expert_dim", _c_long), ("top_k", _c_long), ("n_group", _c_long),
+                ("topk_group", _c_long), ("scoring_sigmoid", _c_long), ("topk_method", _c_long),
+                ("norm_topk_prob", _c_long), ("routed_scaling_factor", _c_float), ("routed_counts", _ptr)]
+
+
+class Dims(ctypes.Structure):
+    _fields_ = [("hidden", _c_long), ("heads", _c_long), ("nope_dim", _c_long), ("rope_dim", _c_long),
+                ("v_dim", _c_long), ("kv_rank", _c_long), ("q_rank", _c_long), ("rope_interleave", _c_long),
+                ("eps", _c_float), ("softmax_scale", _c_float), ("final_norm", _ptr)]
+
+
+class NotApplicable(Exception):
+    """The model has something the native decoder does not implement (the message says what)."""
+
+
+class NativeDecoder:
+    def __init__(self, model: DeepseekForCausalLM, layers: ctypes.Array, dims: Dims, kept: list[torch.Tensor]):
+        self.model, self.layers, self.dims, self._kept = model, layers, dims, kept
+        self.lib = cpu.library()
+
+    @classmethod
+    def build(cls, model: DeepseekForCausalLM, cache: LatentCache) -> "NativeDecoder | None":
+        if cpu.library() is None:
+            return None
+        try:
+            return cls._bind(model, cache)
+        except NotApplicable:
+            return None
+
+    @classmethod
+    def _bind(cls, model: DeepseekForCausalLM, cache: LatentCache) -> "NativeDecoder":
+        kept: list[torch.Tensor] = []
+
+        def pointer(tensor: torch.Tensor | None) -> int | None:
+            if tensor is None:
+                return None
+            if tensor.device.type != "cpu" or tensor.dtype != torch.float32 or not tensor.is_contiguous():
+                raise NotApplicable(f"a {tensor.dtype} tensor on {tensor.device} (contiguous: {tensor.is_contiguous()})")
+            kept.append(tensor)
+            return tensor.data_ptr()
+
+        def matrix(linear: torch.nn.Module | None) -> Matrix:
+            if linear is None:
+                return Matrix()
+            if getattr(linear, "bias", None) is not None or not isinstance(linear, torch.nn.Linear):
+                raise NotApplicable(f"{type(linear).__name__} with a bias or not a plain Linear")
+            weight = linear.weight
+            layout = kernels._layout(weight)
+            if weight.device.type != "cpu" or weight.dtype != torch.float32 or layout is None:
+                raise NotApplicable("a projection weight the kernels cannot read")
+            kept.append(weight)
+            return Matrix(weight.data_ptr(), weight.shape[0], weight.shape[1], layout[1], layout[0])
+
+        args = model.args
+        layers = (Layer * args.num_hidden_layers)()
+        for i, decoder_layer in enumerate(model.model.layers):
+            attn, mlp, layer = decoder_layer.self_attn, decoder_layer.mlp, layers[i]
+            layer.input_norm = pointer(decoder_layer.input_layernorm.weight)
+            layer.post_norm = pointer(decoder_layer.post_attention_layernorm.weight)
+            layer.kv_a_norm = pointer(attn.kv_a_layernorm.weight)
+            if attn.q_lora_rank is None:
+                layer.q_b = matrix(attn.q_proj)
+            else:
+                layer.q_a, layer.q_b = matrix(attn.q_a_proj), matrix(attn.q_b_proj)
+                layer.q_a_norm = pointer(attn.q_a_layernorm.weight)
+            layer.kv_a, layer.o_proj = matrix(attn.kv_a_proj_with_mqa), matrix(attn.o_proj)
+            layer.kv_b = pointer(attn.kv_b_proj.weight)  # row-major: read per head
+            layer.cache = pointer(cache.layers[i])
+            if isinstance(mlp, MoE):
+                cls._bind_moe(mlp, layer, pointer, matrix)
+            elif isinstance(mlp, MLP):
+                layer.gate, layer.up, layer.down = matrix(mlp.gate_proj), matrix(mlp.up_proj), matrix(mlp.down_proj)
+            else:
+                raise NotApplicable(f"feed-forward {type(mlp).__name__}")
+        eps = {layer.input_layernorm.eps for layer in model.model.layers} | {model.model.norm.eps}
+        if len(eps) != 1:
+            raise NotApplicable(f"norms with different eps {sorted(eps)}")
+        dims = Dims(args.hidden_size, args.num_attention_heads, args.qk_nope_head_dim, args.qk_rope_head_dim,
+                    args.v_head_dim, args.kv_lora_rank, args.q_lora_rank or 0, int(args.rope_interleave),
+                    eps.pop(), model.model.layers[0].self_attn.softmax_scale, pointer(model.model.norm.weight))
+        return cls(model, layers, dims, kept)
+
+    @staticmethod
+    def _bind_moe(mlp: MoE, layer: Layer, pointer, matrix) -> None:
+        experts, gate = mlp.experts, mlp.gate
+        if experts is None or experts.fp8_block is not None:
+            raise NotApplicable("remote or FP8 experts")
+        if mlp.shared_experts is not None:
+            shared = mlp.shared_experts
+            layer.gate, layer.up, layer.down = matrix(shared.gate_proj), matrix(shared.up_proj), matrix(shared.down_proj)
+        layer.router = pointer(gate.weight)
+        layer.router_bias = pointer(gate.e_score_correction_bias)
+        layer.experts_gate_up = pointer(experts.gate_up_proj)
+        layer.experts_down = pointer(experts.down_proj.transpose(1, 2))  # stored as [E, I, D]
+        layer.num_experts, layer.expert_dim, layer.top_k = gate.num_experts, experts.intermediate_size, gate.top_k
+        layer.n_group, layer.topk_group = gate.n_group, gate.topk_group
+        layer.scoring_sigmoid = int(gate.scoring_func == "sigmoid")
+        layer.topk_method = TOPK_METHODS[gate.topk_method]
+        layer.norm_topk_prob, layer.routed_scaling_factor = int(gate.norm_topk_prob), gate.routed_scaling_factor
+        # The C side adds to the layer's counter in place (MoE._count adds in place too).
+        if mlp.routed_tokens is None:
+            mlp.routed_tokens = torch.zeros(gate.num_experts, dtype=torch.long)
+        counts = mlp.routed_tokens
+        if counts.dtype != torch.long or not counts.is_contiguous() or counts.device.type != "cpu":
+            raise NotApplicable("routed-token counters not int64 on CPU")
+        layer.routed_counts = counts.data_ptr()
+
+    def __call__(self, token_ids: torch.Tensor, positions: torch.Tensor,
+                 meta: AttentionMetadata) -> torch.Tensor | None:
+        """Final hidden states [B, D] of a step of B decodes, or None (run the model instead)."""
+        num_tokens = token_ids.shape[0]
+        if (meta.prefills or meta.num_decodes != num_tokens or not 0 < num_tokens <= MAX_TOKENS
+                or not kernels.cpu_kernels_enabled()):
+            return None
+        x = self.model.model.embed_tokens(token_ids).contiguous()  # [B, D], the residual stream
+        cos, sin = (t.contiguous() for t in self.model.rotary(positions))  # [B, dr / 2] each
+        out = torch.empty_like(x)
+        slot_mapping = meta.slot_mapping.to(torch.long).contiguous()
+        decode_slots = meta.decode_slots.to(torch.long).contiguous()
+        lengths = meta.decode_lengths.to(torch.long).contiguous()
+        self.lib.moeray_decode_stack(ctypes.addressof(self.layers), len(self.layers), ctypes.addressof(self.dims), x.data_ptr(),
+                                     out.data_ptr(), num_tokens, cos.data_ptr(), sin.data_ptr(),
+                                     slot_mapping.data_ptr(), decode_slots.data_ptr(), decode_slots.stride(0),
+                                     lengths.data_ptr())
+        return out

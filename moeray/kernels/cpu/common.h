@@ -1,0 +1,270 @@
+/*
+ * Helpers shared by the CPU decode kernels (decode.c: one operation per call; decoder.c: the
+ * whole decoder stack per call). Float32 throughout; every function here is single-threaded,
+ * the callers split work over OpenMP threads.
+ */
+#ifndef MOERAY_KERNELS_COMMON_H
+#define MOERAY_KERNELS_COMMON_H
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+#include <math.h>
+#include <stdlib.h>
+
+#define ROWS_PER_BLOCK 8
+
+#ifdef __AVX512F__
+static inline float dot(const float* w, const float* x, long cols) {
+    /* Four accumulators: one would chain every FMA on the previous one's latency. */
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    long k = 0;
+    for (; k + 64 <= cols; k += 64) {
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k), _mm512_loadu_ps(x + k), a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 16), _mm512_loadu_ps(x + k + 16), a1);
+        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 32), _mm512_loadu_ps(x + k + 32), a2);
+        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 48), _mm512_loadu_ps(x + k + 48), a3);
+    }
+    __m512 acc = _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));
+    for (; k + 16 <= cols; k += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(w + k), _mm512_loadu_ps(x + k), acc);
+    float s = _mm512_reduce_add_ps(acc);
+    for (; k < cols; k++) s += w[k] * x[k];
+    return s;
+}
+
+/* y[r] = W[r, :] . x for rows [row_begin, row_end); 8 rows per pass so every x load feeds 8 FMAs. */
+static inline void gemv_rows(const float* W, long ldw, const float* x, long cols, float* y, long row_begin, long row_end) {
+    long r = row_begin;
+    for (; r + ROWS_PER_BLOCK <= row_end; r += ROWS_PER_BLOCK) {
+        const float* w = W + r * ldw;
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+        long k = 0;
+        for (; k + 16 <= cols; k += 16) {
+            __m512 xv = _mm512_loadu_ps(x + k);
+            a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + 0 * ldw + k), xv, a0);
+            a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + 1 * ldw + k), xv, a1);
+            a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w + 2 * ldw + k), xv, a2);
+            a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w + 3 * ldw + k), xv, a3);
+            a4 = _mm512_fmadd_ps(_mm512_loadu_ps(w + 4 * ldw + k), xv, a4);
+            a5 = _mm512_fmadd_ps(_mm512_loadu_ps(w + 5 * ldw + k), xv, a5);
+            a6 = _mm512_fmadd_ps(_mm512_loadu_ps(w + 6 * ldw + k), xv, a6);
+            a7 = _mm512_fmadd_ps(_mm512_loadu_ps(w + 7 * ldw + k), xv, a7);
+        }
+        __m512 acc[ROWS_PER_BLOCK] = {a0, a1, a2, a3, a4, a5, a6, a7};
+        for (int i = 0; i < ROWS_PER_BLOCK; i++) {
+            float s = _mm512_reduce_add_ps(acc[i]);
+            for (long kk = k; kk < cols; kk++) s += w[i * ldw + kk] * x[kk];
+            y[r + i] = s;
+        }
+    }
+    for (; r < row_end; r++) y[r] = dot(W + r * ldw, x, cols);
+}
+
+/*
+ * Column-major weights (W^T stored row-major as [cols, rows], row stride ldw): y[c] for c in
+ * [col_begin, col_end) accumulates x[i] * WT[i, c] over i, 256 outputs at a time in registers.
+ * Used per head (kv_b's narrow slices) by the batched product.
+ */
+static inline void gemv_cols(const float* WT, long ldw, const float* x, long inner, float* y, long col_begin, long col_end) {
+    long c = col_begin;
+    for (; c + 256 <= col_end; c += 256) {
+        __m512 acc[16];
+        for (int j = 0; j < 16; j++) acc[j] = _mm512_setzero_ps();
+        for (long i = 0; i < inner; i++) {
+            __m512 xi = _mm512_set1_ps(x[i]);
+            const float* row = WT + i * ldw + c;
+            for (int j = 0; j < 16; j++) acc[j] = _mm512_fmadd_ps(xi, _mm512_loadu_ps(row + 16 * j), acc[j]);
+        }
+        for (int j = 0; j < 16; j++) _mm512_storeu_ps(y + c + 16 * j, acc[j]);
+    }
+    /* Narrower matrices (a head's 64 value rows of kv_b_proj) still go 16 columns at a time: a
+     * scalar walk down a column would read one float per cache line. */
+    for (; c + 16 <= col_end; c += 16) {
+        __m512 acc = _mm512_setzero_ps();
+        for (long i = 0; i < inner; i++) acc = _mm512_fmadd_ps(_mm512_set1_ps(x[i]), _mm512_loadu_ps(WT + i * ldw + c), acc);
+        _mm512_storeu_ps(y + c, acc);
+    }
+    for (; c < col_end; c++) {
+        float s = 0.0f;
+        for (long i = 0; i < inner; i++) s += x[i] * WT[i * ldw + c];
+        y[c] = s;
+    }
+}
+
+/*
+ * y[0, width) += sum_{i in [begin, end)} x[i] * WT[i, 0, width): whole rows of W^T, front to back,
+ * four at a time. Reading the rows contiguously is what lets the hardware prefetcher stream
+ * them; stripes of a row (gemv_cols) restart it on every row. y stays in L1 (a few KB).
+ */
+static inline void axpy_rows(const float* WT, long ldw, const float* x, long begin, long end, float* y, long width) {
+    long i = begin;
+    for (; i + 4 <= end; i += 4) {
+        const float *w0 = WT + i * ldw, *w1 = w0 + ldw, *w2 = w1 + ldw, *w3 = w2 + ldw;
+        const __m512 x0 = _mm512_set1_ps(x[i]), x1 = _mm512_set1_ps(x[i + 1]);
+        const __m512 x2 = _mm512_set1_ps(x[i + 2]), x3 = _mm512_set1_ps(x[i + 3]);
+        long c = 0;
+        for (; c + 16 <= width; c += 16) {
+            __m512 a = _mm512_fmadd_ps(x0, _mm512_loadu_ps(w0 + c), _mm512_loadu_ps(y + c));
+            __m512 b = _mm512_mul_ps(x1, _mm512_loadu_ps(w1 + c));
+            a = _mm512_fmadd_ps(x2, _mm512_loadu_ps(w2 + c), a);
+            b = _mm512_fmadd_ps(x3, _mm512_loadu_ps(w3 + c), b);
+            _mm512_storeu_ps(y + c, _mm512_add_ps(a, b));
+        }
+        for (; c < width; c++) y[c] += x[i] * w0[c] + x[i + 1] * w1[c] + x[i + 2] * w2[c] + x[i + 3] * w3[c];
+    }
+    for (; i < end; i++) {
+        const float* w = WT + i * ldw;
+        const __m512 xi = _mm512_set1_ps(x[i]);
+        long c = 0;
+        for (; c + 16 <= width; c += 16) _mm512_storeu_ps(y + c, _mm512_fmadd_ps(xi, _mm512_loadu_ps(w + c), _mm512_loadu_ps(y + c)));
+        for (; c < width; c++) y[c] += x[i] * w[c];
+    }
+}
+#else
+/* Portable path: the compiler vectorises the reduction for whatever -march=native offers. */
+static inline void gemv_rows(const float* W, long ldw, const float* x, long cols, float* y, long row_begin, long row_end) {
+    for (long r = row_begin; r < row_end; r++) {
+        const float* w = W + r * ldw;
+        float s = 0.0f;
+        #pragma omp simd reduction(+ : s)
+        for (long k = 0; k < cols; k++) s += w[k] * x[k];
+        y[r] = s;
+    }
+}
+
+static inline void gemv_cols(const float* WT, long ldw, const float* x, long inner, float* y, long col_begin, long col_end) {
+    for (long c = col_begin; c < col_end; c++) y[c] = 0.0f;
+    for (long i = 0; i < inner; i++) {
+        const float* row = WT + i * ldw;
+        #pragma omp simd
+        for (long c = col_begin; c < col_end; c++) y[c] += x[i] * row[c];
+    }
+}
+
+static inline void axpy_rows(const float* WT, long ldw, const float* x, long begin, long end, float* y, long width) {
+    for (long i = begin; i < end; i++) {
+        const float* row = WT + i * ldw;
+        #pragma omp simd
+        for (long c = 0; c < width; c++) y[c] += x[i] * row[c];
+    }
+}
+#endif
+
+/* dst[k] = sum_n coeff[n] * row_n[k] for k < width, row_n = base + (rows ? rows[n] : n) * stride.
+ * Each 256-column stripe is summed in registers over all rows, so dst is written once. */
+static inline void weighted_row_sum(const float* coeff, const float* base, long stride, const long* rows, long count,
+                             long width, float* dst) {
+    long c = 0;
+#ifdef __AVX512F__
+    for (; c + 256 <= width; c += 256) {
+        __m512 acc[16];
+        for (int j = 0; j < 16; j++) acc[j] = _mm512_setzero_ps();
+        for (long n = 0; n < count; n++) {
+            const float* row = base + (rows ? rows[n] : n) * stride + c;
+            __m512 a = _mm512_set1_ps(coeff[n]);
+            for (int j = 0; j < 16; j++) acc[j] = _mm512_fmadd_ps(a, _mm512_loadu_ps(row + 16 * j), acc[j]);
+        }
+        for (int j = 0; j < 16; j++) _mm512_storeu_ps(dst + c + 16 * j, acc[j]);
+    }
+#endif
+    for (long k = c; k < width; k++) dst[k] = 0.0f;
+    for (long n = 0; n < count && c < width; n++) {
+        const float a = coeff[n], *row = base + (rows ? rows[n] : n) * stride;
+        #pragma omp simd
+        for (long k = c; k < width; k++) dst[k] += a * row[k];
+    }
+}
+
+#ifndef __AVX512F__
+static inline float dot(const float* w, const float* x, long cols) {
+    float s = 0.0f;
+    #pragma omp simd reduction(+ : s)
+    for (long k = 0; k < cols; k++) s += w[k] * x[k];
+    return s;
+}
+#endif
+
+
+/*
+ * One head of the absorbed MLA decode for one query over its n cached keys (rows keys[s] of
+ * cache [slots, r + dr]):
+ *   q_lat = W_uk^T q_nope [r];  p = softmax(scale * (q_lat . latent_s + q_pe . k_pe_s));
+ *   out = W_uv (sum_s p_s latent_s) [dv]
+ * w_uk: the head's dn rows of kv_b (row-major [dn, r]), followed by its dv rows of W_uv.
+ * q_lat, o_lat [r] and probs [n] are the caller's scratch.
+ */
+static inline void mla_head(const float* q_nope, const float* q_pe, const float* w_uk, const float* cache,
+                            const long* keys, long n, float* out, long dn, long dr, long dv, long r, float scale,
+                            float* q_lat, float* o_lat, float* probs) {
+    weighted_row_sum(q_nope, w_uk, r, NULL, dn, r, q_lat);
+    float top = -INFINITY;
+    for (long s = 0; s < n; s++) {
+        const float* key = cache + keys[s] * (r + dr);
+        probs[s] = (dot(key, q_lat, r) + dot(key + r, q_pe, dr)) * scale;
+        top = probs[s] > top ? probs[s] : top;
+    }
+    float total = 0.0f;
+    for (long s = 0; s < n; s++) total += (probs[s] = expf(probs[s] - top));
+    for (long s = 0; s < n; s++) probs[s] /= total;
+    weighted_row_sum(probs, cache, r + dr, keys, n, r, o_lat);
+    const float* w_uv = w_uk + dn * r;
+    for (long j = 0; j < dv; j++) out[j] = dot(w_uv + j * r, o_lat, r);
+}
+
+
+#define INNER_SLICES 8
+
+/* A weight matrix W [rows, cols] as the kernels read it. Row-major: W[r, k] = w[r * ld + k]
+ * (Hugging Face [out, in] layout); column-major: W[r, k] = w[k * ld + r], i.e. W^T row-major. */
+typedef struct {
+    const float* w;
+    long rows, cols, ld, column_major;
+} Matrix;
+
+/*
+ * Y[m, :] = W X[m, :] for m < M, computed by all threads of the enclosing parallel region (an
+ * orphaned worksharing loop; it ends with a barrier). Row-major W: blocks of output rows per
+ * thread, each streaming its own rows. Column-major W: the inner dimension is cut into
+ * INNER_SLICES fixed slices, each streamed front to back into its partial sum (`partial`: scratch
+ * of INNER_SLICES * M * rows floats), then the partials are added in slice order. Either way
+ * every output has one fixed summation order, whatever the thread count.
+ */
+static inline void par_gemv(const Matrix* W, const float* X, long ldx, float* Y, long ldy, long M, float* partial) {
+    const long rows = W->rows, cols = W->cols;
+    if (!W->column_major) {
+        long blocks = (rows + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK;
+        #pragma omp for schedule(static)
+        for (long b = 0; b < blocks; b++) {
+            long begin = b * ROWS_PER_BLOCK, end = begin + ROWS_PER_BLOCK < rows ? begin + ROWS_PER_BLOCK : rows;
+            for (long m = 0; m < M; m++) gemv_rows(W->w, W->ld, X + m * ldx, cols, Y + m * ldy, begin, end);
+        }
+        return;
+    }
+    long slice = ((cols + INNER_SLICES - 1) / INNER_SLICES + 3) / 4 * 4;
+    long slices = (cols + slice - 1) / slice;
+    long stripes = (rows + 255) / 256;
+    #pragma omp for schedule(static)
+    for (long j = 0; j < slices; j++) {
+        long begin = j * slice, end = begin + slice < cols ? begin + slice : cols;
+        for (long m = 0; m < M; m++) {
+            float* part = partial + (j * M + m) * rows;
+            for (long r = 0; r < rows; r++) part[r] = 0.0f;
+            axpy_rows(W->w, W->ld, X + m * ldx, begin, end, part, rows);
+        }
+    }
+    #pragma omp for schedule(static)
+    for (long stripe = 0; stripe < stripes; stripe++) {
+        long begin = stripe * 256, end = begin + 256 < rows ? begin + 256 : rows;
+        for (long m = 0; m < M; m++) {
+            float* y = Y + m * ldy;
+            for (long r = begin; r < end; r++) y[r] = partial[m * rows + r];
+            for (long j = 1; j < slices; j++) {
+                const float* part = partial + (j * M + m) * rows;
+                #pragma omp simd
+                for (long r = begin; r < end; r++) y[r] += part[r];
+            }
+        }
+    }
+}
+
+#endif

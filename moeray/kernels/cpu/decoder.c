@@ -1,0 +1,318 @@
+/*
+ * The whole decoder stack for a few decode tokens (one new token per sequence) in one call: what
+ * DeepseekForCausalLM.forward_tokens computes with StepAttention's decode path over the paged
+ * latent cache, for float32 weights on CPU. At batch 1 a step is weight-bound, and on the torch
+ * path a layer spends as long in ~40 small ops and ~10 kernel calls (each waking the thread pool)
+ * as in reading its weights; here all layers run in one OpenMP region.
+ *
+ * Per layer, for each token (x: its residual stream):
+ *   h = rmsnorm(x);  q = q_b(rmsnorm(q_a h)) (or q_proj h);  [latent, k_pe] = kv_a h
+ *   latent = rmsnorm(latent);  rope on q_pe and k_pe;  cache[slot] = [latent, k_pe]
+ *   x += o_proj(absorbed MLA of q over the token's cached keys)
+ *   h = rmsnorm(x);  x += FFN(h)  (a dense SwiGLU MLP, or the top-k routed experts plus the
+ *   shared experts)
+ * and at the end out = rmsnorm(x) with the model's final norm.
+ *
+ * Every piece of work writes its own output (a GEMV's row block or inner slice, one head, one
+ * slice of one expert's FFN) and partial sums are added in a fixed order, so the result does not
+ * depend on the thread count.
+ */
+#include <math.h>
+#include <omp.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common.h"
+
+enum { TOPK_GREEDY = 0, TOPK_GROUP_LIMITED_GREEDY = 1, TOPK_NOAUX_TC = 2 };
+#define FFN_SLICE 128  /* intermediate rows per FFN job */
+#define MAX_FFN_SLICES 16
+
+typedef struct {
+    /* attention; without q LoRA, q_b is q_proj and q_a.w / q_a_norm are NULL */
+    const float *input_norm, *q_a_norm, *kv_a_norm, *post_norm;
+    Matrix q_a, q_b, kv_a, o_proj;
+    const float* kv_b;  /* [H * (dn + dv), r] row-major */
+    float* cache;       /* this layer's [slots, r + dr] */
+    /* a dense SwiGLU MLP, or the MoE layer's shared experts (gate.w NULL: none) */
+    Matrix gate, up, down;
+    /* routed experts; router NULL: a dense layer */
+    const float *router, *router_bias;            /* [E, D] row-major, [E] or NULL */
+    const float *experts_gate_up, *experts_down;  /* [E, 2I, D]; down^T as [E, I, D] */
+    long num_experts, expert_dim, top_k, n_group, topk_group, scoring_sigmoid, topk_method, norm_topk_prob;
+    float routed_scaling_factor;
+    long* routed_counts; /* [E], incremented for every routed token */
+} Layer;
+
+typedef struct {
+    long hidden, heads, nope_dim, rope_dim, v_dim, kv_rank, q_rank, rope_interleave;
+    float eps, softmax_scale;
+    const float* final_norm;
+} Dims;
+
+/* One slice [begin, end) of the intermediate rows of a SwiGLU FFN, for one token, times a weight. */
+typedef struct {
+    Matrix gate, up, down;
+    long begin, end, token;
+    float weight;
+} FfnJob;
+
+static void rmsnorm(const float* x, const float* weight, float* out, long n, float eps) {
+    double squares = 0.0;
+    for (long i = 0; i < n; i++) squares += (double)x[i] * x[i];
+    const float scale = 1.0f / sqrtf((float)(squares / n) + eps);
+    for (long i = 0; i < n; i++) out[i] = x[i] * scale * weight[i];
+}
+
+/* Rotate v [dr] in place as model.rope.apply_rotary does: pairs (v_i, v_{i+dr/2}) or, interleaved,
+ * (v_2i, v_2i+1); the result is laid out [rotated firsts | rotated seconds] either way. */
+static void rope(float* v, const float* cos, const float* sin, long dr, long interleaved) {
+    const long half = dr / 2;
+    float first[half], second[half];
+    for (long i = 0; i < half; i++) {
+        first[i] = interleaved ? v[2 * i] : v[i];
+        second[i] = interleaved ? v[2 * i + 1] : v[half + i];
+    }
+    for (long i = 0; i < half; i++) {
+        v[i] = first[i] * cos[i] - second[i] * sin[i];
+        v[half + i] = second[i] * cos[i] + first[i] * sin[i];
+    }
+}
+
+/* Index of the largest value among those not yet taken (the first on ties); marks it taken.
+ * Callers take at most n (the config guarantees top_k <= E and topk_group <= n_group). */
+static long take_max(const float* values, char* taken, long n) {
+    long best = 0;
+    while (best < n - 1 && taken[best]) best++;
+    for (long i = best + 1; i < n; i++)
+        if (!taken[i] && values[i] > values[best]) best = i;
+    taken[best] = 1;
+    return best;
+}
+
+/* model.moe.TopkGate for one token: logits [E] -> expert ids and weights [top_k]. */
+static void route(const Layer* L, const float* logits, long* ids, float* weights) {
+    const long E = L->num_experts;
+    float scores[E], choice[E];
+    char taken[E];
+    if (L->scoring_sigmoid) {
+        for (long e = 0; e < E; e++) scores[e] = 1.0f / (1.0f + expf(-logits[e]));
+    } else {
+        float top = -INFINITY, total = 0.0f;
+        for (long e = 0; e < E; e++) top = logits[e] > top ? logits[e] : top;
+        for (long e = 0; e < E; e++) total += (scores[e] = expf(logits[e] - top));
+        for (long e = 0; e < E; e++) scores[e] /= total;
+    }
+    for (long e = 0; e < E; e++) choice[e] = scores[e] + (L->router_bias ? L->router_bias[e] : 0.0f);
+    if (L->topk_method != TOPK_GREEDY && L->n_group > 1) {
+        const long groups = L->n_group, per_group = E / groups;
+        float group_score[groups];
+        char kept[groups];
+        for (long g = 0; g < groups; g++) {
+            const float* c = choice + g * per_group;
+            memset(taken, 0, per_group);
+            if (L->topk_method == TOPK_NOAUX_TC) {  /* the sum of the group's two best */
+                group_score[g] = c[take_max(c, taken, per_group)];
+                group_score[g] += per_group > 1 ? c[take_max(c, taken, per_group)] : 0.0f;
+            } else {
+                group_score[g] = c[take_max(c, taken, per_group)];
+            }
+        }
+        memset(kept, 0, groups);
+        for (long k = 0; k < L->topk_group; k++) take_max(group_score, kept, groups);
+        for (long e = 0; e < E; e++)
+            if (!kept[e / per_group]) choice[e] = -INFINITY;
+    }
+    memset(taken, 0, E);
+    float total = 0.0f;
+    for (long k = 0; k < L->top_k; k++) {
+        ids[k] = take_max(choice, taken, E);
+        total += (weights[k] = scores[ids[k]]);
+    }
+    for (long k = 0; k < L->top_k; k++) {
+        if (L->norm_topk_prob) weights[k] /= total + 1e-20f;
+        weights[k] *= L->routed_scaling_factor;
+    }
+}
+
+/* out[r - begin] = (W x)[r] for rows r in [begin, end) of W, either layout. */
+static void gemv_row_range(const Matrix* W, const float* x, long begin, long end, float* out) {
+    if (W->column_major) gemv_cols(W->w + begin, W->ld, x, W->cols, out, 0, end - begin);
+    else gemv_rows(W->w + begin * W->ld, W->ld, x, W->cols, out, 0, end - begin);
+}
+
+/* y [D] = down[:, begin:end] (silu(gate[begin:end] x) * up[begin:end] x); act, up_out: scratch. */
+static void ffn_slice(const FfnJob* job, const float* x, float* y, float* act, float* up_out) {
+    const long n = job->end - job->begin, D = job->down.rows, ld = job->down.ld;
+    gemv_row_range(&job->gate, x, job->begin, job->end, act);
+    gemv_row_range(&job->up, x, job->begin, job->end, up_out);
+    for (long i = 0; i < n; i++) act[i] = act[i] / (1.0f + expf(-act[i])) * up_out[i];
+    if (job->down.column_major) {
+        for (long d = 0; d < D; d++) y[d] = 0.0f;
+        axpy_rows(job->down.w + job->begin * ld, ld, act, 0, n, y, D);
+    } else {
+        gemv_rows(job->down.w + job->begin, ld, act, n, y, 0, D);
+    }
+}
+
+static long ffn_slices(long width) {
+    long slices = width / FFN_SLICE;
+    return slices < 1 ? 1 : slices > MAX_FFN_SLICES ? MAX_FFN_SLICES : slices;
+}
+
+/* Appends the jobs of one FFN of `width` intermediate rows for `token`; returns the new count. */
+static long add_ffn_jobs(FfnJob* jobs, long count, Matrix gate, Matrix up, Matrix down, long width, long token,
+                         float weight) {
+    const long slices = ffn_slices(width), step = (width + slices - 1) / slices;
+    for (long begin = 0; begin < width; begin += step) {
+        FfnJob job = {gate, up, down, begin, begin + step < width ? begin + step : width, token, weight};
+        jobs[count++] = job;
+    }
+    return count;
+}
+
+static long max_ffn_jobs(const Layer* L, long B) {
+    long per_token = L->gate.w ? MAX_FFN_SLICES : 0;
+    if (L->router) per_token += L->top_k * MAX_FFN_SLICES;
+    return B * per_token;
+}
+
+static long widest_ffn_slice(const Layer* L) {
+    long widest = 1;
+    if (L->gate.w) widest = (L->gate.rows + ffn_slices(L->gate.rows) - 1) / ffn_slices(L->gate.rows);
+    if (L->router) {
+        long routed = (L->expert_dim + ffn_slices(L->expert_dim) - 1) / ffn_slices(L->expert_dim);
+        widest = routed > widest ? routed : widest;
+    }
+    return widest;
+}
+
+/*
+ * x [B, D]: the tokens' embeddings, updated in place as the residual stream; out [B, D]: the final
+ * normalised hidden states. cos, sin [B, dr / 2]; slot_mapping [B]: each token's cache slot;
+ * decode_slots [B, slots_stride]: the first lengths[b] are the slots of token b's keys, its own
+ * included.
+ */
+void moeray_decode_stack(const Layer* layers, long num_layers, const Dims* dims, float* x, float* out, long B,
+                         const float* cos, const float* sin, const long* slot_mapping, const long* decode_slots,
+                         long slots_stride, const long* lengths) {
+    const long D = dims->hidden, H = dims->heads, dn = dims->nope_dim, dr = dims->rope_dim, dv = dims->v_dim;
+    const long r = dims->kv_rank, qr = dims->q_rank, qk = dn + dr, kv_width = r + dr;
+    const float eps = dims->eps;
+
+    long widest = D > H * qk ? D : H * qk, most_jobs = 1, most_experts = 1, longest = 1, slice_width = 1;
+    for (long l = 0; l < num_layers; l++) {
+        const Layer* L = layers + l;
+        const Matrix* matrices[] = {&L->q_a, &L->q_b, &L->kv_a, &L->o_proj};
+        for (int m = 0; m < 4; m++) widest = matrices[m]->rows > widest ? matrices[m]->rows : widest;
+        most_jobs = max_ffn_jobs(L, B) > most_jobs ? max_ffn_jobs(L, B) : most_jobs;
+        most_experts = L->num_experts > most_experts ? L->num_experts : most_experts;
+        slice_width = widest_ffn_slice(L) > slice_width ? widest_ffn_slice(L) : slice_width;
+    }
+    for (long b = 0; b < B; b++) longest = lengths[b] > longest ? lengths[b] : longest;
+
+    float* h = malloc(sizeof(float) * B * D);
+    float* q_a = malloc(sizeof(float) * B * (qr > 0 ? qr : 1));
+    float* kv = malloc(sizeof(float) * B * kv_width);
+    float* q = malloc(sizeof(float) * B * H * qk);
+    float* attn = malloc(sizeof(float) * B * H * dv);
+    float* o = malloc(sizeof(float) * B * D);
+    float* logits = malloc(sizeof(float) * B * most_experts);
+    float* partial = malloc(sizeof(float) * INNER_SLICES * B * widest);
+    FfnJob* jobs = malloc(sizeof(FfnJob) * most_jobs);
+    float* job_out = malloc(sizeof(float) * most_jobs * D);
+    long num_jobs = 0;
+
+    #pragma omp parallel
+    {
+        float* q_lat = malloc(sizeof(float) * r);
+        float* o_lat = malloc(sizeof(float) * r);
+        float* probs = malloc(sizeof(float) * longest);
+        float* act = malloc(sizeof(float) * slice_width);
+        float* up_out = malloc(sizeof(float) * slice_width);
+        for (long l = 0; l < num_layers; l++) {
+            const Layer* L = layers + l;
+            /* ---- attention ---- */
+            #pragma omp single
+            for (long b = 0; b < B; b++) rmsnorm(x + b * D, L->input_norm, h + b * D, D, eps);
+            if (qr) par_gemv(&L->q_a, h, D, q_a, qr, B, partial);
+            par_gemv(&L->kv_a, h, D, kv, kv_width, B, partial);
+            #pragma omp single
+            for (long b = 0; b < B; b++) {
+                float* entry = kv + b * kv_width;  /* [latent | k_pe] */
+                if (qr) rmsnorm(q_a + b * qr, L->q_a_norm, q_a + b * qr, qr, eps);
+                rmsnorm(entry, L->kv_a_norm, entry, r, eps);
+                rope(entry + r, cos + b * (dr / 2), sin + b * (dr / 2), dr, dims->rope_interleave);
+                memcpy(L->cache + slot_mapping[b] * kv_width, entry, sizeof(float) * kv_width);
+            }
+            par_gemv(&L->q_b, qr ? q_a : h, qr ? qr : D, q, H * qk, B, partial);
+            #pragma omp for schedule(static)
+            for (long job = 0; job < B * H; job++) {
+                const long b = job / H, head = job % H;
+                float* q_head = q + job * qk;  /* [q_nope | q_pe] */
+                rope(q_head + dn, cos + b * (dr / 2), sin + b * (dr / 2), dr, dims->rope_interleave);
+                mla_head(q_head, q_head + dn, L->kv_b + head * (dn + dv) * r, L->cache, decode_slots + b * slots_stride,
+                         lengths[b], attn + job * dv, dn, dr, dv, r, dims->softmax_scale, q_lat, o_lat, probs);
+            }
+            par_gemv(&L->o_proj, attn, H * dv, o, D, B, partial);
+            #pragma omp single
+            for (long b = 0; b < B; b++) {
+                for (long i = 0; i < D; i++) x[b * D + i] += o[b * D + i];
+                rmsnorm(x + b * D, L->post_norm, h + b * D, D, eps);
+            }
+            /* ---- feed-forward ---- */
+            if (L->router) {
+                const Matrix router = {L->router, L->num_experts, D, D, 0};
+                par_gemv(&router, h, D, logits, L->num_experts, B, partial);
+            }
+            #pragma omp single
+            {
+                num_jobs = 0;
+                for (long b = 0; b < B; b++) {
+                    if (L->router) {
+                        const long E = L->num_experts, I = L->expert_dim;
+                        long ids[L->top_k];
+                        float weights[L->top_k];
+                        route(L, logits + b * E, ids, weights);
+                        for (long k = 0; k < L->top_k; k++) {
+                            const float* gate_up = L->experts_gate_up + ids[k] * 2 * I * D;
+                            const Matrix gate = {gate_up, I, D, D, 0}, up = {gate_up + I * D, I, D, D, 0};
+                            const Matrix down = {L->experts_down + ids[k] * I * D, D, I, D, 1};
+                            num_jobs = add_ffn_jobs(jobs, num_jobs, gate, up, down, I, b, weights[k]);
+                            L->routed_counts[ids[k]] += 1;
+                        }
+                    }
+                    if (L->gate.w) num_jobs = add_ffn_jobs(jobs, num_jobs, L->gate, L->up, L->down, L->gate.rows, b, 1.0f);
+                }
+            }
+            #pragma omp for schedule(dynamic, 1)
+            for (long j = 0; j < num_jobs; j++) ffn_slice(jobs + j, h + jobs[j].token * D, job_out + j * D, act, up_out);
+            #pragma omp for schedule(static)
+            for (long stripe = 0; stripe < (D + 255) / 256; stripe++) {
+                const long begin = stripe * 256, end = begin + 256 < D ? begin + 256 : D;
+                for (long j = 0; j < num_jobs; j++) {
+                    float* dst = x + jobs[j].token * D;
+                    const float* src = job_out + j * D, weight = jobs[j].weight;
+                    for (long i = begin; i < end; i++) dst[i] += weight * src[i];
+                }
+            }
+        }
+        #pragma omp for schedule(static)
+        for (long b = 0; b < B; b++) rmsnorm(x + b * D, dims->final_norm, out + b * D, D, eps);
+        free(q_lat);
+        free(o_lat);
+        free(probs);
+        free(act);
+        free(up_out);
+    }
+    free(h);
+    free(q_a);
+    free(kv);
+    free(q);
+    free(attn);
+    free(o);
+    free(logits);
+    free(partial);
+    free(jobs);
+    free(job_out);
+}
