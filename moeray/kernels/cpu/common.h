@@ -186,17 +186,21 @@ static inline float dot(const float* w, const float* x, long cols) {
 
 
 /*
- * One head of the absorbed MLA decode for one query over its n cached keys (rows keys[s] of
- * cache [slots, r + dr]):
- *   q_lat = W_uk^T q_nope [r];  p = softmax(scale * (q_lat . latent_s + q_pe . k_pe_s));
- *   out = W_uv (sum_s p_s latent_s) [dv]
- * w_uk: the head's dn rows of kv_b (row-major [dn, r]), followed by its dv rows of W_uv.
- * q_lat, o_lat [r] and probs [n] are the caller's scratch.
+ * The absorbed MLA decode of one head for one query over its n cached keys (rows keys[s] of
+ * cache [slots, r + dr]), in three steps:
+ *   mla_query_latent:  q_lat = W_uk^T q_nope                                       [r]
+ *   mla_attend_latent: p = softmax(scale * (q_lat . latent_s + q_pe . k_pe_s)); o_lat = sum_s p_s latent_s
+ *   mla_value_out:     out = W_uv o_lat                                            [dv]
+ * w_uk: the head's dn rows of kv_b (row-major [dn, r]), followed by its dv rows of W_uv. The first
+ * and last stream weights, the middle one only reads the (cache-resident) keys, so a caller
+ * running many heads can keep the memory busy by running each step for all heads in turn.
  */
-static inline void mla_head(const float* q_nope, const float* q_pe, const float* w_uk, const float* cache,
-                            const long* keys, long n, float* out, long dn, long dr, long dv, long r, float scale,
-                            float* q_lat, float* o_lat, float* probs) {
+static inline void mla_query_latent(const float* q_nope, const float* w_uk, long dn, long r, float* q_lat) {
     weighted_row_sum(q_nope, w_uk, r, NULL, dn, r, q_lat);
+}
+
+static inline void mla_attend_latent(const float* q_lat, const float* q_pe, const float* cache, const long* keys,
+                                     long n, long dr, long r, float scale, float* probs, float* o_lat) {
     float top = -INFINITY;
     for (long s = 0; s < n; s++) {
         const float* key = cache + keys[s] * (r + dr);
@@ -207,10 +211,21 @@ static inline void mla_head(const float* q_nope, const float* q_pe, const float*
     for (long s = 0; s < n; s++) total += (probs[s] = expf(probs[s] - top));
     for (long s = 0; s < n; s++) probs[s] /= total;
     weighted_row_sum(probs, cache, r + dr, keys, n, r, o_lat);
+}
+
+static inline void mla_value_out(const float* w_uk, const float* o_lat, long dn, long dv, long r, float* out) {
     const float* w_uv = w_uk + dn * r;
     for (long j = 0; j < dv; j++) out[j] = dot(w_uv + j * r, o_lat, r);
 }
 
+/* All three steps for one head; q_lat, o_lat [r] and probs [n] are the caller's scratch. */
+static inline void mla_head(const float* q_nope, const float* q_pe, const float* w_uk, const float* cache,
+                            const long* keys, long n, float* out, long dn, long dr, long dv, long r, float scale,
+                            float* q_lat, float* o_lat, float* probs) {
+    mla_query_latent(q_nope, w_uk, dn, r, q_lat);
+    mla_attend_latent(q_lat, q_pe, cache, keys, n, dr, r, scale, probs, o_lat);
+    mla_value_out(w_uk, o_lat, dn, dv, r, out);
+}
 
 #define INNER_SLICES 8
 

@@ -215,6 +215,8 @@ void moeray_decode_stack(const Layer* layers, long num_layers, const Dims* dims,
     float* q_a = malloc(sizeof(float) * B * (qr > 0 ? qr : 1));
     float* kv = malloc(sizeof(float) * B * kv_width);
     float* q = malloc(sizeof(float) * B * H * qk);
+    float* q_lat = malloc(sizeof(float) * B * H * r);  /* per (token, head): W_uk^T q_nope */
+    float* o_lat = malloc(sizeof(float) * B * H * r);  /* per (token, head): attention-weighted latents */
     float* attn = malloc(sizeof(float) * B * H * dv);
     float* o = malloc(sizeof(float) * B * D);
     float* logits = malloc(sizeof(float) * B * most_experts);
@@ -225,8 +227,6 @@ void moeray_decode_stack(const Layer* layers, long num_layers, const Dims* dims,
 
     #pragma omp parallel
     {
-        float* q_lat = malloc(sizeof(float) * r);
-        float* o_lat = malloc(sizeof(float) * r);
         float* probs = malloc(sizeof(float) * longest);
         float* act = malloc(sizeof(float) * slice_width);
         float* up_out = malloc(sizeof(float) * slice_width);
@@ -246,14 +246,21 @@ void moeray_decode_stack(const Layer* layers, long num_layers, const Dims* dims,
                 memcpy(L->cache + slot_mapping[b] * kv_width, entry, sizeof(float) * kv_width);
             }
             par_gemv(&L->q_b, qr ? q_a : h, qr ? qr : D, q, H * qk, B, partial);
+            /* The absorbed MLA, one step at a time for all (token, head) jobs: the weight-streaming
+             * steps are not interleaved with the cache-bound one. */
             #pragma omp for schedule(static)
             for (long job = 0; job < B * H; job++) {
-                const long b = job / H, head = job % H;
                 float* q_head = q + job * qk;  /* [q_nope | q_pe] */
-                rope(q_head + dn, cos + b * (dr / 2), sin + b * (dr / 2), dr, dims->rope_interleave);
-                mla_head(q_head, q_head + dn, L->kv_b + head * (dn + dv) * r, L->cache, decode_slots + b * slots_stride,
-                         lengths[b], attn + job * dv, dn, dr, dv, r, dims->softmax_scale, q_lat, o_lat, probs);
+                rope(q_head + dn, cos + job / H * (dr / 2), sin + job / H * (dr / 2), dr, dims->rope_interleave);
+                mla_query_latent(q_head, L->kv_b + job % H * (dn + dv) * r, dn, r, q_lat + job * r);
             }
+            #pragma omp for schedule(static)
+            for (long job = 0; job < B * H; job++)
+                mla_attend_latent(q_lat + job * r, q + job * qk + dn, L->cache, decode_slots + job / H * slots_stride,
+                                  lengths[job / H], dr, r, dims->softmax_scale, probs, o_lat + job * r);
+            #pragma omp for schedule(static)
+            for (long job = 0; job < B * H; job++)
+                mla_value_out(L->kv_b + job % H * (dn + dv) * r, o_lat + job * r, dn, dv, r, attn + job * dv);
             par_gemv(&L->o_proj, attn, H * dv, o, D, B, partial);
             #pragma omp single
             for (long b = 0; b < B; b++) {
@@ -299,8 +306,6 @@ void moeray_decode_stack(const Layer* layers, long num_layers, const Dims* dims,
         }
         #pragma omp for schedule(static)
         for (long b = 0; b < B; b++) rmsnorm(x + b * D, dims->final_norm, out + b * D, D, eps);
-        free(q_lat);
-        free(o_lat);
         free(probs);
         free(act);
         free(up_out);
@@ -309,6 +314,8 @@ void moeray_decode_stack(const Layer* layers, long num_layers, const Dims* dims,
     free(q_a);
     free(kv);
     free(q);
+    free(q_lat);
+    free(o_lat);
     free(attn);
     free(o);
     free(logits);
