@@ -45,13 +45,18 @@ def load_replica_service(settings: ServeSettings) -> ReplicaService:
             dtype=engine_config.dtype, rebalance_interval_s=ep.rebalance_interval_s, detached=True,
             transport=ep.transport, fp8=engine_config.fp8, device=engine_config.device)
         experts.timeout_s = ep.timeout_s
-    model = load(folder, dtype=engine_config.torch_dtype, device=engine_config.device, local_experts=experts is None,
-                 fp8=engine_config.fp8)
-    # Weights stream from the checkpoint's location; only the small tokenizer files are copied here.
-    tokenizer = Tokenizer.from_pretrained(local_copy(str(folder), skip_suffixes=(".safetensors",)))
-    check_tokenizer_matches(tokenizer, model.args, str(folder))
-    adapters = {name: merged_variant(model, local_copy(uri)) for name, uri in settings.lora_adapters.items()}
-    return ReplicaService(Engine(model, tokenizer, engine_config, experts, adapters))
+
+    def build() -> Engine:
+        # Runs on the engine thread, so loading and stepping share one OpenMP team (see AsyncEngine).
+        model = load(folder, dtype=engine_config.torch_dtype, device=engine_config.device,
+                     local_experts=experts is None, fp8=engine_config.fp8)
+        # Weights stream from the checkpoint's location; only the small tokenizer files are copied here.
+        tokenizer = Tokenizer.from_pretrained(local_copy(str(folder), skip_suffixes=(".safetensors",)))
+        check_tokenizer_matches(tokenizer, model.args, str(folder))
+        adapters = {name: merged_variant(model, local_copy(uri)) for name, uri in settings.lora_adapters.items()}
+        return Engine(model, tokenizer, engine_config, experts, adapters)
+
+    return ReplicaService(build)
 
 
 class _HostsEngine:

@@ -10,7 +10,7 @@ The messages are plain dataclasses: they cross process boundaries (Ray Serve han
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,10 +62,11 @@ class ReplicaStats:
 
 
 class ReplicaService:
-    def __init__(self, engine: Engine, replica_id: str | None = None):
-        self.engine = engine
-        self.tokenizer: Tokenizer = engine.tokenizer
+    def __init__(self, engine: Engine | Callable[[], Engine], replica_id: str | None = None):
+        # A build function runs on the engine thread (see AsyncEngine: one OpenMP team per process).
         self.async_engine = AsyncEngine(engine)
+        self.engine = self.async_engine.engine
+        self.tokenizer: Tokenizer = self.engine.tokenizer
         self.replica_id = replica_id or f"pid-{os.getpid()}"
 
     def _prompt_ids(self, request: GenerateRequest) -> str | list[int]:

@@ -96,3 +96,28 @@ def test_invalid_request_raises_in_the_caller(async_engine):
         return await collect(async_engine, [5, 6, 7], SamplingParams(max_tokens=2, ignore_eos=True))
 
     assert len(asyncio.run(main())[0]) == 2
+
+
+def test_a_build_function_runs_on_the_engine_thread_and_its_error_reaches_the_caller(hf_folder, prompts):
+    import threading
+
+    built_on = []
+
+    def build():
+        built_on.append(threading.current_thread().name)
+        return LLM(hf_folder[0], block_size=4, num_cache_blocks=64, max_model_len=128).engine
+
+    engine = AsyncEngine(build)
+    try:
+        assert built_on == [engine._thread.name] and engine._thread is not threading.current_thread()
+        params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+        tokens, _, finish = asyncio.run(collect(engine, prompts[0], params))
+        assert len(tokens) == 3 and finish == "length"
+    finally:
+        engine.shutdown()
+
+    def broken():
+        raise FileNotFoundError("no checkpoint at /nowhere")
+
+    with pytest.raises(FileNotFoundError, match="/nowhere"):
+        AsyncEngine(broken)
