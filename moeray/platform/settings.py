@@ -66,7 +66,8 @@ class AutoscalingSettings(_Strict):
     target_ongoing_requests: float = Field(8.0, gt=0, description="Requests per replica the autoscaler aims for.")
     upscale_delay_s: float = Field(10.0, ge=0, description="Load must stay high this long before scaling up.")
     downscale_delay_s: float = Field(60.0, ge=0, description="Load must stay low this long before scaling down.")
-    look_back_period_s: float = Field(10.0, gt=0, description="Window over which load is averaged.")
+    look_back_period_s: float = Field(30.0, gt=0, description="Window over which load is averaged (Serve "
+                                      "wants it longer than its 10 s metrics interval).")
 
     def to_serve(self) -> dict[str, Any]:
         config = self.model_dump()
