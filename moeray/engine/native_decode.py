@@ -79,7 +79,8 @@ class NativeDecoder:
             if tensor is None:
                 return None
             if tensor.device.type != "cpu" or tensor.dtype != torch.float32 or not tensor.is_contiguous():
-                raise NotApplicable(f"a {tensor.dtype} tensor on {tensor.device} (contiguous: {tensor.is_contiguous()})")
+                raise NotApplicable(f"a {tensor.dtype} tensor on {tensor.device} "
+                                    f"(contiguous: {tensor.is_contiguous()})")
             kept.append(tensor)
             return tensor.data_ptr()
 
@@ -131,7 +132,8 @@ class NativeDecoder:
             raise NotApplicable("remote or FP8 experts")
         if mlp.shared_experts is not None:
             shared = mlp.shared_experts
-            layer.gate, layer.up, layer.down = matrix(shared.gate_proj), matrix(shared.up_proj), matrix(shared.down_proj)
+            layer.gate, layer.up = matrix(shared.gate_proj), matrix(shared.up_proj)
+            layer.down = matrix(shared.down_proj)
         layer.router = pointer(gate.weight)
         layer.router_bias = pointer(gate.e_score_correction_bias)
         layer.experts_gate_up = pointer(experts.gate_up_proj)
@@ -162,8 +164,8 @@ class NativeDecoder:
         slot_mapping = meta.slot_mapping.to(torch.long).contiguous()
         decode_slots = meta.decode_slots.to(torch.long).contiguous()
         lengths = meta.decode_lengths.to(torch.long).contiguous()
-        self.lib.moeray_decode_stack(ctypes.addressof(self.layers), len(self.layers), ctypes.addressof(self.dims), x.data_ptr(),
-                                     out.data_ptr(), num_tokens, cos.data_ptr(), sin.data_ptr(),
+        self.lib.moeray_decode_stack(ctypes.addressof(self.layers), len(self.layers), ctypes.addressof(self.dims),
+                                     x.data_ptr(), out.data_ptr(), num_tokens, cos.data_ptr(), sin.data_ptr(),
                                      slot_mapping.data_ptr(), decode_slots.data_ptr(), decode_slots.stride(0),
                                      lengths.data_ptr())
         return out

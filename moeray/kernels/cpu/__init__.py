@@ -1,5 +1,6 @@
 """CPU decode kernels (`decode.c`: one operation per call; `decoder.c`: the whole decoder stack
-for a few decode tokens per call; `common.h`: their shared helpers), compiled with the system C compiler on first use.
+for a few decode tokens per call; `common.h`: their shared helpers), compiled with the system C
+compiler on first use.
 
 Contract: `library()` returns the loaded ctypes library, or None when no compiler is available
 or the build fails (the reason is logged once and `unavailable_reason()` says it); callers then

@@ -116,7 +116,8 @@ static inline void axpy_rows(const float* WT, long ldw, const float* x, long beg
         const float* w = WT + i * ldw;
         const __m512 xi = _mm512_set1_ps(x[i]);
         long c = 0;
-        for (; c + 16 <= width; c += 16) _mm512_storeu_ps(y + c, _mm512_fmadd_ps(xi, _mm512_loadu_ps(w + c), _mm512_loadu_ps(y + c)));
+        for (; c + 16 <= width; c += 16)
+            _mm512_storeu_ps(y + c, _mm512_fmadd_ps(xi, _mm512_loadu_ps(w + c), _mm512_loadu_ps(y + c)));
         for (; c < width; c++) y[c] += x[i] * w[c];
     }
 }

@@ -18,7 +18,6 @@
  * depend on the thread count.
  */
 #include <math.h>
-#include <omp.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -289,11 +288,13 @@ void moeray_decode_stack(const Layer* layers, long num_layers, const Dims* dims,
                             L->routed_counts[ids[k]] += 1;
                         }
                     }
-                    if (L->gate.w) num_jobs = add_ffn_jobs(jobs, num_jobs, L->gate, L->up, L->down, L->gate.rows, b, 1.0f);
+                    if (L->gate.w)
+                        num_jobs = add_ffn_jobs(jobs, num_jobs, L->gate, L->up, L->down, L->gate.rows, b, 1.0f);
                 }
             }
             #pragma omp for schedule(dynamic, 1)
-            for (long j = 0; j < num_jobs; j++) ffn_slice(jobs + j, h + jobs[j].token * D, job_out + j * D, act, up_out);
+            for (long j = 0; j < num_jobs; j++)
+                ffn_slice(jobs + j, h + jobs[j].token * D, job_out + j * D, act, up_out);
             #pragma omp for schedule(static)
             for (long stripe = 0; stripe < (D + 255) / 256; stripe++) {
                 const long begin = stripe * 256, end = begin + 256 < D ? begin + 256 : D;
