@@ -1,5 +1,6 @@
-"""Session-wide fixtures: one local Ray instance for every test that needs Ray, and a real S3
-protocol server (moto's standalone server on 127.0.0.1) that boto3 and pyarrow reach over HTTP."""
+"""Session-wide fixtures: one local Ray instance for every test that needs Ray, a real S3
+protocol server (moto's standalone server on 127.0.0.1) that boto3 and pyarrow reach over HTTP,
+and the CPU kernels built the ways this machine does not use by default."""
 
 import os
 import socket
@@ -91,3 +92,28 @@ def hf_folder(tmp_path_factory):
 def prompts():
     gen = torch.Generator().manual_seed(0)
     return [torch.randint(3, 500, (n,), generator=gen).tolist() for n in (5, 23, 40, 1, 12, 64)]
+
+
+# Builds of the CPU kernels other than the one this machine uses by default: the same C code
+# with 512-bit vectors, and with no vector intrinsics at all (what a machine without AVX2 runs).
+KERNEL_VARIANTS = {"512-bit": ("-DMOERAY_VECTOR_BITS=512",), "portable": ("-march=x86-64",)}
+
+
+@pytest.fixture(scope="session", params=sorted(KERNEL_VARIANTS))
+def kernel_variant_library(request, tmp_path_factory):
+    from moeray.kernels import cpu
+
+    if cpu.library() is None:
+        pytest.skip(f"no CPU kernels: {cpu.unavailable_reason()}")
+    target = tmp_path_factory.mktemp("kernels") / f"decode-{request.param}.so"
+    cpu.build(target, KERNEL_VARIANTS[request.param])
+    return cpu.load(target)
+
+
+@pytest.fixture
+def kernel_variant(kernel_variant_library, monkeypatch):
+    """Every caller of `moeray.kernels.cpu.library()` gets the variant build for this test."""
+    from moeray.kernels import cpu
+
+    monkeypatch.setattr(cpu, "library", lambda: kernel_variant_library)
+    return kernel_variant_library

@@ -98,6 +98,12 @@ def test_native_step_equals_the_torch_path_in_states_cache_and_routing(flavour, 
     assert all(sum(layer) == len(lengths) * args.num_experts_per_tok for layer in step_native)
 
 
+@pytest.mark.parametrize("flavour", ["v3", "wide"])
+def test_other_builds_of_the_kernels_run_the_same_step(flavour, kernel_variant):
+    """512-bit vectors and the portable build (see tests/conftest.py) against the torch path."""
+    test_native_step_equals_the_torch_path_in_states_cache_and_routing(flavour, [3, 17, 1, 30])
+
+
 def test_native_step_does_not_depend_on_the_thread_count():
     model, args = build("v3")
     results = []

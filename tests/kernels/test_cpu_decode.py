@@ -80,3 +80,17 @@ def test_latent_decode_over_scattered_cache_slots_equals_the_absorbed_torch_path
                                         mask[:, 0].sum(-1), attn.softmax_scale)
     assert got is not None
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_other_builds_of_the_kernels_equal_torch(kernel_variant):
+    """512-bit vectors and the portable build: products in both layouts, the per-head products,
+    the fused latent decode and the bandwidth probe."""
+    for rows, cols in [(1536, 384), (300, 70), (7, 33)]:
+        for layout in ("row", "column"):
+            test_linear_equals_torch_for_both_layouts_and_odd_sizes(rows, cols, layout, 3)
+    for layout in ("row", "column"):
+        test_per_head_projections_of_kv_b_proj_equal_torch(layout)
+    test_latent_decode_over_scattered_cache_slots_equals_the_absorbed_torch_path([5, 130, 64])
+    data = torch.arange(1000, dtype=torch.float32)
+    for wide in (0, 1):
+        assert kernel_variant.moeray_stream_sum(data.data_ptr(), data.numel(), wide) == data.sum().item()

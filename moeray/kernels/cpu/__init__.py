@@ -33,14 +33,17 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("MOERAY_CACHE_DIR", Path.home() / ".cache" / "moeray")) / "kernels"
 
 
-def _build(target: Path) -> None:
+def build(target: Path, flags: tuple[str, ...] = ()) -> None:
+    """Compile the sources into `target`; `flags` come last, so they can override the defaults
+    (the tests build `-DMOERAY_VECTOR_BITS=512` and a portable `-march=x86-64` variant)."""
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if compiler is None:
         raise RuntimeError("no C compiler (cc or gcc) on PATH")
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        cmd = [compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", *map(str, SOURCES), "-o", str(out)]
+        cmd = [compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", *map(str, SOURCES), *flags,
+               "-o", str(out)]
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed: {result.stderr.strip()[:2000]}")
@@ -58,16 +61,21 @@ def library() -> ctypes.CDLL | None:
     target = _cache_dir() / f"decode-{key}.so"
     try:
         if not target.exists():
-            _build(target)
-        # torch is imported first, so libgomp.so.1 resolves to the OpenMP runtime torch uses:
-        # one thread pool, not two fighting over the cores.
-        import torch  # noqa: F401
-
-        lib = ctypes.CDLL(str(target))
+            build(target)
+        return load(target)
     except (OSError, RuntimeError) as err:
         _failure = str(err)
         logger.warning("moeray CPU decode kernels unavailable, using torch: %s", err)
         return None
+
+
+def load(path: Path) -> ctypes.CDLL:
+    """Load a built library and declare its functions' signatures."""
+    # torch is imported first, so libgomp.so.1 resolves to the OpenMP runtime torch uses:
+    # one thread pool, not two fighting over the cores.
+    import torch  # noqa: F401
+
+    lib = ctypes.CDLL(str(path))
     p, i = ctypes.c_void_p, ctypes.c_long
     lib.moeray_gemv.argtypes = [p, i, i, i, ctypes.c_int, p, i, p, i, i]
     lib.moeray_gemv.restype = None
@@ -79,7 +87,7 @@ def library() -> ctypes.CDLL | None:
     lib.moeray_mla_decode.restype = None
     lib.moeray_decode_stack.argtypes = [p, i, p, p, p, i, p, p, p, p, i, p]
     lib.moeray_decode_stack.restype = None
-    lib.moeray_stream_sum.argtypes = [p, i]
+    lib.moeray_stream_sum.argtypes = [p, i, ctypes.c_int]
     lib.moeray_stream_sum.restype = ctypes.c_double
     return lib
 

@@ -121,25 +121,45 @@ void moeray_mla_decode(const float* q_nope, const float* q_pe, const float* kv_b
     }
 }
 
-/* Streaming read of n floats with all threads: the bandwidth probe for roofline figures. */
-double moeray_stream_sum(const float* a, long n) {
+/*
+ * Streaming read of n floats with all threads: the bandwidth probe for roofline figures. `wide`
+ * reads with 512-bit loads (where the build has AVX-512), otherwise with the kernels' vectors:
+ * which streams faster depends on the CPU, so callers take the best of both.
+ */
+double moeray_stream_sum(const float* a, long n, int wide) {
     double total = 0;
 #ifdef __AVX512F__
+    if (wide) {
+        #pragma omp parallel reduction(+ : total)
+        {
+            __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+            #pragma omp for schedule(static)
+            for (long i = 0; i < n / 64 * 64; i += 64) {
+                s0 = _mm512_add_ps(s0, _mm512_loadu_ps(a + i));
+                s1 = _mm512_add_ps(s1, _mm512_loadu_ps(a + i + 16));
+                s2 = _mm512_add_ps(s2, _mm512_loadu_ps(a + i + 32));
+                s3 = _mm512_add_ps(s3, _mm512_loadu_ps(a + i + 48));
+            }
+            total += _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
+        }
+        for (long i = n / 64 * 64; i < n; i++) total += a[i];
+        return total;
+    }
+#endif
+    (void)wide;
+    const long whole = n / (4 * VEC) * (4 * VEC);
     #pragma omp parallel reduction(+ : total)
     {
-        __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+        vec s0 = vec_zero(), s1 = s0, s2 = s0, s3 = s0;
         #pragma omp for schedule(static)
-        for (long i = 0; i < n / 64 * 64; i += 64) {
-            s0 = _mm512_add_ps(s0, _mm512_loadu_ps(a + i));
-            s1 = _mm512_add_ps(s1, _mm512_loadu_ps(a + i + 16));
-            s2 = _mm512_add_ps(s2, _mm512_loadu_ps(a + i + 32));
-            s3 = _mm512_add_ps(s3, _mm512_loadu_ps(a + i + 48));
+        for (long i = 0; i < whole; i += 4 * VEC) {
+            s0 = vec_add(s0, vec_load(a + i));
+            s1 = vec_add(s1, vec_load(a + i + VEC));
+            s2 = vec_add(s2, vec_load(a + i + 2 * VEC));
+            s3 = vec_add(s3, vec_load(a + i + 3 * VEC));
         }
-        total += _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
+        total += vec_sum(vec_add(vec_add(s0, s1), vec_add(s2, s3)));
     }
-#else
-    #pragma omp parallel for simd reduction(+ : total)
-    for (long i = 0; i < n; i++) total += a[i];
-#endif
+    for (long i = whole; i < n; i++) total += a[i];
     return total;
 }
