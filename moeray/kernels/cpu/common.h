@@ -171,10 +171,26 @@ static inline void axpy_rows(const float* WT, long ldw, const float* x, long beg
 }
 
 /* dst[k] = sum_n coeff[n] * row_n[k] for k < width, row_n = base + (rows ? rows[n] : n) * stride.
- * Each STRIPE of columns is summed in registers over all rows, so dst is written once. */
+ * Stripes of columns are summed in registers over all rows, so dst is written once. The rows
+ * here are short (a 1 KB latent row, a head's 64 rows of W_uk) and read one after another; they
+ * stream well only when a whole 256-float row is one stripe, which takes 16 zmm registers
+ * (32 ymm accumulators do not fit beside the broadcast, and two passes of half rows ran at half
+ * the rate), so this kernel uses 512-bit vectors wherever the CPU has them. */
 static inline void weighted_row_sum(const float* coeff, const float* base, long stride, const long* rows, long count,
                                     long width, float* dst) {
     long c = 0;
+#ifdef __AVX512F__
+    for (; c + 256 <= width; c += 256) {
+        __m512 acc[16];
+        for (int j = 0; j < 16; j++) acc[j] = _mm512_setzero_ps();
+        for (long n = 0; n < count; n++) {
+            const float* row = base + (rows ? rows[n] : n) * stride + c;
+            __m512 a = _mm512_set1_ps(coeff[n]);
+            for (int j = 0; j < 16; j++) acc[j] = _mm512_fmadd_ps(a, _mm512_loadu_ps(row + 16 * j), acc[j]);
+        }
+        for (int j = 0; j < 16; j++) _mm512_storeu_ps(dst + c + 16 * j, acc[j]);
+    }
+#endif
     for (; c + STRIPE <= width; c += STRIPE) {
         vec acc[16];
         for (int j = 0; j < 16; j++) acc[j] = vec_zero();
