@@ -8,8 +8,10 @@ them); the choice of implementation never changes results beyond float rounding.
 - `batched_linear(x, weight)`: the same per attention head, [B, M, in] x [B, out, in]^T.
 - `prepare_for_decode(model)`: on CPU, stores short-row Linear weights column-major (same shape and
   values, other strides), the layout the streaming kernel reads fastest, except those marked
-  `row_major_decode` (MLA's kv_b_proj, read per head by `batched_linear`). `Fp8Linear` layers are
-  left alone (they are not `nn.Linear`, and their FP8 layout is the checkpoint's).
+  `row_major_decode` (MLA's kv_b_proj, read per head by `batched_linear`), and also those marked
+  `column_major_decode` whatever their rows (an MLP's down_proj, which the native decoder reads in
+  slices of its inputs). `Fp8Linear` layers are left alone (they are not `nn.Linear`, and their FP8
+  layout is the checkpoint's).
 - `fused_expert_pairs(x, token_of_pair, expert_of_pair, weight_of_pair, gate_up, down, scales)`:
   weighted SwiGLU experts; on CUDA (see `use_triton`) without autograd, the Triton fused MoE
   (with `scales`, FP8 experts dequantised in the kernel, for scale blocks whose column count is a
@@ -131,15 +133,18 @@ SHORT_ROW = 512  # inputs per row below which a row-major dot product streams po
 
 
 def prepare_for_decode(model: torch.nn.Module) -> None:
-    """Re-lay short-row Linear weights column-major on CPU (values, names and shapes unchanged)."""
+    """Re-lay short-row Linear weights (and those marked `column_major_decode`) column-major on
+    CPU (values, names and shapes unchanged)."""
     if not _enabled or cpu.library() is None:
         return
     with torch.no_grad():
         for module in model.modules():
             weight = getattr(module, "weight", None)
-            if (isinstance(module, torch.nn.Linear) and weight.device.type == "cpu"
-                    and not getattr(module, "row_major_decode", False)
-                    and weight.dtype == torch.float32 and weight.shape[1] <= SHORT_ROW and weight.stride(1) == 1):
+            if not (isinstance(module, torch.nn.Linear) and weight.device.type == "cpu"
+                    and weight.dtype == torch.float32 and weight.stride(1) == 1):
+                continue
+            if getattr(module, "column_major_decode", False) or (
+                    weight.shape[1] <= SHORT_ROW and not getattr(module, "row_major_decode", False)):
                 module.weight.data = weight.t().contiguous().t()
 
 
