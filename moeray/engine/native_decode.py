@@ -2,24 +2,28 @@
 
 Contract: `NativeDecoder.build(model, cache)` binds the C decoder stack to a model's weights and
 the latent cache, or returns None where it does not apply: no C kernels, weights not float32 on
-CPU, biases, FP8 or remote experts, a weight layout the kernels cannot read. Calling it with a
-step's token ids, positions and `AttentionMetadata` returns the final hidden states [B, D],
-what `model.forward_tokens(..., StepAttention(cache, meta))` returns (the same cache writes, the
-same routed-token counts), when the step is B <= `MAX_TOKENS` decodes and nothing else; for any
-other step (or with the kernels switched off) it returns None and the caller runs the model.
+CPU, biases, FP8 or remote experts, a weight layout the kernels cannot read. `takes(num_tokens)`
+says whether a step of that many single-token decodes may run natively (at most `MAX_TOKENS`, the
+kernels switched on); `step(token_ids, positions, key_slots)` then returns the logits [B, V]
+that `model.logits(model.forward_tokens(...))` returns for that step over the paged cache, with
+the same cache writes and routed-token counts. key_slots[b] lists the cache slots of sequence b's
+keys in position order, the last being the new token's own.
 
-The decoder reads the parameters' storage in place: it keeps a reference to every tensor it
-points at, so a parameter whose `.data` is replaced after `build` is not seen (build again).
+The step goes from token ids to logits without a torch op: the inputs travel as one int64
+array, and embedding, rope, every layer, the final norm and the output head run in one OpenMP
+region. The decoder reads the parameters' storage in place: it keeps a reference to every
+tensor it points at, so a parameter whose `.data` is replaced after `build` is not seen (build
+again).
 """
 
 from __future__ import annotations
 
+import array
 import ctypes
 
 import torch
 
 from moeray import kernels
-from moeray.engine.attention import AttentionMetadata
 from moeray.engine.cache import LatentCache
 from moeray.kernels import cpu
 from moeray.model.layers import MLP
@@ -50,7 +54,8 @@ class Layer(ctypes.Structure):
 class Dims(ctypes.Structure):
     _fields_ = [("hidden", _c_long), ("heads", _c_long), ("nope_dim", _c_long), ("rope_dim", _c_long),
                 ("v_dim", _c_long), ("kv_rank", _c_long), ("q_rank", _c_long), ("rope_interleave", _c_long),
-                ("eps", _c_float), ("softmax_scale", _c_float), ("final_norm", _ptr)]
+                ("eps", _c_float), ("softmax_scale", _c_float), ("final_norm", _ptr), ("embed", _ptr),
+                ("inv_freq", _ptr), ("rope_scale", _c_float), ("lm_head", Matrix)]
 
 
 class NotApplicable(Exception):
@@ -120,9 +125,12 @@ class NativeDecoder:
         eps = {layer.input_layernorm.eps for layer in model.model.layers} | {model.model.norm.eps}
         if len(eps) != 1:
             raise NotApplicable(f"norms with different eps {sorted(eps)}")
+        rotary = model.rotary
         dims = Dims(args.hidden_size, args.num_attention_heads, args.qk_nope_head_dim, args.qk_rope_head_dim,
                     args.v_head_dim, args.kv_lora_rank, args.q_lora_rank or 0, int(args.rope_interleave),
-                    eps.pop(), model.model.layers[0].self_attn.softmax_scale, pointer(model.model.norm.weight))
+                    eps.pop(), model.model.layers[0].self_attn.softmax_scale, pointer(model.model.norm.weight),
+                    pointer(model.model.embed_tokens.weight), pointer(rotary.inv_freq(torch.device("cpu"))),
+                    rotary.attention_factor, matrix(model.lm_head))
         return cls(model, layers, dims, kept)
 
     @staticmethod
@@ -151,21 +159,22 @@ class NativeDecoder:
             raise NotApplicable("routed-token counters not int64 on CPU")
         layer.routed_counts = counts.data_ptr()
 
-    def __call__(self, token_ids: torch.Tensor, positions: torch.Tensor,
-                 meta: AttentionMetadata) -> torch.Tensor | None:
-        """Final hidden states [B, D] of a step of B decodes, or None (run the model instead)."""
-        num_tokens = token_ids.shape[0]
-        if (meta.prefills or meta.num_decodes != num_tokens or not 0 < num_tokens <= MAX_TOKENS
-                or not kernels.cpu_kernels_enabled()):
-            return None
-        x = self.model.model.embed_tokens(token_ids).contiguous()  # [B, D], the residual stream
-        cos, sin = (t.contiguous() for t in self.model.rotary(positions))  # [B, dr / 2] each
-        out = torch.empty_like(x)
-        slot_mapping = meta.slot_mapping.to(torch.long).contiguous()
-        decode_slots = meta.decode_slots.to(torch.long).contiguous()
-        lengths = meta.decode_lengths.to(torch.long).contiguous()
+    @staticmethod
+    def takes(num_tokens: int) -> bool:
+        """A step of `num_tokens` single-token decodes (and nothing else) may run natively."""
+        return 0 < num_tokens <= MAX_TOKENS and kernels.cpu_kernels_enabled()
+
+    def step(self, token_ids: list[int], positions: list[int], key_slots: list[list[int]]) -> torch.Tensor:
+        """Logits [B, V] (float32) of B decodes; see the module docstring for the arguments."""
+        batch, stride = len(token_ids), max(map(len, key_slots))
+        # One int64 array: token ids, positions and key counts [B] each, then the key slots [B, stride].
+        packed = array.array("q", token_ids + positions + [len(s) for s in key_slots])
+        for slots in key_slots:
+            packed.extend(slots)
+            packed.extend([0] * (stride - len(slots)))
+        address = packed.buffer_info()[0]
+        logits = torch.empty(batch, self.dims.lm_head.rows)
         self.lib.moeray_decode_stack(ctypes.addressof(self.layers), len(self.layers), ctypes.addressof(self.dims),
-                                     x.data_ptr(), out.data_ptr(), num_tokens, cos.data_ptr(), sin.data_ptr(),
-                                     slot_mapping.data_ptr(), decode_slots.data_ptr(), decode_slots.stride(0),
-                                     lengths.data_ptr())
-        return out
+                                     batch, address, address + 8 * batch, address + 24 * batch, stride,
+                                     address + 16 * batch, logits.data_ptr())
+        return logits

@@ -4,8 +4,9 @@ Contract: `ModelRunner.execute(chunks)` takes the scheduler's chunks (decodes fi
 prefill chunks), builds token ids [T], positions [T], the slot mapping [T] and the per-sequence
 block tables, runs every layer once over all T tokens (so each MoE layer routes the whole step
 at once, through the given expert backend), and returns logits [N, V] (float32) for the N
-chunks that reach the end of their sequence, in chunk order. A step of a few decodes on CPU runs
-as one native call instead (`NativeDecoder`, same results). With remote experts that can be
+chunks that reach the end of their sequence, in chunk order. A step of a few single-token chunks
+on CPU runs as one native call from token ids to logits instead (`NativeDecoder`, the same
+results up to float rounding). With remote experts that can be
 submitted asynchronously, the step runs as two micro-batches so attention overlaps expert work.
 Sequences served by LoRA adapters run through their adapter's model (which shares all other
 weights and the latent cache with the base model), one forward per adapter present in the step.
@@ -100,13 +101,21 @@ class ModelRunner:
     def _execute(self, model: DeepseekForCausalLM, chunks: list[ScheduledChunk]) -> torch.Tensor:
         if self.overlaps and len(chunks) >= 2:
             return self._execute_overlapped(model, chunks)
+        if (self.native is not None and model is self.model and self.native.takes(len(chunks))
+                and all(chunk.num_tokens == 1 for chunk in chunks)):
+            return self._execute_native(chunks)
         token_ids, positions, meta, logit_rows = self.prepare(chunks)
-        hidden = None
-        if self.native is not None and model is self.model:
-            hidden = self.native(token_ids, positions, meta)
-        if hidden is None:
-            hidden = model.forward_tokens(token_ids, positions, StepAttention(self.cache, meta), self.experts)
+        hidden = model.forward_tokens(token_ids, positions, StepAttention(self.cache, meta), self.experts)
         return model.logits(hidden[logit_rows]).float()
+
+    def _execute_native(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        # Single-token chunks attend to their whole prefix, so each is a decode here, even the
+        # last token of a prompt whose other tokens came from the prefix cache.
+        logits = self.native.step([chunk.seq.token_ids[chunk.start] for chunk in chunks],
+                                  [chunk.start for chunk in chunks],
+                                  [self._slots(chunk.seq.block_table, 0, chunk.start + 1) for chunk in chunks])
+        sampling = [row for row, chunk in enumerate(chunks) if chunk.samples]
+        return logits if len(sampling) == len(chunks) else logits[sampling]
 
     def _execute_overlapped(self, model: DeepseekForCausalLM, chunks: list[ScheduledChunk]) -> torch.Tensor:
         # Split at the chunk closest to half the tokens; each half keeps decodes before prefills.

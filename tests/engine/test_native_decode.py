@@ -1,4 +1,5 @@
-"""The native decode stack (one C call per step) computes what the model's torch path computes."""
+"""The native decode stack (one C call per step, token ids to logits) computes what the model's
+torch path computes."""
 
 import pytest
 import torch
@@ -58,7 +59,11 @@ def decode_step(args: ModelArgs, lengths: list[int], seed: int = 0):
     meta = AttentionMetadata(torch.tensor([s[-1] for s in slots]), len(lengths), decode_slots, mask, [])
     token_ids = torch.randint(2, args.vocab_size, (len(lengths),), generator=gen)
     positions = torch.tensor(lengths) - 1
-    return cache, meta, token_ids, positions
+    return cache, meta, token_ids, positions, slots
+
+
+def native_step(native, token_ids, positions, slots):
+    return native.step(token_ids.tolist(), positions.tolist(), slots)
 
 
 def routed_counts(model) -> list[list[int]]:
@@ -70,7 +75,7 @@ def torch_path(model, cache, meta, token_ids, positions):
     kernels.set_enabled(False)
     try:
         with torch.inference_mode():
-            return model.forward_tokens(token_ids, positions, StepAttention(cache, meta))
+            return model.logits(model.forward_tokens(token_ids, positions, StepAttention(cache, meta)))
     finally:
         kernels.set_enabled(True)
 
@@ -89,17 +94,17 @@ def test_weights_left_row_major_are_read_as_they_are():
 
 
 def check_step(model, args, lengths):
-    cache, meta, token_ids, positions = decode_step(args, lengths)
-    reference_cache, _, _, _ = decode_step(args, lengths)
+    cache, meta, token_ids, positions, slots = decode_step(args, lengths)
+    reference_cache = decode_step(args, lengths)[0]
     native = NativeDecoder.build(model, cache)
     assert native is not None
     before = routed_counts(model)
 
-    hidden = native(token_ids, positions, meta)
+    logits = native_step(native, token_ids, positions, slots)
     native_counts = routed_counts(model)
     expected = torch_path(model, reference_cache, meta, token_ids, positions)
 
-    torch.testing.assert_close(hidden, expected, atol=2e-4, rtol=2e-4)
+    torch.testing.assert_close(logits, expected, atol=2e-4, rtol=2e-4)
     for written, reference in zip(cache.layers, reference_cache.layers):
         torch.testing.assert_close(written, reference, atol=1e-5, rtol=1e-5)
     # Each path counted the step's routed tokens once, to the same experts.
@@ -122,25 +127,22 @@ def test_native_step_does_not_depend_on_the_thread_count():
     try:
         for count in (1, max(2, threads)):
             torch.set_num_threads(count)
-            cache, meta, token_ids, positions = decode_step(args, [5, 12, 2])
-            results.append(NativeDecoder.build(model, cache)(token_ids, positions, meta))
+            cache, _, token_ids, positions, slots = decode_step(args, [5, 12, 2])
+            results.append(native_step(NativeDecoder.build(model, cache), token_ids, positions, slots))
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(results[0], results[1])
 
 
-def test_steps_the_native_decoder_does_not_take_return_none():
-    model, args = build("v3")
-    cache, meta, token_ids, positions = decode_step(args, [4] * (MAX_TOKENS + 1))
-    native = NativeDecoder.build(model, cache)
-    assert native(token_ids, positions, meta) is None  # too many decodes: the batched torch path wins
-    cache, meta, token_ids, positions = decode_step(args, [4])
+def test_steps_the_native_decoder_does_not_take():
+    assert NativeDecoder.takes(MAX_TOKENS)
+    assert not NativeDecoder.takes(MAX_TOKENS + 1)  # too many decodes: the batched torch path wins
+    assert not NativeDecoder.takes(0)
     kernels.set_enabled(False)
     try:
-        assert native(token_ids, positions, meta) is None
+        assert not NativeDecoder.takes(1)
     finally:
         kernels.set_enabled(True)
-    assert native(token_ids, positions, meta) is not None
 
 
 def test_models_it_does_not_implement_are_not_bound():

@@ -85,7 +85,7 @@ def load(path: Path) -> ctypes.CDLL:
     lib.moeray_moe_pairs.restype = None
     lib.moeray_mla_decode.argtypes = [p, p, p, p, p, i, p, p, i, i, i, i, i, i, ctypes.c_float]
     lib.moeray_mla_decode.restype = None
-    lib.moeray_decode_stack.argtypes = [p, i, p, p, p, i, p, p, p, p, i, p]
+    lib.moeray_decode_stack.argtypes = [p, i, p, i, p, p, p, i, p, p]
     lib.moeray_decode_stack.restype = None
     lib.moeray_stream_sum.argtypes = [p, i, ctypes.c_int]
     lib.moeray_stream_sum.restype = ctypes.c_double

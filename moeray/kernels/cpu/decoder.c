@@ -11,7 +11,10 @@
  *   x += o_proj(absorbed MLA of q over the token's cached keys)
  *   h = rmsnorm(x);  x += FFN(h)  (a dense SwiGLU MLP, or the top-k routed experts plus the
  *   shared experts)
- * and at the end out = rmsnorm(x) with the model's final norm.
+ * starting from x = the token's embedding row, with rope's cos and sin computed from its position,
+ * and at the end logits = lm_head(rmsnorm(x)) with the model's final norm: the whole step from
+ * token ids to logits, so nothing of it runs in Python (after a step has streamed every weight,
+ * the interpreter's own data is cold, and each small torch op costs tens of microseconds).
  *
  * Every piece of work writes its own output (a GEMV's row block or inner slice, one head, one
  * slice of one expert's FFN) and partial sums are added in a fixed order, so the result does not
@@ -47,6 +50,10 @@ typedef struct {
     long hidden, heads, nope_dim, rope_dim, v_dim, kv_rank, q_rank, rope_interleave;
     float eps, softmax_scale;
     const float* final_norm;
+    const float* embed;     /* [V, D] row-major */
+    const float* inv_freq;  /* [dr / 2]: rope's angle per position */
+    float rope_scale;       /* rope's attention factor, on cos and sin */
+    Matrix lm_head;         /* [V, D] */
 } Dims;
 
 /* One slice [begin, end) of the intermediate rows of a SwiGLU FFN, for one token, times a weight. */
@@ -187,19 +194,19 @@ static long widest_ffn_slice(const Layer* L) {
 }
 
 /*
- * x [B, D]: the tokens' embeddings, updated in place as the residual stream; out [B, D]: the final
- * normalised hidden states. cos, sin [B, dr / 2]; slot_mapping [B]: each token's cache slot;
- * decode_slots [B, slots_stride]: the first lengths[b] are the slots of token b's keys, its own
- * included.
+ * logits [B, V] for B decode tokens: token_ids [B] at positions [B]; key_slots [B, slots_stride]:
+ * the first lengths[b] are the cache slots of token b's keys, its own last (where its key is
+ * written).
  */
-void moeray_decode_stack(const Layer* layers, long num_layers, const Dims* dims, float* x, float* out, long B,
-                         const float* cos, const float* sin, const long* slot_mapping, const long* decode_slots,
-                         long slots_stride, const long* lengths) {
+void moeray_decode_stack(const Layer* layers, long num_layers, const Dims* dims, long B, const long* token_ids,
+                         const long* positions, const long* key_slots, long slots_stride, const long* lengths,
+                         float* logits) {
     const long D = dims->hidden, H = dims->heads, dn = dims->nope_dim, dr = dims->rope_dim, dv = dims->v_dim;
     const long r = dims->kv_rank, qr = dims->q_rank, qk = dn + dr, kv_width = r + dr;
     const float eps = dims->eps;
 
     long widest = D > H * qk ? D : H * qk, most_jobs = 1, most_experts = 1, longest = 1, slice_width = 1;
+    if (dims->lm_head.column_major && dims->lm_head.rows > widest) widest = dims->lm_head.rows;
     for (long l = 0; l < num_layers; l++) {
         const Layer* L = layers + l;
         const Matrix* matrices[] = {&L->q_a, &L->q_b, &L->kv_a, &L->o_proj};
@@ -210,7 +217,18 @@ void moeray_decode_stack(const Layer* layers, long num_layers, const Dims* dims,
     }
     for (long b = 0; b < B; b++) longest = lengths[b] > longest ? lengths[b] : longest;
 
+    float* x = malloc(sizeof(float) * B * D);  /* the residual stream */
     float* h = malloc(sizeof(float) * B * D);
+    float* cos = malloc(sizeof(float) * B * (dr / 2));
+    float* sin = malloc(sizeof(float) * B * (dr / 2));
+    for (long b = 0; b < B; b++) {
+        memcpy(x + b * D, dims->embed + token_ids[b] * D, sizeof(float) * D);
+        for (long i = 0; i < dr / 2; i++) {
+            const float angle = (float)positions[b] * dims->inv_freq[i];
+            cos[b * (dr / 2) + i] = cosf(angle) * dims->rope_scale;
+            sin[b * (dr / 2) + i] = sinf(angle) * dims->rope_scale;
+        }
+    }
     float* q_a = malloc(sizeof(float) * B * (qr > 0 ? qr : 1));
     float* kv = malloc(sizeof(float) * B * kv_width);
     float* q = malloc(sizeof(float) * B * H * qk);
@@ -218,7 +236,7 @@ void moeray_decode_stack(const Layer* layers, long num_layers, const Dims* dims,
     float* o_lat = malloc(sizeof(float) * B * H * r);  /* per (token, head): attention-weighted latents */
     float* attn = malloc(sizeof(float) * B * H * dv);
     float* o = malloc(sizeof(float) * B * D);
-    float* logits = malloc(sizeof(float) * B * most_experts);
+    float* router_logits = malloc(sizeof(float) * B * most_experts);
     float* partial = malloc(sizeof(float) * INNER_SLICES * B * widest);
     FfnJob* jobs = malloc(sizeof(FfnJob) * most_jobs);
     float* job_out = malloc(sizeof(float) * most_jobs * D);
@@ -242,7 +260,8 @@ void moeray_decode_stack(const Layer* layers, long num_layers, const Dims* dims,
                 if (qr) rmsnorm(q_a + b * qr, L->q_a_norm, q_a + b * qr, qr, eps);
                 rmsnorm(entry, L->kv_a_norm, entry, r, eps);
                 rope(entry + r, cos + b * (dr / 2), sin + b * (dr / 2), dr, dims->rope_interleave);
-                memcpy(L->cache + slot_mapping[b] * kv_width, entry, sizeof(float) * kv_width);
+                const long slot = key_slots[b * slots_stride + lengths[b] - 1];
+                memcpy(L->cache + slot * kv_width, entry, sizeof(float) * kv_width);
             }
             par_gemv(&L->q_b, qr ? q_a : h, qr ? qr : D, q, H * qk, B, partial);
             /* The absorbed MLA, one step at a time for all (token, head) jobs: the weight-streaming
@@ -255,7 +274,7 @@ void moeray_decode_stack(const Layer* layers, long num_layers, const Dims* dims,
             }
             #pragma omp for schedule(static)
             for (long job = 0; job < B * H; job++)
-                mla_attend_latent(q_lat + job * r, q + job * qk + dn, L->cache, decode_slots + job / H * slots_stride,
+                mla_attend_latent(q_lat + job * r, q + job * qk + dn, L->cache, key_slots + job / H * slots_stride,
                                   lengths[job / H], dr, r, dims->softmax_scale, probs, o_lat + job * r);
             #pragma omp for schedule(static)
             for (long job = 0; job < B * H; job++)
@@ -269,7 +288,7 @@ void moeray_decode_stack(const Layer* layers, long num_layers, const Dims* dims,
             /* ---- feed-forward ---- */
             if (L->router) {
                 const Matrix router = {L->router, L->num_experts, D, D, 0};
-                par_gemv(&router, h, D, logits, L->num_experts, B, partial);
+                par_gemv(&router, h, D, router_logits, L->num_experts, B, partial);
             }
             #pragma omp single
             {
@@ -279,7 +298,7 @@ void moeray_decode_stack(const Layer* layers, long num_layers, const Dims* dims,
                         const long E = L->num_experts, I = L->expert_dim;
                         long ids[L->top_k];
                         float weights[L->top_k];
-                        route(L, logits + b * E, ids, weights);
+                        route(L, router_logits + b * E, ids, weights);
                         for (long k = 0; k < L->top_k; k++) {
                             const float* gate_up = L->experts_gate_up + ids[k] * 2 * I * D;
                             const Matrix gate = {gate_up, I, D, D, 0}, up = {gate_up + I * D, I, D, D, 0};
@@ -305,13 +324,17 @@ void moeray_decode_stack(const Layer* layers, long num_layers, const Dims* dims,
                 }
             }
         }
-        #pragma omp for schedule(static)
-        for (long b = 0; b < B; b++) rmsnorm(x + b * D, dims->final_norm, out + b * D, D, eps);
+        #pragma omp single
+        for (long b = 0; b < B; b++) rmsnorm(x + b * D, dims->final_norm, h + b * D, D, eps);
+        par_gemv(&dims->lm_head, h, D, logits, dims->lm_head.rows, B, partial);
         free(probs);
         free(act);
         free(up_out);
     }
+    free(x);
     free(h);
+    free(cos);
+    free(sin);
     free(q_a);
     free(kv);
     free(q);
@@ -319,7 +342,7 @@ void moeray_decode_stack(const Layer* layers, long num_layers, const Dims* dims,
     free(o_lat);
     free(attn);
     free(o);
-    free(logits);
+    free(router_logits);
     free(partial);
     free(jobs);
     free(job_out);
