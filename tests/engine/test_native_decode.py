@@ -22,9 +22,10 @@ FLAVOURS = {
                norm_topk_prob=False, rope_interleave=False, routed_scaling_factor=1.5),
     "group-limited-no-shared": dict(scoring_func="softmax", topk_method="group_limited_greedy",
                                     n_shared_experts=0, num_hidden_layers=2),
-    # inner sizes above 512: row-major projections (the down projections are column-major anyway)
+    # inner sizes above 512: row-major projections (the down projections are column-major anyway);
+    # 10 heads: the attention's head groups of 8 and 2, over a latent of 520 (not a vector multiple)
     "wide": dict(hidden_size=576, intermediate_size=1100, moe_intermediate_size=600, num_hidden_layers=2,
-                 q_lora_rank=520, kv_lora_rank=520),
+                 q_lora_rank=520, kv_lora_rank=520, num_attention_heads=10),
 }
 BLOCK = 4
 

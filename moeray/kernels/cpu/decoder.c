@@ -141,6 +141,61 @@ static void route(const Layer* L, const float* logits, long* ids, float* weights
     }
 }
 
+#define HEAD_GROUP ROWS_PER_BLOCK /* heads of one token whose attention reads each key once */
+
+/*
+ * mla_attend_latent for g <= HEAD_GROUP heads of one token at once: each key is read once for
+ * all of them (the per-head form reads every key once per head, from L2, and its dot products
+ * and weighted sums are latency-bound). q_lat [g, r] and o_lat [g, r] are contiguous per head;
+ * q_pe of head i at q_pe + i * pe_stride; probs: scratch of HEAD_GROUP * n floats.
+ */
+static void attend_head_group(long g, const float* q_lat, const float* q_pe, long pe_stride, const float* cache,
+                              const long* keys, long n, long dr, long r, float scale, float* probs, float* o_lat) {
+    const float *lat_rows[HEAD_GROUP], *pe_rows[HEAD_GROUP];
+    for (long i = 0; i < HEAD_GROUP; i++) {  /* unused lanes repeat head 0; their results are dropped */
+        lat_rows[i] = q_lat + (i < g ? i : 0) * r;
+        pe_rows[i] = q_pe + (i < g ? i : 0) * pe_stride;
+    }
+    for (long s = 0; s < n; s++) {
+        const float* key = cache + keys[s] * (r + dr);
+        float latent_part[HEAD_GROUP], rope_part[HEAD_GROUP];
+        dot8(lat_rows, key, r, latent_part);
+        dot8(pe_rows, key + r, dr, rope_part);
+        for (long i = 0; i < g; i++) probs[i * n + s] = (latent_part[i] + rope_part[i]) * scale;
+    }
+    for (long i = 0; i < g; i++) {
+        float* p = probs + i * n, top = -INFINITY, total = 0.0f;
+        for (long s = 0; s < n; s++) top = p[s] > top ? p[s] : top;
+        for (long s = 0; s < n; s++) total += (p[s] = expf(p[s] - top));
+        for (long s = 0; s < n; s++) p[s] /= total;
+    }
+    /* o_lat[i] = sum_s p[i, s] latent_s, two vectors of columns at a time for all heads. */
+    long c = 0;
+    for (; c + 2 * VEC <= r; c += 2 * VEC) {
+        vec lo[HEAD_GROUP], hi[HEAD_GROUP];
+        for (long i = 0; i < HEAD_GROUP; i++) lo[i] = hi[i] = vec_zero();
+        for (long s = 0; s < n; s++) {
+            const float* latent = cache + keys[s] * (r + dr) + c;
+            const vec first = vec_load(latent), second = vec_load(latent + VEC);
+            for (long i = 0; i < HEAD_GROUP; i++) {
+                const vec p = vec_set1(probs[(i < g ? i : 0) * n + s]);
+                lo[i] = vec_fmadd(p, first, lo[i]);
+                hi[i] = vec_fmadd(p, second, hi[i]);
+            }
+        }
+        for (long i = 0; i < g; i++) {
+            vec_store(o_lat + i * r + c, lo[i]);
+            vec_store(o_lat + i * r + c + VEC, hi[i]);
+        }
+    }
+    for (; c < r; c++)
+        for (long i = 0; i < g; i++) {
+            float sum = 0.0f;
+            for (long s = 0; s < n; s++) sum += probs[i * n + s] * cache[keys[s] * (r + dr) + c];
+            o_lat[i * r + c] = sum;
+        }
+}
+
 /* out[r - begin] = (W x)[r] for rows r in [begin, end) of W, either layout. */
 static void gemv_row_range(const Matrix* W, const float* x, long begin, long end, float* out) {
     if (W->column_major) gemv_cols(W->w + begin, W->ld, x, W->cols, out, 0, end - begin);
@@ -204,6 +259,7 @@ void moeray_decode_stack(const Layer* layers, long num_layers, const Dims* dims,
     const long D = dims->hidden, H = dims->heads, dn = dims->nope_dim, dr = dims->rope_dim, dv = dims->v_dim;
     const long r = dims->kv_rank, qr = dims->q_rank, qk = dn + dr, kv_width = r + dr;
     const float eps = dims->eps;
+    const long groups = (H + HEAD_GROUP - 1) / HEAD_GROUP;  /* head groups per token in the attention */
 
     long widest = D > H * qk ? D : H * qk, most_jobs = 1, most_experts = 1, longest = 1, slice_width = 1;
     if (dims->lm_head.column_major && dims->lm_head.rows > widest) widest = dims->lm_head.rows;
@@ -244,7 +300,7 @@ void moeray_decode_stack(const Layer* layers, long num_layers, const Dims* dims,
 
     #pragma omp parallel
     {
-        float* probs = malloc(sizeof(float) * longest);
+        float* probs = malloc(sizeof(float) * HEAD_GROUP * longest);
         float* act = malloc(sizeof(float) * slice_width);
         float* up_out = malloc(sizeof(float) * slice_width);
         for (long l = 0; l < num_layers; l++) {
@@ -273,9 +329,13 @@ void moeray_decode_stack(const Layer* layers, long num_layers, const Dims* dims,
                 mla_query_latent(q_head, L->kv_b + job % H * (dn + dv) * r, dn, r, q_lat + job * r);
             }
             #pragma omp for schedule(static)
-            for (long job = 0; job < B * H; job++)
-                mla_attend_latent(q_lat + job * r, q + job * qk + dn, L->cache, key_slots + job / H * slots_stride,
-                                  lengths[job / H], dr, r, dims->softmax_scale, probs, o_lat + job * r);
+            for (long job = 0; job < B * groups; job++) {
+                const long b = job / groups, head = job % groups * HEAD_GROUP;
+                const long g = H - head < HEAD_GROUP ? H - head : HEAD_GROUP;
+                attend_head_group(g, q_lat + (b * H + head) * r, q + (b * H + head) * qk + dn, qk, L->cache,
+                                  key_slots + b * slots_stride, lengths[b], dr, r, dims->softmax_scale, probs,
+                                  o_lat + (b * H + head) * r);
+            }
             #pragma omp for schedule(static)
             for (long job = 0; job < B * H; job++)
                 mla_value_out(L->kv_b + job % H * (dn + dv) * r, o_lat + job * r, dn, dv, r, attn + job * dv);
