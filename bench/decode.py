@@ -4,9 +4,10 @@ Two measurements, both in one run against transformers' DeepseekV3ForCausalLM.ge
 same random checkpoint:
 1. batch-1 greedy decode tokens/s, and the fraction of this machine's memory-bandwidth roofline
    it reaches (weight bytes one decode step must read / step time, against a streaming-read
-   bandwidth measured in the same run). This shared machine's bandwidth moves between runs (25
-   to 50 GB/s), so the rate is measured in rounds, each right after its own bandwidth probe,
-   and the median round is reported;
+   bandwidth measured in the same run: the best of torch's sum and the C probes, over ordinary
+   and huge-page memory). This shared machine's bandwidth moves between 25 and 60 GB/s from
+   one probe to the next, so the rate is measured in rounds, each right after its own bandwidth
+   probe, and the median round is reported;
 2. a workload of N requests (prompt 16-512 tokens, output 32-256 tokens, submitted together):
    total output tokens/s of the engine against transformers' batched generate at batch 8.
 
@@ -94,7 +95,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="16 requests and 32 decode tokens")
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--decode-tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=5, help="batch-1 rounds, each after a bandwidth probe")
+    parser.add_argument("--rounds", type=int, default=9, help="batch-1 rounds, each after a bandwidth probe")
     parser.add_argument("--hf-batches", type=int, default=2,
                         help="transformers runs the first N batches of 8 of the workload (0: all of them)")
     opts = parser.parse_args()

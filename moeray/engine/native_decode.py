@@ -9,7 +9,9 @@ that `model.logits(model.forward_tokens(...))` returns for that step over the pa
 the same cache writes and routed-token counts. key_slots[b] lists the cache slots of sequence b's
 keys in position order, the last being the new token's own.
 
-The step goes from token ids to logits without a torch op: the inputs travel as one int64
+`build` first moves the model's float32 weights into one huge-page arena (same tensors to every
+other reader; see `kernels.pack_weights`). The step goes from token ids to logits without a
+torch op: the inputs travel as one int64
 array, and embedding, rope, every layer, the final norm and the output head run in one OpenMP
 region. The decoder reads the parameters' storage in place: it keeps a reference to every
 tensor it points at, so a parameter whose `.data` is replaced after `build` is not seen (build
@@ -68,13 +70,19 @@ class NativeDecoder:
         self.lib = cpu.library()
 
     @classmethod
-    def build(cls, model: DeepseekForCausalLM, cache: LatentCache) -> "NativeDecoder | None":
+    def build(cls, model: DeepseekForCausalLM, cache: LatentCache, pack: bool = True) -> "NativeDecoder | None":
+        """Bind to `model`, first moving its weights into one huge-page arena (`pack`, see
+        `kernels.pack_weights`) when the model is one the decoder takes."""
         if cpu.library() is None:
             return None
         try:
-            return cls._bind(model, cache)
+            decoder = cls._bind(model, cache)
         except NotApplicable:
             return None
+        if not pack:
+            return decoder
+        kernels.pack_weights(model)
+        return cls._bind(model, cache)
 
     @classmethod
     def _bind(cls, model: DeepseekForCausalLM, cache: LatentCache) -> "NativeDecoder":

@@ -6,6 +6,8 @@ them); the choice of implementation never changes results beyond float rounding.
   weight-streaming matrix-vector kernel (row- or column-major weights); otherwise
   `torch.nn.functional.linear`.
 - `batched_linear(x, weight)`: the same per attention head, [B, M, in] x [B, out, in]^T.
+- `pack_weights(model)`: moves the float32 CPU parameters into one huge-page arena (the native
+  decoder's weights; same values, shapes and strides).
 - `prepare_for_decode(model)`: on CPU, stores short-row Linear weights column-major (same shape and
   values, other strides), the layout the streaming kernel reads fastest, except those marked
   `row_major_decode` (MLA's kv_b_proj, read per head by `batched_linear`), and also those marked
@@ -148,6 +150,37 @@ def prepare_for_decode(model: torch.nn.Module) -> None:
                 module.weight.data = weight.t().contiguous().t()
 
 
+def pack_weights(model: torch.nn.Module) -> None:
+    """Move the model's float32 CPU parameters, in module order, into one huge-page arena
+    (`cpu.huge_page_floats`); values, shapes and strides are unchanged and shared parameters
+    stay shared, so every path (and every LoRA variant holding the same parameters) reads the
+    moved tensors. Each old storage is freed as its parameter moves."""
+    params = list({id(p): p for p in model.parameters()
+                   if p.device.type == "cpu" and p.dtype == torch.float32 and _dense(p)}.values())
+    span = [(p.numel() + 15) // 16 * 16 for p in params]  # 64-byte aligned starts
+    arena = cpu.huge_page_floats(sum(span))
+    offset = 0
+    with torch.no_grad():
+        for param, size in zip(params, span):
+            order = sorted(range(param.dim()), key=lambda d: -param.stride(d))  # outermost first
+            moved = arena[offset:offset + param.numel()].view([param.shape[d] for d in order])
+            moved = moved.permute([order.index(d) for d in range(param.dim())])  # param's strides
+            moved.copy_(param)
+            param.data = moved
+            offset += size
+
+
+def _dense(tensor: torch.Tensor) -> bool:
+    """Its elements fill its storage span without gaps (any order of dimensions)."""
+    order = sorted(range(tensor.dim()), key=lambda d: -tensor.stride(d))
+    expected = 1
+    for d in reversed(order):
+        if tensor.shape[d] != 1 and tensor.stride(d) != expected:
+            return False
+        expected *= tensor.shape[d]
+    return True
+
+
 MAX_CPU_DECODE_SEQS = 8  # beyond this the batched torch path reuses each head's weights better
 
 
@@ -229,20 +262,22 @@ def stream_read_bandwidth(num_bytes: int = 512 << 20, repeats: int = 5) -> float
     """Bytes per second of a streaming read with all threads (the roofline's memory ceiling).
 
     The best of torch's sum and the C probe (when built) with the kernels' vectors and with
-    512-bit loads, so the ceiling is never understated.
+    512-bit loads, each over ordinary memory and over huge pages (where the packed decode weights
+    live), so the ceiling is never understated.
     """
     import time
 
-    data = torch.ones(num_bytes // 4)
     lib = cpu.library()
-    probes = [lambda: data.sum()]
-    if lib is not None:
-        probes += [lambda wide=wide: lib.moeray_stream_sum(data.data_ptr(), data.numel(), wide) for wide in (0, 1)]
     best = 0.0
-    for probe in probes:
-        probe()
-        for _ in range(repeats):
-            start = time.perf_counter()
+    for data in (torch.ones(num_bytes // 4), cpu.huge_page_floats(num_bytes // 4).fill_(1.0)):
+        probes = [data.sum]
+        if lib is not None:
+            probes += [lambda wide=wide: lib.moeray_stream_sum(data.data_ptr(), data.numel(), wide) for wide in (0, 1)]
+        for probe in probes:
             probe()
-            best = max(best, num_bytes / (time.perf_counter() - start))
+            for _ in range(repeats):
+                start = time.perf_counter()
+                probe()
+                best = max(best, num_bytes / (time.perf_counter() - start))
+        del data, probes
     return best

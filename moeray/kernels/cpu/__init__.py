@@ -14,12 +14,17 @@ import ctypes
 import functools
 import hashlib
 import logging
+import mmap
 import os
 import platform
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +95,25 @@ def load(path: Path) -> ctypes.CDLL:
     lib.moeray_stream_sum.argtypes = [p, i, ctypes.c_int]
     lib.moeray_stream_sum.restype = ctypes.c_double
     return lib
+
+
+HUGE_PAGE = 2 << 20
+
+
+def huge_page_floats(numel: int) -> torch.Tensor:
+    """A float32 tensor [numel] in anonymous memory aligned to 2 MB and advised for transparent
+    huge pages (where the OS has them). Memory the decode kernels stream from: 2 MB pages spare the
+    TLB a miss every 4 KB and keep the stream physically contiguous, and unlike 4 KB pages their
+    placement does not vary from one allocation to the next (which moved the decode rate by up to
+    ±10% here). The tensor keeps its mapping alive; its pages are committed on first touch."""
+    import torch
+
+    region = mmap.mmap(-1, numel * 4 + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        region.madvise(mmap.MADV_HUGEPAGE)
+    whole = torch.frombuffer(region, dtype=torch.float32)  # holds a reference to `region`
+    start = (-whole.data_ptr()) % HUGE_PAGE // 4
+    return whole[start:start + numel]
 
 
 def unavailable_reason() -> str | None:
