@@ -8,12 +8,11 @@ them); the choice of implementation never changes results beyond float rounding.
 - `batched_linear(x, weight)`: the same per attention head, [B, M, in] x [B, out, in]^T.
 - `pack_weights(model)`: moves the float32 CPU parameters into one huge-page arena (the native
   decoder's weights; same values, shapes and strides).
-- `prepare_for_decode(model)`: on CPU, stores short-row Linear weights column-major (same shape and
-  values, other strides), the layout the streaming kernel reads fastest, except those marked
-  `row_major_decode` (MLA's kv_b_proj, read per head by `batched_linear`), and also those marked
-  `column_major_decode` whatever their rows (an MLP's down_proj, which the native decoder reads in
-  slices of its inputs). `Fp8Linear` layers are left alone (they are not `nn.Linear`, and their FP8
-  layout is the checkpoint's).
+- `prepare_for_decode(model)`: on CPU, stores the Linear weights marked `column_major_decode`
+  (an MLP's down_proj, which the native decoder reads in slices of its inputs) column-major (same
+  shape and values, other strides); every other weight stays row-major, which the streaming
+  kernel reads as one sequential stream whatever the row length. `Fp8Linear` layers are left
+  alone (they are not `nn.Linear`, and their FP8 layout is the checkpoint's).
 - `fused_expert_pairs(x, token_of_pair, expert_of_pair, weight_of_pair, gate_up, down, scales)`:
   weighted SwiGLU experts; on CUDA (see `use_triton`) without autograd, the Triton fused MoE
   (with `scales`, FP8 experts dequantised in the kernel, for scale blocks whose column count is a
@@ -131,22 +130,16 @@ def batched_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.matmul(x, weight.transpose(1, 2))
 
 
-SHORT_ROW = 512  # inputs per row below which a row-major dot product streams poorly
-
-
 def prepare_for_decode(model: torch.nn.Module) -> None:
-    """Re-lay short-row Linear weights (and those marked `column_major_decode`) column-major on
-    CPU (values, names and shapes unchanged)."""
+    """Re-lay the CPU float32 Linear weights marked `column_major_decode` column-major (values,
+    names and shapes unchanged)."""
     if not _enabled or cpu.library() is None:
         return
     with torch.no_grad():
         for module in model.modules():
             weight = getattr(module, "weight", None)
-            if not (isinstance(module, torch.nn.Linear) and weight.device.type == "cpu"
-                    and weight.dtype == torch.float32 and weight.stride(1) == 1):
-                continue
-            if getattr(module, "column_major_decode", False) or (
-                    weight.shape[1] <= SHORT_ROW and not getattr(module, "row_major_decode", False)):
+            if (isinstance(module, torch.nn.Linear) and getattr(module, "column_major_decode", False)
+                    and weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.stride(1) == 1):
                 module.weight.data = weight.t().contiguous().t()
 
 

@@ -54,8 +54,6 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_a_proj_with_mqa = Linear(d, args.kv_lora_rank + args.qk_rope_head_dim, bias=bias)
         self.kv_a_layernorm = RMSNorm(args.kv_lora_rank, args.rms_norm_eps)
         self.kv_b_proj = Linear(args.kv_lora_rank, h * (args.qk_nope_head_dim + args.v_head_dim), bias=False)
-        # Decode reads kv_b_proj per head (W_uk, W_uv slices); those stream best row-major.
-        self.kv_b_proj.row_major_decode = True
         self.o_proj = Linear(h * args.v_head_dim, d, bias=bias)
 
     def project(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):

@@ -79,7 +79,7 @@ def test_auto_keeps_fp8_only_on_cuda(fp8_folder):
 
 def test_prepare_for_decode_leaves_fp8_layers_alone(models):
     kept, _ = models
-    layer = kept.model.layers[0].self_attn.q_a_proj
+    layer = kept.model.layers[0].mlp.down_proj  # marked column-major for decode, but FP8
     before = (layer.weight.data_ptr(), layer.weight.stride())
     kernels.prepare_for_decode(kept)
     assert (layer.weight.data_ptr(), layer.weight.stride()) == before
