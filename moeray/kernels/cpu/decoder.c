@@ -216,15 +216,31 @@ static void ffn_slice(const FfnJob* job, const float* x, float* y, float* act, f
     }
 }
 
-static long ffn_slices(long width) {
-    long slices = width / FFN_SLICE;
+static long clamp_slices(long slices) {
     return slices < 1 ? 1 : slices > MAX_FFN_SLICES ? MAX_FFN_SLICES : slices;
 }
 
-/* Appends the jobs of one FFN of `width` intermediate rows for `token`; returns the new count. */
+/* A dense MLP or the shared experts: slices of about FFN_SLICE rows. */
+static long ffn_slices(long width) {
+    return clamp_slices(width / FFN_SLICE);
+}
+
+/* A routed expert: whole once the step has ROUTED_JOBS (token, expert) pairs, else cut so that
+ * there are about that many jobs. Whole experts read three 1 MB streams (on the small preset)
+ * instead of six of 512 KB, 4% faster in the fast-bandwidth periods, and 8 of them (plus the
+ * shared experts' slices, queued last) still spread evenly over a few threads. A constant, not
+ * the thread count, so that the slicing, and so the sums, do not depend on the thread count. */
+#define ROUTED_JOBS 8
+static long routed_slices(long width, long pairs) {
+    const long slices = clamp_slices((ROUTED_JOBS + pairs - 1) / pairs);
+    return slices < width ? slices : width;
+}
+
+/* Appends the jobs of one FFN of `width` intermediate rows for `token`, in `slices` slices;
+ * returns the new count. */
 static long add_ffn_jobs(FfnJob* jobs, long count, Matrix gate, Matrix up, Matrix down, long width, long token,
-                         float weight) {
-    const long slices = ffn_slices(width), step = (width + slices - 1) / slices;
+                         float weight, long slices) {
+    const long step = (width + slices - 1) / slices;
     for (long begin = 0; begin < width; begin += step) {
         FfnJob job = {gate, up, down, begin, begin + step < width ? begin + step : width, token, weight};
         jobs[count++] = job;
@@ -241,10 +257,7 @@ static long max_ffn_jobs(const Layer* L, long B) {
 static long widest_ffn_slice(const Layer* L) {
     long widest = 1;
     if (L->gate.w) widest = (L->gate.rows + ffn_slices(L->gate.rows) - 1) / ffn_slices(L->gate.rows);
-    if (L->router) {
-        long routed = (L->expert_dim + ffn_slices(L->expert_dim) - 1) / ffn_slices(L->expert_dim);
-        widest = routed > widest ? routed : widest;
-    }
+    if (L->router) widest = L->expert_dim > widest ? L->expert_dim : widest;  /* a whole expert */
     return widest;
 }
 
@@ -353,23 +366,23 @@ void moeray_decode_stack(const Layer* layers, long num_layers, const Dims* dims,
             #pragma omp single
             {
                 num_jobs = 0;
-                for (long b = 0; b < B; b++) {
-                    if (L->router) {
-                        const long E = L->num_experts, I = L->expert_dim;
-                        long ids[L->top_k];
-                        float weights[L->top_k];
-                        route(L, router_logits + b * E, ids, weights);
-                        for (long k = 0; k < L->top_k; k++) {
-                            const float* gate_up = L->experts_gate_up + ids[k] * 2 * I * D;
-                            const Matrix gate = {gate_up, I, D, D, 0}, up = {gate_up + I * D, I, D, D, 0};
-                            const Matrix down = {L->experts_down + ids[k] * I * D, D, I, D, 1};
-                            num_jobs = add_ffn_jobs(jobs, num_jobs, gate, up, down, I, b, weights[k]);
-                            L->routed_counts[ids[k]] += 1;
-                        }
+                for (long b = 0; L->router && b < B; b++) {  /* the routed experts' jobs, the larger, first */
+                    const long E = L->num_experts, I = L->expert_dim;
+                    long ids[L->top_k];
+                    float weights[L->top_k];
+                    route(L, router_logits + b * E, ids, weights);
+                    for (long k = 0; k < L->top_k; k++) {
+                        const float* gate_up = L->experts_gate_up + ids[k] * 2 * I * D;
+                        const Matrix gate = {gate_up, I, D, D, 0}, up = {gate_up + I * D, I, D, D, 0};
+                        const Matrix down = {L->experts_down + ids[k] * I * D, D, I, D, 1};
+                        num_jobs = add_ffn_jobs(jobs, num_jobs, gate, up, down, I, b, weights[k],
+                                                routed_slices(I, B * L->top_k));
+                        L->routed_counts[ids[k]] += 1;
                     }
-                    if (L->gate.w)
-                        num_jobs = add_ffn_jobs(jobs, num_jobs, L->gate, L->up, L->down, L->gate.rows, b, 1.0f);
                 }
+                for (long b = 0; L->gate.w && b < B; b++)
+                    num_jobs = add_ffn_jobs(jobs, num_jobs, L->gate, L->up, L->down, L->gate.rows, b, 1.0f,
+                                            ffn_slices(L->gate.rows));
             }
             #pragma omp for schedule(dynamic, 1)
             for (long j = 0; j < num_jobs; j++)
