@@ -21,6 +21,7 @@
  * depend on the thread count.
  */
 #include <math.h>
+#include <omp.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -286,20 +287,17 @@ void moeray_decode_stack(const Layer* layers, long num_layers, const Dims* dims,
     }
     for (long b = 0; b < B; b++) longest = lengths[b] > longest ? lengths[b] : longest;
 
-    float* x = malloc(sizeof(float) * B * D);  /* the residual stream */
-    float* h = malloc(sizeof(float) * B * D);
     float* cos = malloc(sizeof(float) * B * (dr / 2));
     float* sin = malloc(sizeof(float) * B * (dr / 2));
     for (long b = 0; b < B; b++) {
-        memcpy(x + b * D, dims->embed + token_ids[b] * D, sizeof(float) * D);
         for (long i = 0; i < dr / 2; i++) {
             const float angle = (float)positions[b] * dims->inv_freq[i];
             cos[b * (dr / 2) + i] = cosf(angle) * dims->rope_scale;
             sin[b * (dr / 2) + i] = sinf(angle) * dims->rope_scale;
         }
     }
-    float* q_a = malloc(sizeof(float) * B * (qr > 0 ? qr : 1));
-    float* kv = malloc(sizeof(float) * B * kv_width);
+    float* q_a_out = malloc(sizeof(float) * B * (qr > 0 ? qr : 1));
+    float* kv_out = malloc(sizeof(float) * B * kv_width);
     float* q = malloc(sizeof(float) * B * H * qk);
     float* q_lat = malloc(sizeof(float) * B * H * r);  /* per (token, head): W_uk^T q_nope */
     float* o_lat = malloc(sizeof(float) * B * H * r);  /* per (token, head): attention-weighted latents */
@@ -307,31 +305,39 @@ void moeray_decode_stack(const Layer* layers, long num_layers, const Dims* dims,
     float* o = malloc(sizeof(float) * B * D);
     float* router_logits = malloc(sizeof(float) * B * most_experts);
     float* partial = malloc(sizeof(float) * INNER_SLICES * B * widest);
-    FfnJob* jobs = malloc(sizeof(FfnJob) * most_jobs);
     float* job_out = malloc(sizeof(float) * most_jobs * D);
-    long num_jobs = 0;
 
+    /* The products are shared out over the threads; the small per-token work between them (norms,
+     * rope, the residual adds, routing) every thread does for itself on its own copies of the
+     * vectors, identically: cheaper than one thread doing it while the others wait at a barrier. */
     #pragma omp parallel
     {
+        const int leader = omp_get_thread_num() == 0;  /* the one that writes shared state */
+        float* x = malloc(sizeof(float) * B * D);  /* the residual stream */
+        float* h = malloc(sizeof(float) * B * D);  /* its normalised form, the products' input */
+        float* q_a = malloc(sizeof(float) * B * (qr > 0 ? qr : 1));
+        float* kv = malloc(sizeof(float) * B * kv_width);
+        FfnJob* jobs = malloc(sizeof(FfnJob) * most_jobs);
         float* probs = malloc(sizeof(float) * HEAD_GROUP * longest);
         float* act = malloc(sizeof(float) * slice_width);
         float* up_out = malloc(sizeof(float) * slice_width);
+        for (long b = 0; b < B; b++) memcpy(x + b * D, dims->embed + token_ids[b] * D, sizeof(float) * D);
         for (long l = 0; l < num_layers; l++) {
             const Layer* L = layers + l;
             /* ---- attention ---- */
-            #pragma omp single
             for (long b = 0; b < B; b++) rmsnorm(x + b * D, L->input_norm, h + b * D, D, eps);
-            if (qr) par_gemv(&L->q_a, h, D, q_a, qr, B, partial);
-            par_gemv(&L->kv_a, h, D, kv, kv_width, B, partial);
-            #pragma omp single
+            if (qr) par_gemv(&L->q_a, h, D, q_a_out, qr, B, partial);
+            par_gemv(&L->kv_a, h, D, kv_out, kv_width, B, partial);
             for (long b = 0; b < B; b++) {
                 float* entry = kv + b * kv_width;  /* [latent | k_pe] */
-                if (qr) rmsnorm(q_a + b * qr, L->q_a_norm, q_a + b * qr, qr, eps);
-                rmsnorm(entry, L->kv_a_norm, entry, r, eps);
+                if (qr) rmsnorm(q_a_out + b * qr, L->q_a_norm, q_a + b * qr, qr, eps);
+                rmsnorm(kv_out + b * kv_width, L->kv_a_norm, entry, r, eps);
+                memcpy(entry + r, kv_out + b * kv_width + r, sizeof(float) * dr);
                 rope(entry + r, cos + b * (dr / 2), sin + b * (dr / 2), dr, dims->rope_interleave);
                 const long slot = key_slots[b * slots_stride + lengths[b] - 1];
-                memcpy(L->cache + slot * kv_width, entry, sizeof(float) * kv_width);
+                if (leader) memcpy(L->cache + slot * kv_width, entry, sizeof(float) * kv_width);
             }
+            /* (the barrier that ends this product also publishes the leader's cache write) */
             par_gemv(&L->q_b, qr ? q_a : h, qr ? qr : D, q, H * qk, B, partial);
             /* The absorbed MLA, one step at a time for all (token, head) jobs: the weight-streaming
              * steps are not interleaved with the cache-bound one. */
@@ -353,7 +359,6 @@ void moeray_decode_stack(const Layer* layers, long num_layers, const Dims* dims,
             for (long job = 0; job < B * H; job++)
                 mla_value_out(L->kv_b + job % H * (dn + dv) * r, o_lat + job * r, dn, dv, r, attn + job * dv);
             par_gemv(&L->o_proj, attn, H * dv, o, D, B, partial);
-            #pragma omp single
             for (long b = 0; b < B; b++) {
                 for (long i = 0; i < D; i++) x[b * D + i] += o[b * D + i];
                 rmsnorm(x + b * D, L->post_norm, h + b * D, D, eps);
@@ -363,9 +368,8 @@ void moeray_decode_stack(const Layer* layers, long num_layers, const Dims* dims,
                 const Matrix router = {L->router, L->num_experts, D, D, 0};
                 par_gemv(&router, h, D, router_logits, L->num_experts, B, partial);
             }
-            #pragma omp single
+            long num_jobs = 0;
             {
-                num_jobs = 0;
                 for (long b = 0; L->router && b < B; b++) {  /* the routed experts' jobs, the larger, first */
                     const long E = L->num_experts, I = L->expert_dim;
                     long ids[L->top_k];
@@ -377,7 +381,7 @@ void moeray_decode_stack(const Layer* layers, long num_layers, const Dims* dims,
                         const Matrix down = {L->experts_down + ids[k] * I * D, D, I, D, 1};
                         num_jobs = add_ffn_jobs(jobs, num_jobs, gate, up, down, I, b, weights[k],
                                                 routed_slices(I, B * L->top_k));
-                        L->routed_counts[ids[k]] += 1;
+                        if (leader) L->routed_counts[ids[k]] += 1;
                     }
                 }
                 for (long b = 0; L->gate.w && b < B; b++)
@@ -387,29 +391,27 @@ void moeray_decode_stack(const Layer* layers, long num_layers, const Dims* dims,
             #pragma omp for schedule(dynamic, 1)
             for (long j = 0; j < num_jobs; j++)
                 ffn_slice(jobs + j, h + jobs[j].token * D, job_out + j * D, act, up_out);
-            #pragma omp for schedule(static)
-            for (long stripe = 0; stripe < (D + 255) / 256; stripe++) {
-                const long begin = stripe * 256, end = begin + 256 < D ? begin + 256 : D;
-                for (long j = 0; j < num_jobs; j++) {
-                    float* dst = x + jobs[j].token * D;
-                    const float* src = job_out + j * D, weight = jobs[j].weight;
-                    for (long i = begin; i < end; i++) dst[i] += weight * src[i];
-                }
+            for (long j = 0; j < num_jobs; j++) {
+                float* dst = x + jobs[j].token * D;
+                const float* src = job_out + j * D, weight = jobs[j].weight;
+                for (long i = 0; i < D; i++) dst[i] += weight * src[i];
             }
         }
-        #pragma omp single
         for (long b = 0; b < B; b++) rmsnorm(x + b * D, dims->final_norm, h + b * D, D, eps);
         par_gemv(&dims->lm_head, h, D, logits, dims->lm_head.rows, B, partial);
+        free(x);
+        free(h);
+        free(q_a);
+        free(kv);
+        free(jobs);
         free(probs);
         free(act);
         free(up_out);
     }
-    free(x);
-    free(h);
     free(cos);
     free(sin);
-    free(q_a);
-    free(kv);
+    free(q_a_out);
+    free(kv_out);
     free(q);
     free(q_lat);
     free(o_lat);
@@ -417,6 +419,5 @@ void moeray_decode_stack(const Layer* layers, long num_layers, const Dims* dims,
     free(o);
     free(router_logits);
     free(partial);
-    free(jobs);
     free(job_out);
 }
