@@ -11,11 +11,10 @@ keys in position order, the last being the new token's own.
 
 `build` first moves the model's float32 weights into one huge-page arena (same tensors to every
 other reader; see `kernels.pack_weights`). The step goes from token ids to logits without a
-torch op: the inputs travel as one int64
-array, and embedding, rope, every layer, the final norm and the output head run in one OpenMP
-region. The decoder reads the parameters' storage in place: it keeps a reference to every
-tensor it points at, so a parameter whose `.data` is replaced after `build` is not seen (build
-again).
+torch op: the inputs travel as one int64 array, and embedding, rope, every layer, the final
+norm and the output head run in one OpenMP region. The decoder reads the parameters' storage in
+place: it keeps a reference to every tensor it points at, so a parameter whose `.data` is
+replaced after `build` is not seen (build again).
 """
 
 from __future__ import annotations

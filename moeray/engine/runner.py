@@ -6,8 +6,8 @@ block tables, runs every layer once over all T tokens (so each MoE layer routes 
 at once, through the given expert backend), and returns logits [N, V] (float32) for the N
 chunks that reach the end of their sequence, in chunk order. A step of a few single-token chunks
 on CPU runs as one native call from token ids to logits instead (`NativeDecoder`, the same
-results up to float rounding). With remote experts that can be
-submitted asynchronously, the step runs as two micro-batches so attention overlaps expert work.
+results up to float rounding). With remote experts that can be submitted asynchronously, the
+step runs as two micro-batches so attention overlaps expert work.
 Sequences served by LoRA adapters run through their adapter's model (which shares all other
 weights and the latent cache with the base model), one forward per adapter present in the step.
 """

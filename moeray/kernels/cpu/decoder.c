@@ -16,9 +16,10 @@
  * token ids to logits, so nothing of it runs in Python (after a step has streamed every weight,
  * the interpreter's own data is cold, and each small torch op costs tens of microseconds).
  *
- * Every piece of work writes its own output (a GEMV's row block or inner slice, one head, one
- * slice of one expert's FFN) and partial sums are added in a fixed order, so the result does not
- * depend on the thread count.
+ * Every piece of shared work writes its own output (a GEMV's row block or inner slice, one head
+ * or group of heads, one expert or slice of one FFN), partial sums are added in a fixed order,
+ * and the per-token work in between every thread repeats on its own copies: so the result does
+ * not depend on the thread count.
  */
 #include <math.h>
 #include <omp.h>
