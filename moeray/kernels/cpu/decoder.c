@@ -370,25 +370,23 @@ void moeray_decode_stack(const Layer* layers, long num_layers, const Dims* dims,
                 par_gemv(&router, h, D, router_logits, L->num_experts, B, partial);
             }
             long num_jobs = 0;
-            {
-                for (long b = 0; L->router && b < B; b++) {  /* the routed experts' jobs, the larger, first */
-                    const long E = L->num_experts, I = L->expert_dim;
-                    long ids[L->top_k];
-                    float weights[L->top_k];
-                    route(L, router_logits + b * E, ids, weights);
-                    for (long k = 0; k < L->top_k; k++) {
-                        const float* gate_up = L->experts_gate_up + ids[k] * 2 * I * D;
-                        const Matrix gate = {gate_up, I, D, D, 0}, up = {gate_up + I * D, I, D, D, 0};
-                        const Matrix down = {L->experts_down + ids[k] * I * D, D, I, D, 1};
-                        num_jobs = add_ffn_jobs(jobs, num_jobs, gate, up, down, I, b, weights[k],
-                                                routed_slices(I, B * L->top_k));
-                        if (leader) L->routed_counts[ids[k]] += 1;
-                    }
+            for (long b = 0; L->router && b < B; b++) {  /* the routed experts' jobs, the larger, first */
+                const long E = L->num_experts, I = L->expert_dim;
+                long ids[L->top_k];
+                float weights[L->top_k];
+                route(L, router_logits + b * E, ids, weights);
+                for (long k = 0; k < L->top_k; k++) {
+                    const float* gate_up = L->experts_gate_up + ids[k] * 2 * I * D;
+                    const Matrix gate = {gate_up, I, D, D, 0}, up = {gate_up + I * D, I, D, D, 0};
+                    const Matrix down = {L->experts_down + ids[k] * I * D, D, I, D, 1};
+                    num_jobs = add_ffn_jobs(jobs, num_jobs, gate, up, down, I, b, weights[k],
+                                            routed_slices(I, B * L->top_k));
+                    if (leader) L->routed_counts[ids[k]] += 1;
                 }
-                for (long b = 0; L->gate.w && b < B; b++)
-                    num_jobs = add_ffn_jobs(jobs, num_jobs, L->gate, L->up, L->down, L->gate.rows, b, 1.0f,
-                                            ffn_slices(L->gate.rows));
             }
+            for (long b = 0; L->gate.w && b < B; b++)
+                num_jobs = add_ffn_jobs(jobs, num_jobs, L->gate, L->up, L->down, L->gate.rows, b, 1.0f,
+                                        ffn_slices(L->gate.rows));
             #pragma omp for schedule(dynamic, 1)
             for (long j = 0; j < num_jobs; j++)
                 ffn_slice(jobs + j, h + jobs[j].token * D, job_out + j * D, act, up_out);
