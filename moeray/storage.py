@@ -31,10 +31,17 @@ def split_s3(uri: str) -> tuple[str, str]:
     return bucket, prefix.strip("/")
 
 
-def _client():
+def _client(quick: bool = False):
+    """An S3 client; `quick` gives up within seconds on an endpoint that does not answer (for
+    checks run before anything starts, where botocore's default would wait a minute per try)."""
     import boto3
 
-    return boto3.client("s3")
+    if not quick:
+        return boto3.client("s3")
+    from botocore.config import Config
+
+    return boto3.client("s3", config=Config(connect_timeout=2, read_timeout=5,
+                                            retries={"max_attempts": 2, "mode": "standard"}))
 
 
 def check_writable(uri: str) -> None:
@@ -112,17 +119,17 @@ def local_copy(uri: str, skip_suffixes: tuple[str, ...] = ()) -> Path:
 class RemoteFolder:
     """Objects under one s3:// prefix, read whole or by byte range; counts the bytes it fetched."""
 
-    def __init__(self, uri: str):
+    def __init__(self, uri: str, quick: bool = False):
         self.uri = uri.rstrip("/")
         self.bucket, self.prefix = split_s3(self.uri)
-        self.client = _client()
+        self.client = _client(quick)
         self.bytes_read = 0
 
     def _key(self, name: str) -> str:
         return f"{self.prefix}/{name}".lstrip("/")
 
     def exists(self, name: str) -> bool:
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             self.client.head_object(Bucket=self.bucket, Key=self._key(name))
@@ -131,6 +138,8 @@ class RemoteFolder:
             if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                 return False
             raise StorageError(f"{self.uri}/{name}: {err}") from None
+        except BotoCoreError as err:  # no answer at all: endpoint down, DNS, credentials missing
+            raise StorageError(f"{self.uri} is not reachable: {err}") from None
 
     def names(self) -> list[str]:
         """Object names directly under the prefix (not in sub-folders)."""

@@ -18,7 +18,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 class EngineConfigError(ValueError):
-    """An engine option is out of range or contradicts another."""
+    """An engine option is out of range or contradicts another; `option` names it."""
+
+    def __init__(self, message: str, option: str):
+        super().__init__(message)
+        self.option = option
 
 
 @dataclass(frozen=True)
@@ -45,12 +49,19 @@ class EngineConfig:
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
 
-    def resolve(self, args: ModelArgs) -> "EngineConfig":
-        def need(ok: bool, option: str, why: str) -> None:
-            if not ok:
-                raise EngineConfigError(f"engine option {option}: {why}, got {getattr(self, option)!r}")
+    def _need(self, ok: bool, option: str, why: str) -> None:
+        if not ok:
+            raise EngineConfigError(f"engine option {option}: {why}, got {getattr(self, option)!r}", option)
 
+    def check(self, args: ModelArgs) -> int:
+        """Reject options that can never serve `args`' model (no device needed); returns the
+        context length."""
+        need = self._need
         need(self.dtype in DTYPES, "dtype", f"must be one of {sorted(DTYPES)}")
+        try:
+            torch.device(self.device)
+        except RuntimeError:
+            need(False, "device", "must be a torch device such as cpu, cuda or cuda:1")
         need(self.block_size >= 1, "block_size", "must be >= 1")
         need(self.max_num_seqs >= 1, "max_num_seqs", "must be >= 1")
         need(self.max_num_batched_tokens >= 1, "max_num_batched_tokens", "must be >= 1")
@@ -61,7 +72,11 @@ class EngineConfig:
         if not self.enable_chunked_prefill:
             need(self.max_num_batched_tokens >= max_len, "max_num_batched_tokens",
                  f"without chunked prefill it must hold a whole prompt (max_model_len {max_len})")
+        return max_len
 
+    def resolve(self, args: ModelArgs) -> "EngineConfig":
+        need = self._need
+        max_len = self.check(args)
         blocks_per_seq = -(-max_len // self.block_size)
         num_blocks = self.num_cache_blocks
         if num_blocks is None:

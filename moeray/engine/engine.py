@@ -23,7 +23,7 @@ from moeray.engine.block_manager import BlockManager, CacheUsage
 from moeray.engine.cache import LatentCache
 from moeray.engine.config import EngineConfig
 from moeray.engine.output import RequestOutput, SequenceOutput
-from moeray.engine.params import InvalidRequestError, SamplingParams
+from moeray.engine.params import InvalidRequestError, SamplingParams, short_repr
 from moeray.engine.runner import ModelRunner
 from moeray.engine.sampler import Sampler, SamplingRow
 from moeray.engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
@@ -87,17 +87,30 @@ class Engine:
         self._prompt_tokens_total = self._generation_tokens_total = 0
 
     # ---- requests ---------------------------------------------------------------------------
-    def tokenize_prompt(self, prompt: str | list[int]) -> list[int]:
+    def tokenize_prompt(self, prompt: str | list[int], param: str = "prompt",
+                        add_special_tokens: bool = True) -> list[int]:
+        """Token ids of a prompt. A text that cannot fit the context is refused before it is
+        tokenized (tokenizing a body of megabytes would take the engine's time for nothing)."""
+        max_len = self.config.max_model_len
         if isinstance(prompt, str):
             if not prompt:
-                raise InvalidRequestError("prompt must not be empty", "prompt")
-            return self.tokenizer.encode(prompt)
+                raise InvalidRequestError(f"{param} must not be empty", param)
+            most_chars = max_len * self.tokenizer.max_token_bytes
+            if len(prompt) > most_chars:
+                raise InvalidRequestError(f"the {param} has {len(prompt)} characters, but this model's maximum "
+                                          f"context length is {max_len} tokens, which hold at most {most_chars} "
+                                          f"characters of text", param)
+            return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
         if not isinstance(prompt, list) or not prompt:
-            raise InvalidRequestError("prompt must be a non-empty string or list of token ids", "prompt")
+            raise InvalidRequestError(f"{param} must be a non-empty string or list of token ids", param)
+        if len(prompt) >= max_len:
+            raise InvalidRequestError(f"the {param} has {len(prompt)} tokens, but this model's maximum context "
+                                      f"length is {max_len} tokens (prompt plus output)", param)
         vocab = self.args.vocab_size
         for i, token in enumerate(prompt):
             if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < vocab:
-                raise InvalidRequestError(f"prompt[{i}] = {token!r} is not a token id in [0, {vocab})", "prompt")
+                raise InvalidRequestError(f"{param}[{i}] = {short_repr(token)} is not a token id in [0, {vocab})",
+                                          param)
         return list(prompt)
 
     def validate(self, prompt: str | list[int], params: SamplingParams) -> tuple[list[int], int]:

@@ -19,6 +19,13 @@ class InvalidRequestError(ValueError):
 
 
 MAX_LOGPROBS = 20
+MAX_STOP_STRINGS = 16
+
+
+def short_repr(value, limit: int = 80) -> str:
+    """repr() cut to `limit` characters: an error message never echoes a huge input back."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 @dataclass
@@ -51,7 +58,7 @@ class SamplingParams:
     def validate(self) -> None:
         def need(ok: bool, param: str, why: str) -> None:
             if not ok:
-                raise InvalidRequestError(f"{param} {why}, got {getattr(self, param)!r}", param)
+                raise InvalidRequestError(f"{param} {why}, got {short_repr(getattr(self, param))}", param)
 
         def is_int(value) -> bool:
             return isinstance(value, int) and not isinstance(value, bool)
@@ -73,7 +80,7 @@ class SamplingParams:
         need(self.seed is None or is_int(self.seed), "seed", "must be an integer")
         need(isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop), "stop",
              "must be a non-empty string or a list of non-empty strings")
-        need(len(self.stop) <= 16, "stop", "may hold at most 16 strings")
+        need(len(self.stop) <= MAX_STOP_STRINGS, "stop", f"may hold at most {MAX_STOP_STRINGS} strings")
         need(isinstance(self.stop_token_ids, list) and all(is_int(t) and t >= 0 for t in self.stop_token_ids),
              "stop_token_ids", "must be a list of token ids")
         need(self.logprobs is None or (is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),

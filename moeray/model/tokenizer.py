@@ -23,6 +23,7 @@ No ray or transformers imports: this module runs inside serving replicas and tes
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Iterable
@@ -158,6 +159,14 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self._backend.get_vocab_size(with_added_tokens=True)
+
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """An upper bound on the UTF-8 bytes one token stands for, so on the characters of text
+        per token: a text longer than n * max_token_bytes characters has more than n tokens.
+        (A token's vocabulary string is never shorter in UTF-8 than what it decodes to: byte-level
+        symbols are one byte each, SentencePiece's U+2581 is three for a space.)"""
+        return max(len(token.encode("utf-8")) for token in self._backend.get_vocab(with_added_tokens=True))
 
     @property
     def bos_token(self) -> str | None:

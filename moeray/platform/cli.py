@@ -24,6 +24,7 @@ import threading
 
 from moeray.platform import kube, ray_jobs
 from moeray.platform.kube import KubeError
+from moeray.platform.preflight import check_serving
 from moeray.platform.ray_jobs import JobsApiError
 from moeray.platform.settings import ServeSettings, SettingsError
 from moeray.storage import StorageError
@@ -52,29 +53,43 @@ def _serve(opts: argparse.Namespace) -> int:
     if any(v is not None for v in expert_parallel.values()):
         overrides["expert_parallel"] = {k: v for k, v in expert_parallel.items() if v is not None}
     settings = ServeSettings.load(opts.config, overrides)
+    check_serving(settings)  # a bad model or setting fails here, before Ray starts
 
     import ray
     from ray import serve
 
-    from moeray.platform.serve_app import build_app
+    from moeray.platform import drain, launcher
 
     if opts.address:
         ray.init(address=opts.address)
     elif not ray.is_initialized():
         # Logical CPUs: replicas are mostly waiting on each other's steps, not busy in parallel.
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, 4), include_dashboard=False)
-    serve.start(http_options={"host": settings.host, "port": settings.port})
-    serve.run(build_app(settings.model_dump(mode="json") | {"api_keys": settings.api_key_values()}),
-              name=settings.app_name, route_prefix="/", blocking=False)
-    print(f"moeray: serving '{settings.model_name}' at http://{settings.host}:{settings.port}/v1 "
-          f"(OpenAI API; Ctrl-C stops)", flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    serve.start(http_options={"host": settings.host, "port": settings.port})
+    coordinator = drain.start_coordinator(settings.app_name)  # before the replicas, which look for it
     try:
-        stop.wait()
+        launcher.deploy(settings)
+    except launcher.ReplicaFailedError as err:
+        serve.shutdown()
+        print(f"moeray: the model replica failed to start: {err}", file=sys.stderr, flush=True)
+        return 2 if err.permanent else 1
+    print(f"moeray: serving '{settings.model_name}' at http://{settings.host}:{settings.port}/v1 "
+          f"(OpenAI API; Ctrl-C or SIGTERM drains and stops)", flush=True)
+    try:
+        stop.wait()  # SIGTERM sets it; Ctrl-C interrupts it
     except KeyboardInterrupt:
         pass
-    serve.shutdown()
+    print(f"moeray: draining: new requests get 503 and open ones finish (at most "
+          f"{settings.graceful_shutdown_timeout_s:.0f} s; Ctrl-C stops at once)", flush=True)
+    try:
+        seconds = drain.drain_app(settings.app_name, coordinator, settings.graceful_shutdown_timeout_s)
+        print(f"moeray: drained in {seconds:.1f} s", flush=True)
+    except KeyboardInterrupt:
+        print("moeray: stopping without draining", flush=True)
+    finally:
+        serve.shutdown()
     return 0
 
 

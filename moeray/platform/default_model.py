@@ -23,7 +23,7 @@ def resolve_model(model: str | None) -> Path | str:
     if model.startswith("s3://"):
         from moeray.storage import RemoteFolder
 
-        if not RemoteFolder(model).exists("config.json"):
+        if not RemoteFolder(model, quick=True).exists("config.json"):
             raise FileNotFoundError(f"model {model!r}: no config.json there; expected a Hugging Face checkpoint")
         return model.rstrip("/")
     path = Path(model).expanduser()

@@ -3,8 +3,13 @@
 Contract: `build_openai_app(client, settings)` serves `/v1/chat/completions`, `/v1/completions`,
 `/v1/models`, `/health` and `/metrics`. The app never touches an engine: a `ModelClient` hands
 it streams of `GenerateChunk`s, either in process (`LocalClient`, tests) or through a Ray Serve
-handle (`serve_app`). Every failure a client can cause is an OpenAI error body with the right
-status; a stream the client leaves is closed, which aborts the request in its replica.
+handle (`serve_app`). A stream the client leaves is closed, which aborts the request in its
+replica.
+- Every error is an OpenAI error body (`errors.to_openai_error`), unknown routes and unexpected
+  exceptions included, carrying the request's id: the `x-request-id` header Serve's proxy set
+  (or one made here when no proxy is in front, then echoed in the response headers).
+- An error after a stream has started is a last SSE event in the same shape, then `[DONE]`.
+- Bodies over `max_request_body_bytes` are refused with 413 before they are read whole.
 """
 
 from __future__ import annotations
@@ -13,14 +18,19 @@ import asyncio
 import hmac
 import json
 import logging
+import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
+from starlette.datastructures import MutableHeaders
+from starlette.exceptions import HTTPException
 
 from moeray.engine import InvalidRequestError
+from moeray.platform.errors import to_openai_error
 from moeray.platform.metrics import RequestTimer, ServingMetrics
 from moeray.platform.protocol import (ChatCompletionRequest, CompletionRequest, OpenAIError, new_id, now,
                                       usage)
@@ -30,10 +40,26 @@ from moeray.platform.settings import ServeSettings
 logger = logging.getLogger(__name__)
 
 
+REQUEST_ID_HEADER = "x-request-id"
+
+
+@dataclass
+class Lifecycle:
+    """Between the app and whoever stops it (`drain.py`): `draining` once the app is being
+    stopped (new requests then get 503 and /health fails, while open streams finish), and how
+    many requests are open, streams until their last event."""
+
+    draining: bool = False
+    open_requests: int = 0
+
+
 class ModelClient(Protocol):
     def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]: ...
 
     async def stats(self) -> dict[str, Any] | None: ...
+
+    async def ready(self) -> str | None:
+        """None when a replica can serve a request now; otherwise why not."""
 
 
 class LocalClient:
@@ -48,25 +74,69 @@ class LocalClient:
     async def stats(self) -> dict[str, Any] | None:
         return self.service.stats().as_dict()
 
+    async def ready(self) -> str | None:
+        return None if self.service.async_engine.is_running else "the engine thread has stopped"
+
+
+class _RequestIds:
+    """ASGI middleware: every request has an `x-request-id` header by the time a route sees it.
+    Serve's proxy sets one (and returns it itself); without a proxy it is made here and echoed."""
+
+    def __init__(self, app, echo: bool):
+        self.app, self.echo = app, echo
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = MutableHeaders(scope=scope)
+        request_id = headers.get(REQUEST_ID_HEADER)
+        if request_id is None:
+            request_id = uuid.uuid4().hex
+            headers.append(REQUEST_ID_HEADER, request_id)
+        if not self.echo:
+            return await self.app(scope, receive, send)
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                response_headers = MutableHeaders(scope=message)
+                if REQUEST_ID_HEADER not in response_headers:
+                    response_headers.append(REQUEST_ID_HEADER, request_id)
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+class _CountsOpenRequests:
+    """ASGI middleware: `lifecycle.open_requests` counts requests from their start to their
+    response's last byte (or the connection's end)."""
+
+    def __init__(self, app, lifecycle: Lifecycle):
+        self.app, self.lifecycle = app, lifecycle
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        self.lifecycle.open_requests += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.lifecycle.open_requests -= 1
+
+
+def request_id_of(request: Request) -> str:
+    return request.headers.get(REQUEST_ID_HEADER, "")
+
+
+def _param_of(location: tuple) -> str | None:
+    """A pydantic error location as the request parameter OpenAI's style names: messages[0].role."""
+    param = ""
+    for part in location:
+        param += f"[{part}]" if isinstance(part, int) else (f".{part}" if param else str(part))
+    return param or None
+
 
 def _sse(payload: dict[str, Any] | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}\n\n"
-
-
-def _translate(err: BaseException) -> OpenAIError:
-    """Map exceptions from the model side onto OpenAI errors (Ray wraps them, keeping the class)."""
-    if isinstance(err, OpenAIError):
-        return err
-    if isinstance(err, InvalidRequestError):
-        return OpenAIError(400, str(err), param=err.param)
-    name = type(err).__name__
-    if "BackPressure" in name:
-        return OpenAIError(503, "the server is at capacity, retry later", type="server_overloaded",
-                           code="queue_full")
-    if "Unavailable" in name or "Dead" in name or "ActorDied" in name or "ExpertsUnavailable" in str(err):
-        return OpenAIError(503, f"the model is unavailable: {err}", type="server_error", code="unavailable")
-    logger.exception("request failed", exc_info=err)
-    return OpenAIError(500, f"internal error: {name}", type="server_error")
 
 
 class _Choice:
@@ -131,19 +201,49 @@ async def _merge(streams: list[AsyncIterator[GenerateChunk]]) -> AsyncIterator[t
             await stream.aclose()
 
 
-def build_openai_app(client: ModelClient, settings: ServeSettings, metrics: ServingMetrics | None = None) -> FastAPI:
+def build_openai_app(client: ModelClient, settings: ServeSettings, metrics: ServingMetrics | None = None,
+                     behind_serve_proxy: bool = False, lifecycle: Lifecycle | None = None) -> FastAPI:
+    """`behind_serve_proxy`: Serve's proxy sets the request id and returns it in the response."""
     app = FastAPI(title="moeray", description="OpenAI-compatible API for DeepSeek-V3-class MoE models")
+    lifecycle = lifecycle or Lifecycle()
+    app.add_middleware(_CountsOpenRequests, lifecycle=lifecycle)
+    app.add_middleware(_RequestIds, echo=not behind_serve_proxy)
     metrics = metrics or ServingMetrics()
+    draining = OpenAIError(503, "the server is shutting down: retry, another replica will answer",
+                           type="server_error", code="draining")
     model_name = settings.model_name
     adapters = sorted(settings.lora_adapters)
     keys = [k.encode() for k in settings.api_key_values()]
 
-    @app.exception_handler(OpenAIError)
-    async def openai_error(_: Request, err: OpenAIError):
-        headers = dict(err.headers)
-        if err.status in (429, 503):
+    def error_response(request: Request, err: BaseException) -> JSONResponse:
+        error = to_openai_error(err, request_id_of(request))  # logs the cause of a 5xx in full
+        if error.status < 500:
+            logger.info("request %s %s %s: %d %s (param %s)", error.request_id, request.method, request.url.path,
+                        error.status, error.message, error.param)
+        headers = dict(error.headers)
+        if error.status in (429, 503):
             headers.setdefault("Retry-After", str(settings.retry_after_s))
-        return JSONResponse(err.body(), status_code=err.status, headers=headers)
+        return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+    @app.exception_handler(OpenAIError)
+    async def openai_error(request: Request, err: OpenAIError):
+        return error_response(request, err)
+
+    @app.exception_handler(HTTPException)
+    async def routing_error(request: Request, err: HTTPException):  # unknown path, wrong method
+        if err.status_code == 404:
+            message = (f"no route {request.url.path}; this server has /v1/chat/completions, /v1/completions, "
+                       f"/v1/models, /health and /metrics")
+        elif err.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}"
+        else:
+            message = str(err.detail)
+        return error_response(request, OpenAIError(err.status_code, message,
+                                                   code="not_found" if err.status_code == 404 else None))
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, err: Exception):
+        return error_response(request, err)
 
     def authorize(request: Request) -> None:
         if not keys:
@@ -156,15 +256,35 @@ def build_openai_app(client: ModelClient, settings: ServeSettings, metrics: Serv
             raise OpenAIError(401, "missing or incorrect API key: send Authorization: Bearer <key>",
                               code="invalid_api_key")
 
+    async def read_body(request: Request) -> bytes:
+        """The body, refused with 413 as soon as it is known to be over the limit."""
+        limit = settings.max_request_body_bytes
+        too_large = OpenAIError(413, f"the request body is larger than this server's limit of {limit} bytes "
+                                f"(setting max_request_body_bytes)", code="request_too_large")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_large
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+        return b"".join(chunks)
+
     async def parse(request: Request, model: type[BaseModel]):
         authorize(request)
+        if lifecycle.draining:
+            raise draining
         try:
-            body = model.model_validate_json(await request.body())
+            body = model.model_validate_json(await read_body(request))
         except ValidationError as err:
             problem = err.errors()[0]
-            param = ".".join(str(p) for p in problem["loc"]) or None
-            if problem["type"] == "json_invalid":
+            param = _param_of(problem["loc"])
+            if problem["type"] in ("json_invalid", "json_type"):
                 raise OpenAIError(400, f"request body is not valid JSON: {problem['msg']}") from None
+            if problem["type"] == "model_type":
+                raise OpenAIError(400, "the request body must be a JSON object") from None
             raise OpenAIError(400, f"{param}: {problem['msg']}" if param else problem["msg"], param=param) from None
         if body.model != model_name and body.model not in adapters:
             served = ", ".join(f"'{name}'" for name in (model_name, *adapters))
@@ -176,7 +296,8 @@ def build_openai_app(client: ModelClient, settings: ServeSettings, metrics: Serv
         """The LoRA adapter a request's `model` selects (None: the base model)."""
         return body.model if body.model in adapters else None
 
-    async def start(requests: list[GenerateRequest]) -> tuple[list[AsyncIterator[GenerateChunk]], list[GenerateChunk]]:
+    async def start(http: Request, requests: list[GenerateRequest]
+                    ) -> tuple[list[AsyncIterator[GenerateChunk]], list[GenerateChunk]]:
         """Open every stream and take its first chunk: validation errors surface here, as 4xx."""
         streams, firsts = [], []
         try:
@@ -187,8 +308,12 @@ def build_openai_app(client: ModelClient, settings: ServeSettings, metrics: Serv
         except BaseException as err:
             for stream in streams:
                 await stream.aclose()
-            raise _translate(err) from None
+            raise to_openai_error(err, request_id_of(http)) from None
         return streams, firsts
+
+    def stream_error(http: Request, err: BaseException) -> str:
+        """The last event of a stream that fails after its 200 was sent."""
+        return _sse(to_openai_error(err, request_id_of(http)).body())
 
     def sampling(body):
         try:
@@ -204,8 +329,8 @@ def build_openai_app(client: ModelClient, settings: ServeSettings, metrics: Serv
         request_id = new_id("chatcmpl")
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
         timer = RequestTimer(metrics, body.model)
-        streams, firsts = await start([GenerateRequest(request_id, params, messages=messages,
-                                                       adapter=adapter_of(body))])
+        streams, firsts = await start(request, [GenerateRequest(request_id, params, messages=messages,
+                                                                adapter=adapter_of(body))])
         stream, prompt_tokens = streams[0], firsts[0].num_prompt_tokens
         created = now()
 
@@ -241,7 +366,7 @@ def build_openai_app(client: ModelClient, settings: ServeSettings, metrics: Serv
                     yield _sse("[DONE]")
                 except Exception as err:  # noqa: BLE001 - a failure after the 200 goes into the stream
                     outcome = "error"
-                    yield _sse(_translate(err).body())
+                    yield stream_error(request, err)
                     yield _sse("[DONE]")
                 finally:
                     await stream.aclose()
@@ -259,7 +384,7 @@ def build_openai_app(client: ModelClient, settings: ServeSettings, metrics: Serv
                     choices[out.index].add(out)
         except Exception as err:
             timer.finish(prompt_tokens, "error")
-            raise _translate(err) from None
+            raise to_openai_error(err, request_id_of(request)) from None
         finally:
             await stream.aclose()
         timer.finish(prompt_tokens, "ok")
@@ -279,8 +404,9 @@ def build_openai_app(client: ModelClient, settings: ServeSettings, metrics: Serv
             raise OpenAIError(400, "prompt must not be empty", param="prompt")
         request_id = new_id("cmpl")
         timer = RequestTimer(metrics, body.model)
-        streams, firsts = await start([GenerateRequest(f"{request_id}-{i}", params, prompt=p, adapter=adapter_of(body))
-                                       for i, p in enumerate(prompts)])
+        streams, firsts = await start(request, [GenerateRequest(f"{request_id}-{i}", params, prompt=p,
+                                                                adapter=adapter_of(body))
+                                                for i, p in enumerate(prompts)])
         prompt_tokens = sum(f.num_prompt_tokens for f in firsts)
         created, n = now(), params.n
 
@@ -314,7 +440,7 @@ def build_openai_app(client: ModelClient, settings: ServeSettings, metrics: Serv
                     yield _sse("[DONE]")
                 except Exception as err:  # noqa: BLE001
                     outcome = "error"
-                    yield _sse(_translate(err).body())
+                    yield stream_error(request, err)
                     yield _sse("[DONE]")
                 finally:
                     await merged.aclose()
@@ -331,7 +457,7 @@ def build_openai_app(client: ModelClient, settings: ServeSettings, metrics: Serv
                     choices[prompt_index * n + out.index].add(out)
         except Exception as err:
             timer.finish(prompt_tokens, "error")
-            raise _translate(err) from None
+            raise to_openai_error(err, request_id_of(request)) from None
         finally:
             await merged.aclose()
         timer.finish(prompt_tokens, "ok")
@@ -349,10 +475,14 @@ def build_openai_app(client: ModelClient, settings: ServeSettings, metrics: Serv
 
     @app.get("/health")
     async def health():
+        if lifecycle.draining:
+            raise draining
         try:
-            await asyncio.wait_for(client.stats(), timeout=10)
-        except Exception as err:  # noqa: BLE001
-            raise OpenAIError(503, f"model replicas unavailable: {err}", type="server_error") from None
+            problem = await asyncio.wait_for(client.ready(), timeout=settings.health_timeout_s)
+        except Exception as err:  # noqa: BLE001 - a health check that cannot answer is a failed one
+            problem = f"the health check did not complete ({type(err).__name__})"
+        if problem is not None:
+            raise OpenAIError(503, f"not ready: {problem}", type="server_error", code="unavailable")
         return {"status": "ok"}
 
     @app.get("/metrics")

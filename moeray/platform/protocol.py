@@ -11,22 +11,25 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
-from moeray.engine.params import MAX_LOGPROBS, SamplingParams
+from moeray.engine.params import MAX_LOGPROBS, MAX_STOP_STRINGS, SamplingParams
 
 
 class OpenAIError(Exception):
     """An error the API reports as `{"error": {...}}` with an HTTP status."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None):
+                 code: str | None = None, headers: dict[str, str] | None = None, request_id: str | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers or {}
+        self.request_id = request_id  # also in the x-request-id header: the key to the server's log
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code,
+                          "request_id": self.request_id}}
 
 
 class _Request(BaseModel):
@@ -37,7 +40,7 @@ class _Request(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     n: int = Field(1, ge=1, le=16)
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = Field(None, max_length=MAX_STOP_STRINGS)
     seed: int | None = None
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
@@ -49,6 +52,15 @@ class _Request(BaseModel):
     min_p: float | None = None
     repetition_penalty: float | None = None
     ignore_eos: bool = False
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_strings(cls, value: Any) -> Any:
+        if value is None or isinstance(value, str):
+            return value
+        if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+            raise PydanticCustomError("stop_type", "must be a string or a list of strings")
+        return value
 
     @property
     def include_usage(self) -> bool:
@@ -68,8 +80,26 @@ class _Request(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: str
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, value: Any) -> Any:
+        """Content is text, or a list of text parts: this server reads no images, audio or files."""
+        if value is None or isinstance(value, str):
+            return value
+        if not isinstance(value, list):
+            raise PydanticCustomError("content_type", "must be a string or a list of text parts")
+        for index, part in enumerate(value):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            if kind != "text":
+                raise PydanticCustomError("content_part", "part {index} has type '{kind}': only text parts are "
+                                          "supported (this model reads no images, audio or files)",
+                                          {"index": index, "kind": kind})
+            if not isinstance(part.get("text"), str):
+                raise PydanticCustomError("content_part", "part {index} needs a 'text' string", {"index": index})
+        return value
 
 
 class ChatCompletionRequest(_Request):
@@ -87,6 +117,19 @@ class ChatCompletionRequest(_Request):
 
 class CompletionRequest(_Request):
     prompt: str | list[str] | list[int] | list[list[int]]
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_shape(cls, value: Any) -> Any:
+        def token_ids(items) -> bool:
+            return isinstance(items, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in items)
+
+        if isinstance(value, str) or token_ids(value):
+            return value
+        if isinstance(value, list) and (all(isinstance(p, str) for p in value) or all(token_ids(p) for p in value)):
+            return value
+        raise PydanticCustomError("prompt_type", "must be a string, a list of strings, a list of token ids or a "
+                                  "list of token-id lists")
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
 

@@ -6,19 +6,34 @@ Contract:
   config (a KubeRay RayService) and from Python (`serve.run(build_app({...}))`).
 - `ModelDeployment` replicas each load the model and run one engine; `OpenAIIngress` owns the
   HTTP routes and reaches the replicas through a streaming deployment handle.
+- A replica that cannot start for a reason retrying cannot heal raises `ReplicaStartupError`
+  (the CLI reports it in one line instead of watching Serve retry).
+- A replica asked to stop (downscale, redeploy) takes no new requests and finishes its
+  streams for up to `graceful_shutdown_timeout_s`: Serve's own drain, sized from settings. The
+  HTTP replicas also follow `drain.py`'s flag, with which `moeray serve` drains the whole app.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from moeray.platform.errors import ReplicaStartupError
+from moeray.platform.drain import watch_drain
 from moeray.platform.openai_api import LocalClient, build_openai_app
 from moeray.platform.service import GenerateChunk, GenerateRequest, ReplicaService
 from moeray.platform.settings import ServeSettings
+
+MODEL_DEPLOYMENT = "model"
+# Serve asks each replica's check_health this often. A replica process that died is noticed at
+# the next check, and until then /health would still count it (Serve's default is 10 s).
+HEALTH_CHECK_PERIOD_S = 2.0
+# Errors that the same settings would raise again at every start: not worth Serve's retries.
+PERMANENT_STARTUP_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
 def load_replica_service(settings: ServeSettings) -> ReplicaService:
@@ -64,7 +79,10 @@ class _HostsEngine:
 
     def __init__(self, settings: dict[str, Any]):
         self.settings = ServeSettings.model_validate(settings)
-        self.service = load_replica_service(self.settings)
+        try:
+            self.service = load_replica_service(self.settings)
+        except PERMANENT_STARTUP_ERRORS as err:
+            raise ReplicaStartupError(str(err).splitlines()[0] if str(err) else type(err).__name__) from err
 
     def check_health(self) -> None:
         if not self.service.async_engine.is_running:
@@ -89,9 +107,10 @@ class ModelDeployment(_HostsEngine):
 class HandleClient:
     """`ModelClient` over a Serve deployment handle."""
 
-    def __init__(self, handle: DeploymentHandle):
+    def __init__(self, handle: DeploymentHandle, app_name: str):
         self.streaming = handle.options(stream=True, method_name="generate")
         self.handle = handle
+        self.app_name = app_name
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         response = self.streaming.remote(request)
@@ -107,16 +126,31 @@ class HandleClient:
     async def stats(self) -> dict[str, Any] | None:
         return await self.handle.stats.remote()
 
+    async def ready(self) -> str | None:
+        """Asks Serve's controller, not a replica: a replica busy with max_ongoing_requests
+        streams would make a health call through the handle wait in line behind them."""
+        status = await asyncio.to_thread(serve.status)
+        application = status.applications.get(self.app_name)
+        deployment = application.deployments.get(MODEL_DEPLOYMENT) if application else None
+        if deployment is None:
+            return "the model deployment is not deployed"
+        if not deployment.replica_states.get("RUNNING"):
+            return f"no model replica is running (model deployment {deployment.status.lower()})"
+        return None
+
 
 @serve.deployment
 @serve.ingress()
 class OpenAIIngress:
     def __init__(self, model: DeploymentHandle, settings: dict[str, Any]):
         self.settings = ServeSettings.model_validate(settings)
-        self.client = HandleClient(model)
+        # The name Serve runs this app under (the one given to serve.run), not settings.app_name.
+        app_name = serve.get_replica_context().app_name
+        self.client = HandleClient(model, app_name)
+        self.lifecycle = watch_drain(app_name)
 
     def __serve_build_asgi_app__(self):
-        return build_openai_app(self.client, self.settings)
+        return build_openai_app(self.client, self.settings, behind_serve_proxy=True, lifecycle=self.lifecycle)
 
 
 @serve.deployment
@@ -126,8 +160,13 @@ class OpenAIModelDeployment(_HostsEngine):
     then cross one Ray hop (replica -> HTTP proxy) instead of two, which matters when the CPU
     that carries them is the CPU the model runs on; /metrics shows the answering replica."""
 
+    def __init__(self, settings: dict[str, Any]):
+        super().__init__(settings)
+        self.lifecycle = watch_drain(serve.get_replica_context().app_name)
+
     def __serve_build_asgi_app__(self):
-        return build_openai_app(LocalClient(self.service), self.settings)
+        return build_openai_app(LocalClient(self.service), self.settings, behind_serve_proxy=True,
+                                lifecycle=self.lifecycle)
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
@@ -141,14 +180,15 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         from moeray.actors import SHARED_CPU_ENV
 
         resources["runtime_env"] = {"env_vars": SHARED_CPU_ENV}  # the replica shares cores with its shards
+    model_options = dict(name=MODEL_DEPLOYMENT, autoscaling_config=settings.autoscaling.to_serve(),
+                         ray_actor_options=resources, max_ongoing_requests=settings.max_ongoing_requests,
+                         max_queued_requests=settings.max_queued_requests,
+                         graceful_shutdown_timeout_s=settings.graceful_shutdown_timeout_s,
+                         health_check_period_s=HEALTH_CHECK_PERIOD_S)
     if settings.ingress == "colocated":
-        return OpenAIModelDeployment.options(
-            name="model", autoscaling_config=settings.autoscaling.to_serve(), ray_actor_options=resources,
-            max_ongoing_requests=settings.max_ongoing_requests, max_queued_requests=settings.max_queued_requests,
-        ).bind(config)
-    model = ModelDeployment.options(
-        name="model", autoscaling_config=settings.autoscaling.to_serve(), ray_actor_options=resources,
-        max_ongoing_requests=settings.max_ongoing_requests, max_queued_requests=settings.max_queued_requests,
-    ).bind(config)
+        return OpenAIModelDeployment.options(**model_options).bind(config)
+    model = ModelDeployment.options(**model_options).bind(config)
+    # The ingress drains as long as the model replicas: its open streams are theirs.
     return OpenAIIngress.options(name="openai", ray_actor_options={"num_cpus": 0.1},
+                                 graceful_shutdown_timeout_s=settings.graceful_shutdown_timeout_s,
                                  max_ongoing_requests=max(1000, settings.max_queued_requests * 4)).bind(model, config)

@@ -72,9 +72,11 @@ class ReplicaService:
     def _prompt_ids(self, request: GenerateRequest) -> str | list[int]:
         if request.messages is not None:
             try:
-                return self.tokenizer.apply_chat_template(request.messages, add_generation_prompt=True, tokenize=True)
+                text = self.tokenizer.apply_chat_template(request.messages, add_generation_prompt=True)
             except ValueError as err:
                 raise InvalidRequestError(str(err), "messages") from None
+            # The template already wrote the special tokens (bos among them).
+            return self.engine.tokenize_prompt(text, "messages", add_special_tokens=False)
         if request.prompt is None:
             raise InvalidRequestError("either prompt or messages is required", "prompt")
         return request.prompt

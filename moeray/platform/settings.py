@@ -115,6 +115,13 @@ class ServeSettings(_Strict):
     max_queued_requests: int = Field(256, ge=0, description="Requests queued for busy replicas before new ones "
                                      "get 503 with Retry-After.")
     retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with 503 when the queue is full.")
+    max_request_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest request body accepted; "
+                                        "larger ones get 413 before they are read whole.")
+    graceful_shutdown_timeout_s: float = Field(300.0, ge=0, description="On downscale, redeploy or shutdown a "
+                                               "replica takes no new requests and finishes the ones it has for "
+                                               "up to this long (sized for long generations).")
+    health_timeout_s: float = Field(5.0, gt=0, description="How long /health waits to learn whether a model "
+                                    "replica can serve before it answers 503.")
     app_name: str = Field("moeray", description="Ray Serve application name.")
     ingress: Literal["separate", "colocated"] = Field("separate", description="separate: an OpenAI ingress "
                                                       "deployment in front of the autoscaled model deployment; "
