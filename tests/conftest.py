@@ -1,12 +1,14 @@
 """Session-wide fixtures: one local Ray instance for every test that needs Ray, a real S3
 protocol server (moto's standalone server on 127.0.0.1) that boto3 and pyarrow reach over HTTP,
-and the CPU kernels built the ways this machine does not use by default."""
+and the CPU kernels built the ways this machine does not use by default. Servers bind the ports
+they listen on themselves (port 0) wherever they can, so no port is picked long before use."""
 
 import os
 import platform
-import socket
+import re
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -14,46 +16,48 @@ import torch
 
 from support import write_hf_model_folder
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-RAY_DASHBOARD_PORT = _free_port()
-
-# Fixed before Ray starts, so that Ray's workers inherit the S3 endpoint and credentials.
-S3_ENDPOINT = f"http://127.0.0.1:{_free_port()}"
-os.environ.update({"AWS_ENDPOINT_URL": S3_ENDPOINT, "AWS_ACCESS_KEY_ID": "testing",
-                   "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"})
+# Fake credentials for moto, fixed before anything reads them (boto3 and Ray's workers alike).
+os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                   "AWS_DEFAULT_REGION": "us-east-1"})
 
 
 @pytest.fixture(scope="session")
 def s3_server():
-    """moto's S3 server as a separate process on 127.0.0.1; yields the endpoint URL."""
-    import httpx
+    """moto's S3 server as a separate process on 127.0.0.1, on a port it binds itself (port 0,
+    read back from its start-up line); ready once a real `list_buckets` answers. Sets
+    AWS_ENDPOINT_URL for this process and, since Ray starts after it, for Ray's workers."""
+    import boto3
 
-    port = S3_ENDPOINT.rsplit(":", 1)[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", port],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", "0"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    endpoint, deadline = None, time.monotonic() + 60
+    while endpoint is None:
+        line = server.stderr.readline()
+        if not line or time.monotonic() > deadline:
+            server.kill()
+            raise RuntimeError("moto S3 server did not start")
+        match = re.search(r"Running on (http://127\.0\.0\.1:\d+)", line)
+        endpoint = match.group(1) if match else None
+    # Keep draining its log so the server never blocks on a full pipe.
+    threading.Thread(target=lambda: [None for _ in server.stderr], daemon=True).start()
+    os.environ["AWS_ENDPOINT_URL"] = endpoint
     while True:
         try:
-            httpx.get(S3_ENDPOINT, timeout=2)
+            boto3.client("s3").list_buckets()
             break
-        except httpx.HTTPError:
+        except Exception:  # noqa: BLE001 - not answering yet
             if time.monotonic() > deadline or server.poll() is not None:
-                raise RuntimeError("moto S3 server did not start")
+                raise RuntimeError("moto S3 server does not answer list_buckets") from None
             time.sleep(0.2)
-    yield S3_ENDPOINT
+    yield endpoint
     server.terminate()
     server.wait(timeout=30)
 
 
 @pytest.fixture(scope="session")
-def ray_session():
-    """A local Ray with more logical CPUs than this machine has cores (actors mostly wait)."""
+def ray_context(s3_server):
+    """A local Ray with more logical CPUs than this machine has cores (actors mostly wait); its
+    dashboard (the Ray Jobs API) on a port Ray picks itself."""
     import ray
 
     # Report load to the Serve autoscaler every half second (default 10 s) so scaling tests are quick.
@@ -63,10 +67,9 @@ def ray_session():
     # Jobs submitted through the Ray Jobs API run `moeray ...` from this virtualenv, as they
     # would in a container image with moeray installed.
     os.environ["PATH"] = f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}"
-    ray.init(address="local", num_cpus=16, include_dashboard=True, dashboard_host="127.0.0.1",
-             dashboard_port=RAY_DASHBOARD_PORT, log_to_driver=False,
-             runtime_env={"env_vars": {**env, "OMP_NUM_THREADS": "1"}})
-    yield ray
+    context = ray.init(address="local", num_cpus=16, include_dashboard=True, dashboard_host="127.0.0.1",
+                       log_to_driver=False, runtime_env={"env_vars": {**env, "OMP_NUM_THREADS": "1"}})
+    yield context
     try:
         from ray import serve
 
@@ -77,9 +80,16 @@ def ray_session():
 
 
 @pytest.fixture(scope="session")
-def ray_dashboard(ray_session):
+def ray_session(ray_context):
+    import ray
+
+    return ray
+
+
+@pytest.fixture(scope="session")
+def ray_dashboard(ray_context):
     """The URL of the session Ray's dashboard, which serves the Ray Jobs API."""
-    return f"http://127.0.0.1:{RAY_DASHBOARD_PORT}"
+    return f"http://{ray_context.dashboard_url}"
 
 
 @pytest.fixture(scope="session")

@@ -207,6 +207,26 @@ def quantize_checkpoint(folder, block: tuple[int, int]) -> None:
     (folder / "config.json").write_text(json.dumps(config))
 
 
+def unused_port() -> int:
+    """A free port for a server that must be told its port before it starts (Serve's proxy,
+    `moeray serve --port`). It comes from below the kernel's ephemeral range and above Ray's
+    worker ports (10002-19999), so nothing that binds port 0 (Ray's own servers, clients' local
+    ends) can take it between this check and the server's bind."""
+    import random
+    import socket
+
+    low, _ = (int(v) for v in open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+    for _ in range(100):
+        port = random.randrange(20000, min(low, 32768))
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port between 20000 and the ephemeral range")
+
+
 def deploy(settings: dict, route_prefix: str, port: int, name: str) -> str:
     """Run one moeray Serve app and wait until it answers /health; returns its base URL."""
     import time

@@ -134,12 +134,13 @@ class ExpertShard:
     def join_collective(self, host: str, port: int, rank: int, world: int, timeout_s: float,
                         data_plane: str = "gloo") -> None:
         """Join a replica's collective groups and serve its expert work on a thread."""
-        from moeray.actors.transport import open_groups, serve_collective
+        from moeray.actors.transport import open_groups, rendezvous_store, serve_collective
 
         device = torch.device(self.device) if data_plane == "nccl" else torch.device("cpu")
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        control, data = open_groups(host, port, rank, world, timeout_s, data_plane)
+        control, data = open_groups(rendezvous_store(host, port, world, is_master=False), rank, world, timeout_s,
+                                    data_plane)
         self._collective_data = data if data is not control else None
         compute = functools.partial(self.compute, on_device=data_plane == "nccl")
         threading.Thread(target=serve_collective, args=(control, data, compute, self.args.hidden_size, device),

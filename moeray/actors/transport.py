@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import datetime
 import logging
-import socket
 from dataclasses import dataclass
 
 import ray
@@ -90,17 +89,18 @@ class RayTransport:
         pass
 
 
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+def rendezvous_store(host: str, port: int, world: int, is_master: bool) -> dist.TCPStore:
+    """The key-value store a replica's groups meet through. The master (the replica) binds port 0
+    and its store's `.port` is what the shards are told: a port chosen in advance could be
+    taken by the time the store binds it."""
+    return dist.TCPStore(host, 0 if is_master else port, world, is_master=is_master,
+                         timeout=datetime.timedelta(seconds=120), wait_for_workers=False)
 
 
-def open_groups(host: str, port: int, rank: int, world: int, timeout_s: float, data_plane: str = "gloo"):
+def open_groups(store: dist.TCPStore, rank: int, world: int, timeout_s: float, data_plane: str = "gloo"):
     """The (control, data) groups of one replica and its shards, outside any global default group.
     The control group is gloo; the data group is the same group, or an NCCL group on the current
     CUDA device when `data_plane` is "nccl"."""
-    store = dist.TCPStore(host, port, world, is_master=rank == 0, timeout=datetime.timedelta(seconds=120))
     control = dist.ProcessGroupGloo(store, rank, world, datetime.timedelta(seconds=timeout_s))
     if data_plane == "gloo":
         return control, control
@@ -143,11 +143,11 @@ class CollectiveTransport:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         host = host or ray.util.get_node_ip_address()
-        port = _free_port(host)
         world = len(shards) + 1
-        joins = [s.join_collective.remote(host, port, i + 1, world, timeout_s, self.data_plane)
+        store = rendezvous_store(host, 0, world, is_master=True)
+        joins = [s.join_collective.remote(host, store.port, i + 1, world, timeout_s, self.data_plane)
                  for i, s in enumerate(shards)]
-        self.group, self.data = open_groups(host, port, 0, world, timeout_s, self.data_plane)
+        self.group, self.data = open_groups(store, 0, world, timeout_s, self.data_plane)
         ray.get(joins)
         logger.info("collective expert transport: %d shards, data plane %s", len(shards), self.data_plane)
 

@@ -1,7 +1,7 @@
 """The `moeray` command line.
 
     moeray jobs run SPEC.yaml [--address ADDR]
-    moeray jobs submit SPEC.yaml [--address URL | --k8s [--namespace NS] [--image IMAGE]]
+    moeray jobs submit SPEC.yaml [--address URL [--retry-timeout S] | --k8s [--namespace NS] [--image IMAGE]]
     moeray jobs status|stop ID [--address URL | --k8s [--namespace NS]]
     moeray jobs logs ID [--follow] [--address URL | --k8s [--namespace NS]]
     moeray jobs list [--address URL | --k8s [--namespace NS]]
@@ -124,7 +124,7 @@ def _jobs_submit(opts: argparse.Namespace) -> int:
         print(f"moeray: created RayJob {opts.namespace}/{name}; follow it with: moeray jobs logs {name} --k8s "
               f"--namespace {opts.namespace} --follow", flush=True)
         return 0
-    submission_id = ray_jobs.submit(opts.spec, opts.address)
+    submission_id = ray_jobs.submit(opts.spec, opts.address, retry_timeout_s=opts.retry_timeout)
     print(f"moeray: submitted {submission_id} to {ray_jobs.resolve_address(opts.address)}; follow it with: "
           f"moeray jobs logs {submission_id} --follow", flush=True)
     return 0
@@ -134,7 +134,7 @@ def _jobs_status(opts: argparse.Namespace) -> int:
     if opts.k8s:
         print(kube.status(opts.id, opts.namespace).summary())
         return 0
-    info = ray_jobs.status(opts.id, opts.address)
+    info = ray_jobs.status(opts.id, opts.address, opts.retry_timeout)
     print(f"{info.submission_id}: {info.status}{'; ' + info.message if info.message else ''}")
     return 0
 
@@ -143,7 +143,7 @@ def _jobs_logs(opts: argparse.Namespace) -> int:
     if opts.k8s:
         chunks = kube.logs(opts.id, opts.namespace, follow=opts.follow)
     else:
-        chunks = ray_jobs.logs(opts.id, opts.address, follow=opts.follow)
+        chunks = ray_jobs.logs(opts.id, opts.address, follow=opts.follow, retry_timeout_s=opts.retry_timeout)
     for chunk in chunks:
         sys.stdout.write(chunk if chunk.endswith("\n") or opts.follow else chunk + "\n")
         sys.stdout.flush()
@@ -155,7 +155,7 @@ def _jobs_stop(opts: argparse.Namespace) -> int:
         kube.stop(opts.id, opts.namespace)
         print(f"moeray: deleted RayJob {opts.namespace}/{opts.id}")
         return 0
-    stopped = ray_jobs.stop(opts.id, opts.address)
+    stopped = ray_jobs.stop(opts.id, opts.address, opts.retry_timeout)
     print(f"moeray: {'stopping' if stopped else 'already ended:'} {opts.id}")
     return 0
 
@@ -165,7 +165,7 @@ def _jobs_list(opts: argparse.Namespace) -> int:
         for info in kube.list_jobs(opts.namespace):
             print(info.summary())
         return 0
-    for info in ray_jobs.list_jobs(opts.address):
+    for info in ray_jobs.list_jobs(opts.address, opts.retry_timeout):
         print(info.line())
     return 0
 
@@ -174,6 +174,9 @@ def _add_cluster_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--address", help="Ray dashboard URL (default: $RAY_ADDRESS or http://127.0.0.1:8265)")
     command.add_argument("--k8s", action="store_true", help="use KubeRay RayJobs on the current Kubernetes context")
     command.add_argument("--namespace", default="default", help="Kubernetes namespace (with --k8s)")
+    command.add_argument("--retry-timeout", type=float, default=ray_jobs.DEFAULT_RETRY_TIMEOUT_S, metavar="SECONDS",
+                         help="keep retrying a cluster that is not ready yet (still starting, no node agent, "
+                              "502/503/504) for this long (default %(default).0f)")
 
 
 def main(argv: list[str] | None = None) -> int:

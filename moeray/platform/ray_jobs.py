@@ -12,20 +12,33 @@ Contract:
 - Local paths in the spec are made absolute before submission: they must be visible to the
   cluster's nodes (a shared filesystem, or a development cluster on this machine). Use s3://
   URIs for remote clusters.
+- Every call retries answers that mean "not yet" (a dashboard that refuses connections while it
+  starts, 502/503/504 from a proxy in front of it, "No available agent" from a cluster whose
+  node agents have not registered yet) with backoff until `retry_timeout_s`, reporting each
+  retry in one line; any other answer (a 4xx, an unknown id) fails at once. A submit that is
+  retried after its first try may already have gone through: the cluster then knows its id,
+  which counts as success.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+DEFAULT_RETRY_TIMEOUT_S = 60.0
 SPEC_FILE = "spec.yaml"
 TERMINAL_STATES = ("SUCCEEDED", "FAILED", "STOPPED")
+TRANSIENT_STATUS = (502, 503, 504)
+# What the Jobs API answers (with a 500) while no node's agent has registered yet.
+NOT_READY_MARKERS = ("No available agent", "try again later")
 
 
 class JobsApiError(RuntimeError):
@@ -54,42 +67,89 @@ def resolve_address(address: str | None) -> str:
     return address
 
 
-def _client(address: str | None):
+def _print_retry(message: str) -> None:
+    print(f"moeray: {message}", file=sys.stderr, flush=True)
+
+
+def _not_ready(err: BaseException) -> str | None:
+    """Why `err` means the cluster is not ready yet (worth retrying), or None."""
+    import requests
+
+    if isinstance(err, (ConnectionError, requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
+        return "connection refused or timed out"
+    if isinstance(err, requests.exceptions.HTTPError) and err.response is not None:
+        return f"HTTP {err.response.status_code}" if err.response.status_code in TRANSIENT_STATUS else None
+    if isinstance(err, RuntimeError):  # the SDK's "Request failed with status code N: <answer>"
+        text = str(err)
+        status = re.search(r"status code (\d+)", text)
+        if status and int(status.group(1)) in TRANSIENT_STATUS:
+            return f"HTTP {status.group(1)}"
+        marker = next((m for m in NOT_READY_MARKERS if m in text), None)
+        if marker:
+            return text.split(": ", 1)[-1].strip().rstrip(".")[:120]
+    return None
+
+
+def _call(action: str, job: str | None, address: str | None, function: Callable[[Any], Any],
+          retry_timeout_s: float = DEFAULT_RETRY_TIMEOUT_S,
+          on_retry: Callable[[str], None] = _print_retry) -> Any:
+    """function(client) with a fresh SDK client, retried while the cluster is not ready; every
+    other failure becomes one `JobsApiError` line."""
     from ray.job_submission import JobSubmissionClient
 
     url = resolve_address(address)
-    try:
-        return JobSubmissionClient(url)
-    except (ConnectionError, RuntimeError, ValueError) as err:
-        raise JobsApiError(f"cannot reach the Ray Jobs API at {url}: {err}") from None
+    deadline = time.monotonic() + retry_timeout_s
+    delay = 0.5
+    while True:
+        try:
+            return function(JobSubmissionClient(url))
+        except Exception as err:  # noqa: BLE001 - classified below, then re-raised as JobsApiError
+            reason = _not_ready(err)
+            left = deadline - time.monotonic()
+            if reason is None or left <= 0:
+                raise _explain(action, job, url, err, retried=reason is not None) from None
+            wait = min(delay, left)
+            on_retry(f"{action}: the Ray Jobs API at {url} is not ready ({reason}); retrying in {wait:.1f} s "
+                     f"(giving up in {left:.0f} s)")
+            time.sleep(wait)
+            delay = min(delay * 2, 8.0)
 
 
-def _call(action: str, job: str | None, function, *args, **kwargs):
-    """function(*args, **kwargs), with the SDK's errors made into one `JobsApiError` line."""
-    try:
-        return function(*args, **kwargs)
-    except RuntimeError as err:  # the SDK raises RuntimeError with the server's answer
-        text = str(err)
-        if job and ("does not exist" in text or "404" in text):
-            raise JobsApiError(f"no job with submission id {job!r} on this cluster") from None
-        raise JobsApiError(f"{action} failed: {text}") from None
-    except ConnectionError as err:
-        raise JobsApiError(f"{action} failed: the cluster is not reachable ({err})") from None
+def _explain(action: str, job: str | None, url: str, err: BaseException, retried: bool) -> JobsApiError:
+    text = str(err)
+    if job and ("does not exist" in text or "404" in text):
+        return JobsApiError(f"no job with submission id {job!r} on this cluster")
+    if _not_ready(err) is not None:
+        return JobsApiError(f"{action} failed: the Ray Jobs API at {url} was not ready"
+                            f"{' before the retry deadline' if retried else ''} ({text.rstrip('.')})")
+    return JobsApiError(f"{action} failed: {text}")
 
 
-def submit(spec_path: str | Path, address: str | None = None, submission_id: str | None = None) -> str:
+def submit(spec_path: str | Path, address: str | None = None, submission_id: str | None = None,
+           retry_timeout_s: float = DEFAULT_RETRY_TIMEOUT_S, on_retry: Callable[[str], None] = _print_retry) -> str:
     from moeray.jobs.spec import JobSpec
     from moeray.jobs.trainer import absolute_paths, prepare
 
     spec = absolute_paths(JobSpec.from_yaml(spec_path))
     prepare(spec, check_only=True)  # every data, model and storage error surfaces here, before the cluster sees it
-    client = _client(address)
     submission_id = submission_id or f"moeray-{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    tries = 0
     with tempfile.TemporaryDirectory(prefix="moeray-job-") as working_dir:
         (Path(working_dir) / SPEC_FILE).write_text(spec.to_yaml())
-        return _call("submit", None, client.submit_job, entrypoint=f"moeray jobs run {SPEC_FILE}",
-                     submission_id=submission_id, runtime_env={"working_dir": working_dir},
-                     metadata={"moeray_job": spec.name, "method": spec.method})
+
+        def submit_job(client) -> str:
+            nonlocal tries
+            tries += 1
+            try:
+                return client.submit_job(entrypoint=f"moeray jobs run {SPEC_FILE}", submission_id=submission_id,
+                                         runtime_env={"working_dir": working_dir},
+                                         metadata={"moeray_job": spec.name, "method": spec.method})
+            except RuntimeError as err:
+                if tries > 1 and "already exists" in str(err):  # an earlier try went through
+                    return submission_id
+                raise
+
+        return _call("submit", None, address, submit_job, retry_timeout_s, on_retry)
 
 
 def _info(details) -> JobInfo:
@@ -99,20 +159,23 @@ def _info(details) -> JobInfo:
                    details.message or "", details.entrypoint, seconds(details.start_time), seconds(details.end_time))
 
 
-def status(submission_id: str, address: str | None = None) -> JobInfo:
-    client = _client(address)
-    return _info(_call("status", submission_id, client.get_job_info, submission_id))
+def status(submission_id: str, address: str | None = None, retry_timeout_s: float = DEFAULT_RETRY_TIMEOUT_S) -> JobInfo:
+    return _info(_call("status", submission_id, address, lambda c: c.get_job_info(submission_id), retry_timeout_s))
 
 
-def logs(submission_id: str, address: str | None = None, follow: bool = False) -> Iterator[str]:
+def logs(submission_id: str, address: str | None = None, follow: bool = False,
+         retry_timeout_s: float = DEFAULT_RETRY_TIMEOUT_S) -> Iterator[str]:
     """The job's log text; with `follow`, chunks as they are written until the job ends."""
-    client = _client(address)
     if not follow:
-        yield _call("logs", submission_id, client.get_job_logs, submission_id)
+        yield _call("logs", submission_id, address, lambda c: c.get_job_logs(submission_id), retry_timeout_s)
         return
     import asyncio
 
-    _call("logs", submission_id, client.get_job_info, submission_id)  # unknown ids fail before streaming
+    def tail(client):
+        client.get_job_info(submission_id)  # unknown ids fail before streaming
+        return client
+
+    client = _call("logs", submission_id, address, tail, retry_timeout_s)
     stream = client.tail_job_logs(submission_id)
     loop = asyncio.new_event_loop()
     try:
@@ -126,15 +189,14 @@ def logs(submission_id: str, address: str | None = None, follow: bool = False) -
         loop.close()
 
 
-def stop(submission_id: str, address: str | None = None) -> bool:
+def stop(submission_id: str, address: str | None = None, retry_timeout_s: float = DEFAULT_RETRY_TIMEOUT_S) -> bool:
     """Ask the job to stop; False when it had already ended."""
-    client = _client(address)
-    return bool(_call("stop", submission_id, client.stop_job, submission_id))
+    return bool(_call("stop", submission_id, address, lambda c: c.stop_job(submission_id), retry_timeout_s))
 
 
-def list_jobs(address: str | None = None) -> list[JobInfo]:
-    client = _client(address)
-    jobs = [_info(d) for d in _call("list", None, client.list_jobs) if d.submission_id]
+def list_jobs(address: str | None = None, retry_timeout_s: float = DEFAULT_RETRY_TIMEOUT_S) -> list[JobInfo]:
+    jobs = [_info(d) for d in _call("list", None, address, lambda c: c.list_jobs(), retry_timeout_s)
+            if d.submission_id]
     return sorted(jobs, key=lambda job: job.start_time or 0)
 
 

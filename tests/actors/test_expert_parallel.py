@@ -49,7 +49,7 @@ def test_sharded_greedy_equals_local(ray_session, hf_folder, prompts, local_outp
 def test_data_plane_is_nccl_only_when_replica_and_every_shard_hold_gpus():
     import torch.distributed as dist
 
-    from moeray.actors.transport import data_plane_for, open_groups
+    from moeray.actors.transport import data_plane_for, open_groups, rendezvous_store
 
     nccl = "nccl" if dist.is_nccl_available() else "gloo"
     assert data_plane_for("cpu", ["cpu", "cpu"]) == "gloo"
@@ -57,7 +57,7 @@ def test_data_plane_is_nccl_only_when_replica_and_every_shard_hold_gpus():
     assert data_plane_for("cuda", ["cuda", "cpu"]) == "gloo"
     assert data_plane_for("cuda:0", ["cuda", "cuda"]) == nccl
     with pytest.raises(ValueError, match="unknown data plane 'mpi'"):
-        open_groups("127.0.0.1", 0, 0, 1, 5.0, "mpi")
+        open_groups(rendezvous_store("127.0.0.1", 0, 1, is_master=True), 0, 1, 5.0, "mpi")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -5,18 +5,19 @@ import time
 
 import torch
 
-from moeray.actors.transport import (OP_COMPUTE, OP_STOP, STATUS_ERROR, STATUS_OK, _free_port, open_groups, pack_work,
-                                     serve_collective)
+from moeray.actors.transport import (OP_COMPUTE, OP_STOP, STATUS_ERROR, STATUS_OK, open_groups, pack_work,
+                                     rendezvous_store, serve_collective)
 
 HIDDEN = 4
 
 
 def test_a_shard_keeps_serving_after_idling_past_the_group_timeout_and_reports_errors():
-    port = _free_port("127.0.0.1")
+    master = rendezvous_store("127.0.0.1", 0, 2, is_master=True)
     shard_groups = {}
-    joining = threading.Thread(target=lambda: shard_groups.update(g=open_groups("127.0.0.1", port, 1, 2, 2.0)))
+    joining = threading.Thread(target=lambda: shard_groups.update(
+        g=open_groups(rendezvous_store("127.0.0.1", master.port, 2, is_master=False), 1, 2, 2.0)))
     joining.start()
-    replica, _ = open_groups("127.0.0.1", port, 0, 2, 2.0)
+    replica, _ = open_groups(master, 0, 2, 2.0)
     joining.join()
 
     def compute(layout, layer, x, token_of_pair, slot_of_pair, weight_of_pair):

@@ -1,16 +1,8 @@
-import socket
+"""Fixtures of the HTTP tests: one tiny checkpoint, Serve's proxy on the session Ray, the main app."""
 
 import pytest
 
-from support import deploy, write_hf_model_folder, write_random_adapter  # noqa: F401 (deploy re-exported)
-
-from support import API_KEY  # noqa: F401 (re-exported for tests)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from support import API_KEY, deploy, unused_port, write_hf_model_folder, write_random_adapter  # noqa: F401
 
 
 @pytest.fixture(scope="session")
@@ -24,11 +16,9 @@ def model_folder(tmp_path_factory):
 def serve_port(ray_session):
     from ray import serve
 
-    port = free_port()
+    port = unused_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     return port
-
-
 
 
 @pytest.fixture(scope="session")

@@ -8,13 +8,13 @@ import httpx
 import openai
 import pytest
 
-from conftest import free_port
+from support import unused_port
 
 pytestmark = pytest.mark.slow
 
 
 def test_cli_serves_the_default_model(tmp_path):
-    port = free_port()
+    port = unused_port()
     log = open(tmp_path / "serve.log", "w")
     process = subprocess.Popen([sys.executable, "-m", "moeray.platform.cli", "serve", "--port", str(port)],
                                stdout=log, stderr=subprocess.STDOUT)

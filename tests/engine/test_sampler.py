@@ -1,9 +1,7 @@
 """Sampler: penalties, greedy, top-k/top-p/min-p, the distribution drawn, per-request seeds,
 logprobs from the raw logits, and clear errors."""
 
-import math
 import random
-import time
 
 import pytest
 import torch
@@ -210,18 +208,3 @@ def test_one_row_per_logits_row():
 def test_empty_batch():
     out = Sampler()(torch.zeros(0, 10), [])
     assert out.token_ids == [] and out.logprobs == []
-
-
-def test_greedy_batch_is_fast():
-    logits = torch.randn(64, 32000)
-    rows = [row(temperature=0.0) for _ in range(64)]
-    sampler = Sampler()
-    sampler(logits, rows)  # warm-up
-    timings = []
-    for _ in range(5):
-        start = time.perf_counter()
-        sampler(logits, rows)
-        timings.append(time.perf_counter() - start)
-    assert sorted(timings)[2] < 0.05, f"greedy 64 x 32000 took {sorted(timings)[2] * 1e3:.1f} ms"
-    assert math.isfinite(timings[0])
-

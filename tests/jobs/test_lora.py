@@ -205,18 +205,38 @@ def test_save_refuses_config_that_contradicts_weights(tmp_path):
         save_adapter(adapted_model(), tmp_path, "tiny", 8, ALPHA, 0.0, TARGETS)
 
 
-def test_peft_reads_the_adapter(tmp_path):
-    """PEFT itself loads the folder onto the transformers model of the same weights and agrees."""
-    peft = pytest.importorskip("peft", reason="peft is not installed; the PEFT format is checked by name only")
-    transformers = pytest.importorskip("transformers")
-    save_checkpoint(base_model(), tmp_path / "base", ModelArgs.preset("tiny"))
-    model = adapted_model()
-    save_adapter(model, tmp_path / "adapter", str(tmp_path / "base"), RANK, ALPHA, 0.05, TARGETS)
+ATTENTION_TARGETS = ["q_a_proj", "kv_b_proj", "o_proj", "lm_head"]
 
+
+def _peft_logits(tmp_path, targets: list[str], dropout: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(moeray's logits with an adapter on `targets`, PEFT's logits with the saved adapter on the
+    transformers model of the same weights)."""
+    import peft
+    import transformers
+
+    save_checkpoint(base_model(), tmp_path / "base", ModelArgs.preset("tiny"))
+    model = base_model()
+    apply_lora(model, targets, RANK, ALPHA, dropout=0.0)
+    perturb_adapters(model)
+    save_adapter(model, tmp_path / "adapter", str(tmp_path / "base"), RANK, ALPHA, dropout, targets)
     config = peft.LoraConfig.from_pretrained(str(tmp_path / "adapter"))
-    assert config.r == RANK and config.lora_alpha == ALPHA and set(config.target_modules) == set(TARGETS)
+    assert config.r == RANK and config.lora_alpha == ALPHA and set(config.target_modules) == set(targets)
     reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
     reference = peft.PeftModel.from_pretrained(reference, tmp_path / "adapter").eval()
     with torch.no_grad():
-        expected = reference(input_ids()).logits
-    torch.testing.assert_close(logits(model), expected, atol=1e-4, rtol=1e-4)
+        return logits(model.eval()), reference(input_ids()).logits
+
+
+def test_peft_reads_the_adapter(tmp_path):
+    """PEFT itself loads the folder onto the transformers model of the same weights and agrees."""
+    ours, theirs = _peft_logits(tmp_path, ATTENTION_TARGETS, dropout=0.05)
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(logits(base_model()), theirs, atol=1e-3)  # the adapter really applied
+
+
+@pytest.mark.xfail(strict=True, reason="PEFT (on transformers >= 5) maps gate_proj/up_proj/down_proj targets of a "
+                   "DeepSeek model onto the fused routed-expert parameters only, so adapters on the dense MLP and "
+                   "the shared experts are dropped; moeray adapts exactly those (not the routed experts)")
+def test_peft_reads_an_adapter_on_mlp_projections(tmp_path):
+    ours, theirs = _peft_logits(tmp_path, ["gate_proj", "up_proj", "down_proj"], dropout=0.0)
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
