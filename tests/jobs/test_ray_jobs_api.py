@@ -14,9 +14,8 @@ from support import write_hf_model_folder
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def spec_file(tmp_path_factory):
-    root = tmp_path_factory.mktemp("jobs-api")
+def write_spec(root, max_steps: int = 4):
+    """A small SFT job of a tiny checkpoint, all under `root`; returns the spec's path."""
     write_hf_model_folder(root / "base", "v3", seed=5)
     rows = [{"messages": [{"role": "user", "content": f"count from {i % 7}"},
                           {"role": "assistant", "content": " ".join(str(i % 7 + k) for k in range(5))}]}
@@ -24,10 +23,15 @@ def spec_file(tmp_path_factory):
     (root / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     spec = {"name": "api-sft", "base_model": str(root / "base"), "method": "sft", "output": str(root / "out"),
             "data": {"train": str(root / "train.jsonl")},
-            "train": {"learning_rate": 3e-3, "max_steps": 4, "per_device_batch_size": 4, "max_length": 48},
+            "train": {"learning_rate": 3e-3, "max_steps": max_steps, "per_device_batch_size": 4, "max_length": 48},
             "checkpoint": {"storage": str(root / "ckpt"), "every_steps": 2}}
     (root / "spec.yaml").write_text(yaml.safe_dump(spec))
     return root / "spec.yaml"
+
+
+@pytest.fixture(scope="module")
+def spec_file(tmp_path_factory):
+    return write_spec(tmp_path_factory.mktemp("jobs-api"))
 
 
 def _submit(capsys, spec_file, dashboard) -> str:
@@ -69,8 +73,9 @@ def test_stop_a_running_job(ray_dashboard, spec_file, tmp_path, capsys):
 def test_unknown_job_and_unreachable_cluster_are_named(ray_dashboard, capsys):
     assert main(["jobs", "status", "moeray-no-such-job", "--address", ray_dashboard]) == 1
     assert "no job with submission id 'moeray-no-such-job'" in capsys.readouterr().err
-    assert main(["jobs", "list", "--address", "http://127.0.0.1:9"]) == 1
-    assert "http://127.0.0.1:9" in capsys.readouterr().err
+    assert main(["jobs", "list", "--address", "http://127.0.0.1:9", "--retry-timeout", "1.5"]) == 1
+    err = capsys.readouterr().err
+    assert "retrying in" in err and "http://127.0.0.1:9" in err.splitlines()[-1]
 
 
 def test_bad_data_is_rejected_before_the_cluster_sees_the_job(ray_dashboard, spec_file, tmp_path, capsys):
