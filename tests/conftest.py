@@ -93,6 +93,18 @@ def ray_dashboard(ray_context):
 
 
 @pytest.fixture(scope="session")
+def serve_port(ray_session):
+    """Serve's HTTP proxy on the session Ray; the port its apps answer on."""
+    from ray import serve
+
+    from support import unused_port
+
+    port = unused_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return port
+
+
+@pytest.fixture(scope="session")
 def hf_folder(tmp_path_factory):
     """A random transformers DeepseekV3 checkpoint with the tiny tokenizer: (folder, reference model)."""
     folder = tmp_path_factory.mktemp("engine-v3")

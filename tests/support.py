@@ -247,3 +247,69 @@ def deploy(settings: dict, route_prefix: str, port: int, name: str) -> str:
             pass
         time.sleep(0.5)
     raise TimeoutError(f"app {name} did not become healthy")
+
+
+class ServeProcess:
+    """A real `moeray serve` process on 127.0.0.1 (its own Ray), its output in `log_path`.
+
+    `start()` waits until /health answers 200 (or the process exits, or `timeout_s` passes) and
+    raises with the log then; `stop()` sends SIGTERM (a drain) and waits for the exit code.
+    """
+
+    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None):
+        import os
+
+        self.port = unused_port()
+        self.args, self.log_path = args, log_path
+        self.env = {**os.environ, **(env or {})}
+        self.process = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def start(self, timeout_s: float = 240.0) -> "ServeProcess":
+        import subprocess
+        import sys
+        import time
+
+        import httpx
+
+        log = open(self.log_path, "w")
+        # --verbose: Ray's and Serve's logs go to the same file, for the message of a failing test.
+        self.process = subprocess.Popen([sys.executable, "-m", "moeray.platform.cli", "serve", *self.args,
+                                         "--port", str(self.port), "--verbose"], stdout=log,
+                                        stderr=subprocess.STDOUT, env=self.env)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"moeray serve exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.kill()
+        raise TimeoutError(f"moeray serve did not become healthy in {timeout_s:.0f} s:\n{self.log()}")
+
+    def stop(self, timeout_s: float = 120.0) -> int:
+        import signal
+        import subprocess
+
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else 0
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=30)

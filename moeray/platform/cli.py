@@ -21,6 +21,7 @@ import os
 import signal
 import sys
 import threading
+from pathlib import Path
 
 from moeray.platform import kube, ray_jobs
 from moeray.platform.kube import KubeError
@@ -60,11 +61,18 @@ def _serve(opts: argparse.Namespace) -> int:
 
     from moeray.platform import drain, launcher
 
+    # Ray's and Serve's own logs (replica output, access lines, the full cause of every error
+    # under its request id) stay in the session's log folder unless --verbose asks for them here.
+    quiet = dict(log_to_driver=opts.verbose, logging_level=logging.INFO if opts.verbose else logging.WARNING)
+    logging.getLogger("ray.serve").setLevel(logging.INFO if opts.verbose else logging.WARNING)
     if opts.address:
-        ray.init(address=opts.address)
-    elif not ray.is_initialized():
+        context = ray.init(address=opts.address, **quiet)
+    else:
         # Logical CPUs: replicas are mostly waiting on each other's steps, not busy in parallel.
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, 4), include_dashboard=False)
+        context = ray.init(address="local", num_cpus=max(os.cpu_count() or 1, 4), include_dashboard=False, **quiet)
+    if not opts.verbose:
+        logs = Path(context.address_info.get("session_dir", "/tmp/ray/session_latest")) / "logs" / "serve"
+        print(f"moeray: server logs in {logs} (--verbose shows them here)", flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     serve.start(http_options={"host": settings.host, "port": settings.port})
@@ -196,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     serve_cmd.add_argument("--expert-shards", type=int, help="routed experts in this many ExpertShard actors")
     serve_cmd.add_argument("--redundant-experts", type=int, help="extra replicas of the hottest experts per layer")
     serve_cmd.add_argument("--transport", choices=["ray", "collective"], help="replica-to-shard transport")
+    serve_cmd.add_argument("--verbose", action="store_true", help="print Ray's and Serve's logs here too")
     serve_cmd.set_defaults(run=_serve)
     jobs = commands.add_parser("jobs", help="fine-tuning jobs").add_subparsers(dest="jobs_command", required=True)
     jobs_run = jobs.add_parser("run", help="run a job spec on a local Ray (development)")
@@ -219,7 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     _add_cluster_options(jobs_list)
     jobs_list.set_defaults(run=_jobs_list)
     opts = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # moeray's own INFO lines; libraries' (botocore's credential notes and the like) only from WARNING.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("moeray").setLevel(logging.INFO)
     try:
         return opts.run(opts)
     except (SettingsError, FileNotFoundError, ValueError) as err:

@@ -1,8 +1,8 @@
-"""Fixtures of the HTTP tests: one tiny checkpoint, Serve's proxy on the session Ray, the main app."""
+"""Fixtures of the HTTP tests: one tiny checkpoint, a LoRA adapter of it, the main app."""
 
 import pytest
 
-from support import API_KEY, deploy, unused_port, write_hf_model_folder, write_random_adapter  # noqa: F401
+from support import API_KEY, deploy, write_hf_model_folder, write_random_adapter  # noqa: F401
 
 
 @pytest.fixture(scope="session")
@@ -10,15 +10,6 @@ def model_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("served-model")
     write_hf_model_folder(folder, "v3", seed=21)
     return folder
-
-
-@pytest.fixture(scope="session")
-def serve_port(ray_session):
-    from ray import serve
-
-    port = unused_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    return port
 
 
 @pytest.fixture(scope="session")

@@ -1,43 +1,97 @@
-"""`moeray serve` with no model serves the embedded default model (what `make serve` runs)."""
+"""`moeray serve` as a user runs it: the embedded default model (what `make serve` runs), and
+bad models or settings failing fast, in one line, before Ray starts."""
 
+import json
+import os
 import subprocess
 import sys
 import time
 
-import httpx
 import openai
 import pytest
 
-from support import unused_port
+from support import ServeProcess
 
 pytestmark = pytest.mark.slow
 
 
 def test_cli_serves_the_default_model(tmp_path):
-    port = unused_port()
-    log = open(tmp_path / "serve.log", "w")
-    process = subprocess.Popen([sys.executable, "-m", "moeray.platform.cli", "serve", "--port", str(port)],
-                               stdout=log, stderr=subprocess.STDOUT)
+    server = ServeProcess([], tmp_path / "serve.log").start()
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            assert process.poll() is None, (tmp_path / "serve.log").read_text()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        else:
-            pytest.fail("moeray serve did not come up:\n" + (tmp_path / "serve.log").read_text())
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
         assert [m.id for m in client.models.list()] == ["moeray-default"]
         reply = client.chat.completions.create(model="moeray-default", messages=[{"role": "user", "content": "hi"}],
                                                max_tokens=8)
         assert reply.choices[0].finish_reason in ("stop", "length")
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        assert server.stop() == 0, server.log()
+    assert "drained in" in server.log()
+
+
+def _serve(*args: str) -> tuple[int, list[str], float]:
+    started = time.monotonic()
+    # An S3 endpoint that refuses connections, whatever this session's moto server is.
+    env = {**os.environ, "AWS_ENDPOINT_URL": "http://127.0.0.1:9"}
+    result = subprocess.run([sys.executable, "-m", "moeray.platform.cli", "serve", *args], capture_output=True,
+                            text=True, timeout=120, env=env)
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    return result.returncode, lines, time.monotonic() - started
+
+
+def _checkpoint_without(tmp_path, *missing: str):
+    from moeray.platform.default_model import DEFAULT_MODEL_DIR
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for source in DEFAULT_MODEL_DIR.iterdir():
+        if source.name not in missing:
+            (folder / source.name).write_bytes(source.read_bytes())
+    return folder
+
+
+def _with_config(tmp_path, **changes):
+    folder = _checkpoint_without(tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **changes}))
+    return folder
+
+
+def _settings_file(tmp_path):
+    (tmp_path / "serve.yaml").write_text("port: 9000\nengine:\n  max_num_seqs: 0\n")
+    return tmp_path / "serve.yaml"
+
+
+# case -> (the CLI's arguments, made in a fresh folder; what its one line must say)
+BAD_INPUTS = {
+    "no-model": (lambda tmp: ["/nonexistent"], lambda tmp: "model '/nonexistent': no config.json there"),
+    "no-tokenizer": (lambda tmp: [str(_checkpoint_without(tmp, "tokenizer.json"))],
+                     lambda tmp: "tokenizer file not found"),
+    "bad-config-key": (lambda tmp: [str(_with_config(tmp, hidden_act="gelu"))], lambda tmp: "config key 'hidden_act'"),
+    "mismatched-tokenizer": (lambda tmp: [str(_with_config(tmp, vocab_size=256))],
+                             lambda tmp: "tokenizer and model do not match"),
+    "bad-setting": (lambda tmp: ["--expert-shards", "100"], lambda tmp: "setting 'expert_parallel.shards'"),
+    "unreachable-s3": (lambda tmp: ["s3://moeray-nowhere/model"],
+                       lambda tmp: "s3://moeray-nowhere/model is not reachable"),
+    "bad-adapter": (lambda tmp: ["--lora", f"sql={tmp}"], lambda tmp: "setting 'lora_adapters.sql'"),
+    "yaml-line": (lambda tmp: ["--config", str(_settings_file(tmp))], lambda tmp: f"{tmp / 'serve.yaml'}:3"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_a_bad_model_or_setting_is_one_line_with_status_2_within_seconds(tmp_path, case):
+    make_args, expected = BAD_INPUTS[case]
+    code, lines, seconds = _serve(*make_args(tmp_path))
+    assert code == 2 and len(lines) == 1 and expected(tmp_path) in lines[0], lines
+    assert lines[0].startswith("moeray: ") and "Traceback" not in lines[0]
+    assert seconds < 10, f"took {seconds:.1f} s"  # a couple of seconds here; slack for a loaded CI machine
+
+
+def test_a_replica_that_cannot_start_is_reported_in_one_line_and_not_retried(tmp_path):
+    """config.json and the tokenizer pass the checks before Ray starts; the weights are missing,
+    which only the replica finds out."""
+    folder = _checkpoint_without(tmp_path, "model.safetensors")
+    code, lines, seconds = _serve(str(folder))
+    failures = [line for line in lines if line.startswith("moeray: the model replica failed to start")]
+    assert code == 2 and len(failures) == 1, "\n".join(lines[-20:])
+    assert "no *.safetensors files" in failures[0] and "Traceback" not in failures[0]
+    assert "Retrying 2 more time" not in "\n".join(lines)  # stopped at the first failure
