@@ -45,6 +45,7 @@ class GenerateChunk:
     num_cached_tokens: int
     finished: bool
     stats: dict[str, Any] | None = None  # the replica's engine stats, on the last chunk
+    replica_id: str = ""  # which replica answers (logs, and tests of draining and failover)
 
 
 @dataclass
@@ -90,11 +91,12 @@ class ReplicaService:
                 err.param = "messages"
             raise
         num_prompt = len(prompt) if isinstance(prompt, list) else len(self.tokenizer.encode(prompt))
-        yield GenerateChunk(request.request_id, [], num_prompt, 0, False)
+        yield GenerateChunk(request.request_id, [], num_prompt, 0, False, replica_id=self.replica_id)
         async for output in stream:
             chunk = GenerateChunk(request.request_id, [
                 ChunkOutput(o.index, o.text, o.token_ids, self._logprobs(o.logprobs), o.finish_reason)
-                for o in output.outputs], output.num_prompt_tokens, output.num_cached_tokens, output.finished)
+                for o in output.outputs], output.num_prompt_tokens, output.num_cached_tokens, output.finished,
+                replica_id=self.replica_id)
             if output.finished:
                 chunk.stats = self.stats().as_dict()
             yield chunk
