@@ -175,6 +175,12 @@ class ExpertShard:
     def pid(self) -> int:
         return os.getpid()
 
+    def node_id(self) -> str:
+        """The Ray node this shard runs on (placement checks, and where a restart landed)."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
     def bytes_read(self) -> int:
         """Checkpoint bytes fetched from object storage (0 for a local checkpoint folder)."""
         return self.reader.bytes_read

@@ -23,6 +23,17 @@ def local_outputs(hf_folder, prompts):
     return [r.outputs[0].token_ids for r in results]
 
 
+def shard_work(router) -> list[int]:
+    """Tokens each shard computed (its own counters, summed over experts and layers)."""
+    counts = ray.get([shard.expert_counts.remote() for shard in ray.get(router.shard_handles.remote())])
+    return [sum(sum(per_expert) for per_expert in layers.values()) for layers in counts]
+
+
+def measured_imbalance(router) -> float:
+    work = shard_work(router)
+    return max(work) / (sum(work) / len(work))
+
+
 def sharded_llm(folder, shards, redundant=0, name=None, **kwargs):
     router, backend = start_expert_parallel(str(folder), shards, redundant, name=name, num_cpus=0.5, **kwargs)
     return router, LLM(folder, max_model_len=256, experts=backend)
@@ -37,9 +48,8 @@ def test_sharded_greedy_equals_local(ray_session, hf_folder, prompts, local_outp
         assert llm.engine.runner.experts.transport.data_plane == "gloo"
     try:
         assert [r.outputs[0].token_ids for r in llm.generate(prompts, GREEDY)] == local_outputs
-        # Every shard did work: the experts really ran remotely.
-        loads = ray.get(router.expert_loads.remote())
-        assert sum(sum(v) for v in loads.values()) > 0
+        # Every shard did work: the experts really ran remotely, on all of them.
+        assert all(work > 0 for work in shard_work(router)), shard_work(router)
         assert llm.engine.model.model.layers[1].mlp.experts is None  # no local copy of routed experts
         assert not getattr(llm.engine.runner.experts.transport, "broken", False)  # no fallback happened
     finally:
@@ -160,28 +170,76 @@ def test_experts_without_a_live_shard_fail_clearly(ray_session, hf_folder, promp
         ray.get(router.shutdown.remote())
 
 
-def test_rebalance_lowers_imbalance_and_changes_no_output(ray_session, hf_folder, local_outputs, prompts):
+# A skewed workload: prompts of one repeated token. Every position then has the same hidden state
+# in every layer, so all tokens route to the same 2 experts per layer.
+SKEWED = [[7] * 40] * 4
+ONE_TOKEN = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+
+
+def wait_for_layout(backend, layout: int, timeout_s: float = 30) -> None:
+    """Until the replica's cached placement is `layout` (its non-blocking version probe)."""
+    deadline = time.monotonic() + timeout_s
+    while backend.placement.layout != layout and time.monotonic() < deadline:
+        backend._maybe_refresh()
+        time.sleep(0.1)
+    assert backend.placement.layout == layout
+
+
+def test_rebalance_under_traffic_lowers_the_measured_imbalance_and_changes_no_output(ray_session, hf_folder,
+                                                                                    local_outputs, prompts):
     router, llm = sharded_llm(hf_folder[0], 4, redundant=2, name="rebalance")
     try:
-        # A skewed workload: prompts of one repeated token. Every position then has the same hidden
-        # state in every layer, so all tokens route to the same 2 experts per layer.
-        skewed = [[7] * 40] * 4
-        llm.generate(skewed, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
-        loads = ray.get(router.expert_loads.remote())
-        before = ray.get(router.imbalance.remote(loads))
-        result = ray.get(router.rebalance.remote())
-        after = ray.get(router.imbalance.remote(loads))
-        assert before > 1.5 and after < before and result["imbalance_after"] == pytest.approx(after)
+        llm.generate(SKEWED, ONE_TOKEN)
+        before = measured_imbalance(router)
+        # Rebalance while requests stream: the new layout is loaded beside the old one and
+        # published, and the streams' tokens do not change.
+        engine, rebalanced = AsyncEngine(llm.engine), []
+
+        def rebalance_once(progress):
+            if progress >= 4 and not rebalanced:
+                rebalanced.append(router.rebalance.remote())
+
+        try:
+            assert asyncio.run(stream_all(engine, prompts, GREEDY, rebalance_once)) == local_outputs
+        finally:
+            engine.shutdown()
+        result = ray.get(rebalanced[0])
+        wait_for_layout(llm.engine.runner.experts, result["layout"])
+        # The same skewed load again, counted afresh on the new layout.
+        ray.get(router.reset_loads.remote())
+        llm.generate(SKEWED, ONE_TOKEN)
+        after = measured_imbalance(router)
+        assert before > 1.8 and after < 1.25, (before, after, shard_work(router))
         assert [r.outputs[0].token_ids for r in llm.generate(prompts, GREEDY)] == local_outputs
-        # The replica picked up the new layout by its non-blocking version probe.
-        backend = llm.engine.runner.experts
-        deadline = time.monotonic() + 10
-        while backend.placement.layout != result["layout"] and time.monotonic() < deadline:
-            backend._maybe_refresh()
-            time.sleep(0.1)
-        assert backend.placement.layout == result["layout"]
     finally:
         ray.get(router.shutdown.remote())
+
+
+def test_periodic_rebalancing_moves_hot_experts_by_itself(ray_session, hf_folder, local_outputs, prompts):
+    router, llm = sharded_llm(hf_folder[0], 4, redundant=2, name="periodic", rebalance_interval_s=1.0)
+    try:
+        llm.generate(SKEWED, ONE_TOKEN)
+        backend = llm.engine.runner.experts
+        deadline = time.monotonic() + 60
+        while ray.get(router.placement.remote()).layout == 1 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        layout = ray.get(router.placement.remote()).layout
+        assert layout > 1, "no periodic rebalance happened"
+        wait_for_layout(backend, ray.get(router.placement.remote()).layout)
+        assert [r.outputs[0].token_ids for r in llm.generate(prompts, GREEDY)] == local_outputs
+    finally:
+        ray.get(router.shutdown.remote())
+
+
+def test_llm_with_expert_shards_starts_its_own_and_equals_local(ray_session, hf_folder, prompts, local_outputs):
+    llm = LLM(hf_folder[0], max_model_len=256, expert_shards=2)
+    router = llm.engine.runner.experts.router
+    try:
+        assert [r.outputs[0].token_ids for r in llm.generate(prompts, GREEDY)] == local_outputs
+        assert ray.get(router.health.remote())["num_shards"] == 2 and all(shard_work(router))
+    finally:
+        ray.get(router.shutdown.remote())
+        ray.kill(router)
 
 
 def test_shards_read_only_their_own_experts_from_s3(ray_session, s3_server, hf_folder, prompts, local_outputs):
