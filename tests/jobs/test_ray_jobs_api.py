@@ -3,6 +3,7 @@ on 127.0.0.1): a real job runs to the end, another is stopped, and bad input nev
 cluster."""
 
 import json
+import re
 
 import pytest
 import yaml
@@ -47,6 +48,9 @@ def test_submit_follow_status_and_list(ray_dashboard, spec_file, capsys):
     assert main(["jobs", "logs", submission_id, "--follow", "--address", ray_dashboard]) == 0
     followed = capsys.readouterr().out
     assert "job api-sft finished at step 4" in followed
+    # The per-step progress line of every step (after Ray's prefix naming the worker process).
+    progress = re.findall(r"moeray: step (\d+) loss [\d.]+ lr [\d.e+-]+ tokens/s \d+ .*eta \d+s$", followed, re.M)
+    assert sorted(set(progress), key=int) == ["1", "2", "3", "4"], followed
 
     assert ray_jobs.wait(submission_id, ray_dashboard, timeout_s=60).status == "SUCCEEDED"
     assert main(["jobs", "status", submission_id, "--address", ray_dashboard]) == 0

@@ -5,12 +5,12 @@ import json
 import boto3
 import pytest
 
-from moeray.jobs.export import export
+from moeray.jobs.export import export, trained_model
 from moeray.jobs.spec import JobSpec
 from moeray.jobs.trainer import prepare, run
 from moeray.storage import StorageError, download_dir, upload_dir
 from moeray import LLM, SamplingParams
-from support import write_hf_model_folder
+from support import moeray_greedy, write_hf_model_folder
 
 pytestmark = pytest.mark.slow
 
@@ -33,12 +33,15 @@ def test_sft_job_reads_and_writes_s3(ray_session, s3_server, tmp_path):
     result = run(spec)
     assert result.metrics["step"] == 4
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="moeray-jobs", Prefix="checkpoints/s3-sft")["Contents"]]
-    assert any("checkpoint" in k and k.endswith("state.pt") for k in keys)
+    checkpoints = {k.rsplit("/", 1)[0] for k in keys if k.endswith("/state.pt")}
+    assert len(checkpoints) == spec.checkpoint.keep == 1, checkpoints  # steps 2 and 4 written, the newest kept
     with result.checkpoint.as_directory() as folder:
+        trained = trained_model(spec, folder)
         export(spec, folder)
     local = download_dir("s3://moeray-jobs/outputs/s3-sft", tmp_path / "served")
-    out = LLM(local, max_model_len=64).generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=3))
-    assert len(out[0].outputs[0].token_ids) >= 1
+    out = LLM(local, max_model_len=64).generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=6,
+                                                                            ignore_eos=True))
+    assert out[0].outputs[0].token_ids == moeray_greedy(trained, [1, 2, 3], 6)
 
 
 def test_unreachable_storage_fails_before_training(s3_server, tmp_path):

@@ -140,10 +140,15 @@ def test_dpo_starts_at_ln2_and_learns_preferences(ray_session, tmp_path, base):
     assert tokens == moeray_greedy(trained, [1, 5, 7, 9], 6)
 
 
-def test_same_job_again_resumes_from_its_last_checkpoint(ray_session, tmp_path, base):
+def test_same_job_again_resumes_from_its_last_complete_checkpoint(ray_session, tmp_path, base):
     write_jsonl(tmp_path / "train.jsonl", sft_rows())
     first = run(make_spec(tmp_path, base, train={"max_steps": 8}))
     assert first.metrics["step"] == 8
+    # A newer checkpoint folder that was never finished (a worker died while writing it): Ray
+    # Train records a checkpoint only once it is whole, so resuming must not pick this one.
+    partial = tmp_path / "ckpt" / "job-sft" / "checkpoint_2099-01-01_00-00-00.000000"
+    partial.mkdir()
+    (partial / "state.pt").write_bytes(b"truncated")
     second = run(make_spec(tmp_path, base, train={"max_steps": 12}))
     assert second.metrics["step"] == 12
     steps = [json.loads(line)["step"] for line in (tmp_path / "ckpt" / "job-sft" / "metrics.jsonl").read_text().splitlines()]
@@ -211,9 +216,13 @@ def test_fsdp_on_two_cpu_workers_trains_checkpoints_whole_weights_and_resumes(ra
     with second.checkpoint.as_directory() as folder:
         steps = [json.loads(line)["step"] for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
         assert steps == list(range(1, 10))  # resumed at 7 with its optimizer state, not restarted
+        trained = trained_model(make_spec(tmp_path, base, name="job-fsdp"), folder)
         out = export(make_spec(tmp_path, base, name="job-fsdp"), folder)
-    served = LLM(out, max_model_len=64).generate([[1, 5, 7]], SamplingParams(temperature=0, max_tokens=3))
-    assert len(served[0].outputs[0].token_ids) >= 1
+    kept = sorted(p.name for p in (tmp_path / "ckpt" / "job-fsdp").glob("checkpoint_*") if (p / "state.pt").exists())
+    assert len(kept) == 2, kept  # steps 3, 6 and 9 were written; keep: 2
+    served = LLM(out, max_model_len=64).generate([[1, 5, 7]], SamplingParams(temperature=0, max_tokens=6,
+                                                                             ignore_eos=True))
+    assert served[0].outputs[0].token_ids == moeray_greedy(trained, [1, 5, 7], 6)
 
 
 def test_tokenizer_that_does_not_match_the_model_fails_before_training(tmp_path):
