@@ -313,3 +313,35 @@ class ServeProcess:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait(timeout=30)
+
+
+# ---- fine-tuning jobs ----------------------------------------------------------------------------
+def sft_rows(n: int = 48) -> list[dict]:
+    """Conversations a tiny model learns in a few steps: counting on from a number."""
+    rows = []
+    for i in range(n):
+        a = i % 7
+        rows.append({"messages": [{"role": "user", "content": f"count from {a}"},
+                                  {"role": "assistant", "content": " ".join(str(a + k) for k in range(5))}]})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return str(path)
+
+
+def make_spec(tmp_path: Path, base: Path, method: str = "sft", **changes):
+    """A job spec of `base` with data at tmp_path/train.jsonl and everything written under tmp_path;
+    `changes` replace top-level keys (dicts are merged into the section)."""
+    from moeray.jobs.spec import JobSpec
+
+    spec = {"name": f"job-{method}", "base_model": str(base), "method": method, "output": str(tmp_path / "out"),
+            "data": {"train": str(tmp_path / "train.jsonl"), "eval_fraction": 0.25},
+            "train": {"learning_rate": 3e-3, "max_steps": 24, "per_device_batch_size": 4, "max_length": 64,
+                      "lr_schedule": "constant"},
+            "checkpoint": {"storage": str(tmp_path / "ckpt"), "every_steps": 8, "keep": 2},
+            "eval": {"every_steps": 8}}
+    for key, value in changes.items():
+        spec[key] = {**spec.get(key, {}), **value} if isinstance(value, dict) else value
+    return JobSpec.model_validate(spec)

@@ -84,7 +84,8 @@ def to_openai_error(err: BaseException, request_id: str | None = None) -> OpenAI
         error = OpenAIError(503, "the model is unavailable right now (a replica or an expert shard failed, or "
                             "none is running yet): retry later", type="server_error", code="unavailable")
     else:
-        logger.error("request %s failed", request_id, exc_info=(type(err), err, err.__traceback__))
+        # The cause in one line, then the whole exception (a Ray wrapper's text is the remote traceback).
+        logger.error("request %s failed: %s", request_id, _one_line(cause), exc_info=(type(err), err, err.__traceback__))
         error = OpenAIError(500, "internal server error: the server log has the details under this request's id",
                             type="server_error", code="internal_error")
     if request_id is not None and error.request_id is None:

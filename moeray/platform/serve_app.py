@@ -16,6 +16,7 @@ Contract:
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -34,6 +35,17 @@ MODEL_DEPLOYMENT = "model"
 HEALTH_CHECK_PERIOD_S = 2.0
 # Errors that the same settings would raise again at every start: not worth Serve's retries.
 PERMANENT_STARTUP_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def log_into_serve() -> None:
+    """In a replica, moeray's log lines go where Serve's go (the replica's log file, and stderr),
+    each tagged as Serve tags its own with the id of the request that wrote it."""
+    ours = logging.getLogger("moeray")
+    ours.setLevel(logging.INFO)
+    ours.propagate = False
+    for handler in logging.getLogger("ray.serve").handlers:
+        if handler not in ours.handlers:
+            ours.addHandler(handler)
 
 
 def load_replica_service(settings: ServeSettings) -> ReplicaService:
@@ -78,6 +90,7 @@ class _HostsEngine:
     """What every deployment that holds an engine shares: building it, health, shutdown."""
 
     def __init__(self, settings: dict[str, Any]):
+        log_into_serve()
         self.settings = ServeSettings.model_validate(settings)
         try:
             self.service = load_replica_service(self.settings)
@@ -143,6 +156,7 @@ class HandleClient:
 @serve.ingress()
 class OpenAIIngress:
     def __init__(self, model: DeploymentHandle, settings: dict[str, Any]):
+        log_into_serve()
         self.settings = ServeSettings.model_validate(settings)
         # The name Serve runs this app under (the one given to serve.run), not settings.app_name.
         app_name = serve.get_replica_context().app_name

@@ -137,6 +137,21 @@ def test_logprobs(client):
     assert len(legacy.choices[0].logprobs.tokens) == 3 and len(legacy.choices[0].logprobs.top_logprobs[0]) == 2
 
 
+def test_penalties_top_k_and_min_p_reach_the_sampler(client, offline):
+    """Seeded sampling with every sampling extra: the served text is the offline engine's, and
+    different from the same request without the extras (so they were not dropped)."""
+    common = dict(temperature=0.9, seed=11, max_tokens=16)
+    extras = dict(presence_penalty=0.5, frequency_penalty=0.7)
+    vllm_extras = dict(top_k=5, min_p=0.05, repetition_penalty=1.3)
+    served = client.completions.create(model=MODEL, prompt="def add(a, b):", **common, **extras,
+                                       extra_body={**vllm_extras, "ignore_eos": True}).choices[0].text
+    expected = offline.generate(["def add(a, b):"], SamplingParams(**common, **extras, **vllm_extras,
+                                                                   ignore_eos=True))[0].outputs[0].text
+    plain = client.completions.create(model=MODEL, prompt="def add(a, b):", **common,
+                                      extra_body={"ignore_eos": True}).choices[0].text
+    assert served == expected and served != plain
+
+
 def test_unknown_fields_are_ignored(client):
     response = client.completions.create(model=MODEL, prompt="a", max_tokens=2,
                                          extra_body={"some_future_field": {"x": 1}, "ignore_eos": True})

@@ -14,25 +14,10 @@ import torch
 import moeray.model
 from moeray import LLM, SamplingParams
 from moeray.jobs.export import export, trained_model
-from moeray.jobs.spec import JobSpec
 from moeray.jobs.trainer import _eval_loss, prepare, run
-from support import moeray_greedy, write_hf_model_folder
+from support import make_spec, moeray_greedy, sft_rows, write_hf_model_folder, write_jsonl
 
 pytestmark = pytest.mark.slow
-
-
-def sft_rows(n=48):
-    rows = []
-    for i in range(n):
-        a = i % 7
-        rows.append({"messages": [{"role": "user", "content": f"count from {a}"},
-                                  {"role": "assistant", "content": " ".join(str(a + k) for k in range(5))}]})
-    return rows
-
-
-def write_jsonl(path, rows):
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -40,18 +25,6 @@ def base(tmp_path_factory):
     folder = tmp_path_factory.mktemp("base")
     write_hf_model_folder(folder, "v3", seed=5)
     return folder
-
-
-def make_spec(tmp_path, base, method="sft", **changes):
-    spec = {"name": f"job-{method}", "base_model": str(base), "method": method, "output": str(tmp_path / "out"),
-            "data": {"train": str(tmp_path / "train.jsonl"), "eval_fraction": 0.25},
-            "train": {"learning_rate": 3e-3, "max_steps": 24, "per_device_batch_size": 4, "max_length": 64,
-                      "lr_schedule": "constant"},
-            "checkpoint": {"storage": str(tmp_path / "ckpt"), "every_steps": 8, "keep": 2},
-            "eval": {"every_steps": 8}}
-    for key, value in changes.items():
-        spec[key] = {**spec.get(key, {}), **value} if isinstance(value, dict) else value
-    return JobSpec.model_validate(spec)
 
 
 def test_sft_lowers_held_out_loss_and_export_serves_the_same_model(ray_session, tmp_path, base):

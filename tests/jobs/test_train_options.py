@@ -12,8 +12,7 @@ from moeray.jobs.export import export, trained_model
 from moeray.jobs.losses import router_aux_loss
 from moeray.jobs.trainer import _batch_loss, prepare, run
 from moeray.model.moe import MoE
-from support import moeray_greedy
-from test_train import make_spec, sft_rows, write_jsonl
+from support import make_spec, moeray_greedy, sft_rows, write_jsonl
 
 pytestmark = pytest.mark.slow
 

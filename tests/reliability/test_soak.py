@@ -95,7 +95,7 @@ async def run_one(client: httpx.AsyncClient, kind: str, payload) -> dict:
         response = await client.request(item.method, item.path, content=item.content(),
                                         headers={**HEADERS, "content-type": "application/json"})
         return {"kind": kind, "problems": problems_with(item, response.status_code, response.text),
-                "name": item.name}
+                "name": item.name, "request_id": response.headers.get("x-request-id")}
     path, body = valid_body(kind, payload)
     if kind == "whole":
         response = await client.post(path, json=body, headers=HEADERS)
@@ -172,6 +172,12 @@ def test_mixed_load_at_64_clients_loses_nothing_and_leaks_nothing(server):
         time.sleep(0.5)
     assert not any(state.values()), f"after the load: {state}"
     assert greedy_text(server.url) == idle_text
+    # Each refusal is in the server's log under the request id its client was given.
+    sample = [r["request_id"] for r in results if r["kind"] == "bad"][:20]
+    deadline = time.monotonic() + 30
+    while any(request_id not in server.log() for request_id in sample) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert all(request_id in server.log() for request_id in sample), "refusals missing from the server log"
 
     valid = [r for r in results if r["kind"] in ("stream", "whole")]
     figures = {"requests": len(results), "seconds": round(seconds, 1), "clients": CLIENTS,

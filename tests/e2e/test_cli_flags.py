@@ -1,0 +1,65 @@
+"""`moeray serve`'s flags on one real process: a LoRA adapter exported by a fine-tuning job
+(`--lora`), routed experts in two shards over the collective transport (`--expert-shards`,
+`--transport`), API keys (`--api-key`) and a settings file (`--config`)."""
+
+import os
+
+import httpx
+import openai
+import pytest
+
+from moeray import LLM, SamplingParams
+from moeray.jobs.export import export, trained_model
+from moeray.jobs.trainer import run
+from support import ServeProcess, make_spec, moeray_greedy, sft_rows, write_hf_model_folder, write_jsonl
+
+pytestmark = pytest.mark.slow
+KEY = "sk-flags"
+
+
+def shard_processes() -> int:
+    """Processes Ray titled as ExpertShard actors (in any Ray on this machine: only this test's)."""
+    count = 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                count += b"ray::ExpertShard" in cmdline.read()
+        except OSError:
+            pass
+    return count
+
+
+def test_serve_flags_on_one_process(ray_session, tmp_path):
+    base = tmp_path / "base"
+    write_hf_model_folder(base, "v3", seed=5)
+    write_jsonl(tmp_path / "train.jsonl", sft_rows())
+    spec = make_spec(tmp_path, base, name="flags-lora", train={"max_steps": 4}, output_format="adapter",
+                     lora={"rank": 4, "alpha": 8, "target_modules": ["q_b_proj", "o_proj"]},
+                     checkpoint={"every_steps": 4})
+    result = run(spec)
+    with result.checkpoint.as_directory() as folder:
+        tuned = trained_model(spec, folder)
+        adapter = export(spec, folder)
+    (tmp_path / "serve.yaml").write_text("served_model_name: tiny\nengine:\n  max_model_len: 128\n")
+
+    server = ServeProcess([str(base), "--config", str(tmp_path / "serve.yaml"), "--api-key", KEY,
+                           "--lora", f"tuned={adapter}", "--expert-shards", "2", "--transport", "collective"],
+                          tmp_path / "serve.log")
+    server.start()
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=120)
+        models = {m.id: getattr(m, "parent", None) for m in client.models.list()}
+        assert models == {"tiny": None, "tuned": "tiny"}
+        prompt = [1, 5, 7, 9]
+        greedy = dict(prompt=prompt, max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+        base_text = client.completions.create(model="tiny", **greedy).choices[0].text
+        offline = LLM(base, max_model_len=128)
+        assert base_text == offline.generate([prompt], SamplingParams(temperature=0, max_tokens=6,
+                                                                       ignore_eos=True))[0].outputs[0].text
+        tuned_text = client.completions.create(model="tuned", **greedy).choices[0].text
+        assert tuned_text == offline.tokenizer.decode(moeray_greedy(tuned, prompt, 6)) != base_text
+        assert httpx.get(f"{server.url}/v1/models", timeout=30).status_code == 401  # no key
+        assert shard_processes() == 2
+        assert "collective expert transport: 2 shards, data plane gloo" in server.log()
+    finally:
+        assert server.stop() == 0, server.log()[-3000:]

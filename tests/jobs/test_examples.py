@@ -1,0 +1,49 @@
+"""The example job specs in examples/jobs/ run with `moeray jobs run` as the README says, on the
+session Ray: each as shipped, but for its output and checkpoint paths (a temporary folder) and,
+for the 1,000-step pre-training of the default model, its step count."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from moeray import LLM, SamplingParams
+from moeray.jobs.corpus import write_stdlib_jsonl
+from moeray.platform.cli import main
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_example(name: str, tmp_path, monkeypatch, capsys, **changes) -> Path:
+    spec = yaml.safe_load((REPO / "examples" / "jobs" / name).read_text())
+    spec["output"] = str(tmp_path / "out")
+    spec["checkpoint"]["storage"] = str(tmp_path / "ckpt")
+    for section, values in changes.items():
+        spec[section] = {**spec[section], **values} if isinstance(values, dict) else values
+    (tmp_path / name).write_text(yaml.safe_dump(spec))
+    monkeypatch.chdir(REPO)  # the specs' relative paths (the default model, the data) are the repository's
+    assert main(["jobs", "run", str(tmp_path / name)]) == 0
+    out = capsys.readouterr().out
+    steps = spec["train"]["max_steps"]
+    assert f"moeray: job {spec['name']} finished at step {steps}; output in {tmp_path / 'out'}" in out
+    return tmp_path / "out"
+
+
+def greedy(folder: Path) -> list[int]:
+    return LLM(folder, max_model_len=128).generate(["def main():"], SamplingParams(
+        temperature=0, max_tokens=8, ignore_eos=True))[0].outputs[0].token_ids
+
+
+def test_sft_tiny_fine_tunes_the_default_model(ray_session, tmp_path, monkeypatch, capsys):
+    from moeray.platform.default_model import DEFAULT_MODEL_DIR
+
+    out = run_example("sft-tiny.yaml", tmp_path, monkeypatch, capsys)
+    assert len(greedy(out)) == 8 and greedy(out) != greedy(DEFAULT_MODEL_DIR)
+
+
+def test_pretrain_default_trains_from_scratch(ray_session, tmp_path, monkeypatch, capsys):
+    write_stdlib_jsonl(tmp_path / "stdlib.jsonl", limit_bytes=1 << 20)  # `python -m moeray.jobs.corpus`, 1 MB
+    out = run_example("pretrain-default.yaml", tmp_path, monkeypatch, capsys,
+                      data={"train": str(tmp_path / "stdlib.jsonl")}, train={"max_steps": 3})
+    assert len(greedy(out)) == 8
