@@ -206,3 +206,12 @@ def test_values_yaml_mirrors_serve_settings_defaults(render):
     chart_choices = {"host": "0.0.0.0"}  # listen on the pod network
     rendered["autoscaling"]["max_replicas"] = defaults["autoscaling"]["max_replicas"]  # chart scales to 2
     assert rendered == defaults | chart_choices
+
+
+def test_the_drain_timeout_reaches_serve_and_the_pods_outlast_it(render):
+    manifests = render(set_values=("serving.gracefulShutdownTimeoutSeconds=600",))
+    (rayservice,) = [m for m in manifests if m["kind"] == "RayService"]
+    args = yaml.safe_load(rayservice["spec"]["serveConfigV2"])["applications"][0]["args"]
+    assert args["graceful_shutdown_timeout_s"] == 600
+    templates = _pod_templates(rayservice)
+    assert templates and all(t["spec"]["terminationGracePeriodSeconds"] == 630 for t in templates)

@@ -110,6 +110,8 @@ metadata:
 spec:
   serviceAccountName: {{ include "moeray.serviceAccountName" $root }}
   automountServiceAccountToken: {{ .automountToken }}
+  # Long enough for Serve to drain a replica's open streams before Kubernetes kills the pod.
+  terminationGracePeriodSeconds: {{ add (int $root.Values.serving.gracefulShutdownTimeoutSeconds) 30 }}
   securityContext:
     {{- toYaml $root.Values.podSecurityContext | nindent 4 }}
   {{- with $root.Values.imagePullSecrets }}
