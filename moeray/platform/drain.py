@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 
-from moeray.platform.openai_api import Lifecycle
+from moeray.platform.asgi import Lifecycle
 
 logger = logging.getLogger(__name__)
 

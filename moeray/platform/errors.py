@@ -54,15 +54,19 @@ def unwrap(err: BaseException) -> BaseException:
     return err
 
 
+def _own_unavailable_types() -> tuple[type[BaseException], ...]:
+    from moeray.actors.dispatch import ExpertsUnavailableError
+    from moeray.engine.async_engine import EngineDeadError
+
+    return ExpertsUnavailableError, EngineDeadError
+
+
 def _unavailable_types() -> tuple[type[BaseException], ...]:
     """Failures of the serving machinery itself: the request may succeed if sent again."""
     from ray import exceptions as ray_errors
     from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
 
-    from moeray.actors.dispatch import ExpertsUnavailableError
-    from moeray.engine.async_engine import EngineDeadError
-
-    return (ExpertsUnavailableError, EngineDeadError, ray_errors.RayActorError, ray_errors.WorkerCrashedError,
+    return (*_own_unavailable_types(), ray_errors.RayActorError, ray_errors.WorkerCrashedError,
             ray_errors.NodeDiedError, ray_errors.LocalRayletDiedError, ray_errors.ObjectLostError,
             DeploymentUnavailableError, ReplicaUnavailableError)
 
@@ -81,8 +85,11 @@ def to_openai_error(err: BaseException, request_id: str | None = None) -> OpenAI
                             code="queue_full")
     elif isinstance(cause, _unavailable_types()):
         logger.warning("request %s: the model is unavailable: %s", request_id, _one_line(cause))
-        error = OpenAIError(503, "the model is unavailable right now (a replica or an expert shard failed, or "
-                            "none is running yet): retry later", type="server_error", code="unavailable")
+        # Our own errors say what is missing (their text is ours); Ray's say it with pids and ips.
+        why = str(cause) if isinstance(cause, _own_unavailable_types()) else (
+            "a replica or an expert shard failed, or none is running yet")
+        error = OpenAIError(503, f"the model is unavailable right now ({why}): retry later", type="server_error",
+                            code="unavailable")
     else:
         # The cause in one line, then the whole exception (a Ray wrapper's text is the remote traceback).
         logger.error("request %s failed: %s", request_id, _one_line(cause), exc_info=(type(err), err, err.__traceback__))

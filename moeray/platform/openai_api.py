@@ -18,18 +18,16 @@ import asyncio
 import hmac
 import json
 import logging
-import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
-from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
 
 from moeray.engine import InvalidRequestError
+from moeray.platform.asgi import CountsOpenRequests, Lifecycle, RequestIds, request_id_of
 from moeray.platform.errors import to_openai_error
 from moeray.platform.metrics import RequestTimer, ServingMetrics
 from moeray.platform.protocol import (ChatCompletionRequest, CompletionRequest, OpenAIError, new_id, now,
@@ -38,19 +36,6 @@ from moeray.platform.service import GenerateChunk, GenerateRequest, ReplicaServi
 from moeray.platform.settings import ServeSettings
 
 logger = logging.getLogger(__name__)
-
-
-REQUEST_ID_HEADER = "x-request-id"
-
-
-@dataclass
-class Lifecycle:
-    """Between the app and whoever stops it (`drain.py`): `draining` once the app is being
-    stopped (new requests then get 503 and /health fails, while open streams finish), and how
-    many requests are open, streams until their last event."""
-
-    draining: bool = False
-    open_requests: int = 0
 
 
 class ModelClient(Protocol):
@@ -76,55 +61,6 @@ class LocalClient:
 
     async def ready(self) -> str | None:
         return None if self.service.async_engine.is_running else "the engine thread has stopped"
-
-
-class _RequestIds:
-    """ASGI middleware: every request has an `x-request-id` header by the time a route sees it.
-    Serve's proxy sets one (and returns it itself); without a proxy it is made here and echoed."""
-
-    def __init__(self, app, echo: bool):
-        self.app, self.echo = app, echo
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = MutableHeaders(scope=scope)
-        request_id = headers.get(REQUEST_ID_HEADER)
-        if request_id is None:
-            request_id = uuid.uuid4().hex
-            headers.append(REQUEST_ID_HEADER, request_id)
-        if not self.echo:
-            return await self.app(scope, receive, send)
-
-        async def send_with_id(message):
-            if message["type"] == "http.response.start":
-                response_headers = MutableHeaders(scope=message)
-                if REQUEST_ID_HEADER not in response_headers:
-                    response_headers.append(REQUEST_ID_HEADER, request_id)
-            await send(message)
-
-        await self.app(scope, receive, send_with_id)
-
-
-class _CountsOpenRequests:
-    """ASGI middleware: `lifecycle.open_requests` counts requests from their start to their
-    response's last byte (or the connection's end)."""
-
-    def __init__(self, app, lifecycle: Lifecycle):
-        self.app, self.lifecycle = app, lifecycle
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        self.lifecycle.open_requests += 1
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            self.lifecycle.open_requests -= 1
-
-
-def request_id_of(request: Request) -> str:
-    return request.headers.get(REQUEST_ID_HEADER, "")
 
 
 def _param_of(location: tuple) -> str | None:
@@ -206,8 +142,8 @@ def build_openai_app(client: ModelClient, settings: ServeSettings, metrics: Serv
     """`behind_serve_proxy`: Serve's proxy sets the request id and returns it in the response."""
     app = FastAPI(title="moeray", description="OpenAI-compatible API for DeepSeek-V3-class MoE models")
     lifecycle = lifecycle or Lifecycle()
-    app.add_middleware(_CountsOpenRequests, lifecycle=lifecycle)
-    app.add_middleware(_RequestIds, echo=not behind_serve_proxy)
+    app.add_middleware(CountsOpenRequests, lifecycle=lifecycle)
+    app.add_middleware(RequestIds, echo=not behind_serve_proxy)
     metrics = metrics or ServingMetrics()
     draining = OpenAIError(503, "the server is shutting down: retry, another replica will answer",
                            type="server_error", code="draining")

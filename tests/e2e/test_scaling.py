@@ -45,16 +45,18 @@ def test_full_queue_answers_503_with_retry_after(serve_port, model_folder):
     try:
         deadline, rejected = time.monotonic() + 60, None
         while time.monotonic() < deadline and rejected is None:
+            sent = time.monotonic()
             response = httpx.post(f"{base}/v1/completions", headers=HEADERS, timeout=60,
                                   json={"model": "tiny-moe", "prompt": "x", "max_tokens": 1})
             if response.status_code == 503:
-                rejected = response
+                rejected, waited = response, time.monotonic() - sent
             time.sleep(0.05)
     finally:
         stop.set()
     assert rejected is not None, "a full queue never produced a 503"
     assert rejected.headers["Retry-After"] == "2"
     assert rejected.json()["error"]["code"] == "queue_full"
+    assert waited < 10, f"the 503 came after {waited:.1f} s: it waited for a slot instead of refusing"
 
 
 def test_model_deployment_scales_out_under_load_and_back(serve_port, model_folder):
