@@ -229,24 +229,33 @@ def unused_port() -> int:
 
 def deploy(settings: dict, route_prefix: str, port: int, name: str) -> str:
     """Run one moeray Serve app and wait until it answers /health; returns its base URL."""
-    import time
-
-    import httpx
     from ray import serve
 
     from moeray.platform.serve_app import build_app
 
     serve.run(build_app(settings), name=name, route_prefix=route_prefix, blocking=False)
     base = f"http://127.0.0.1:{port}{route_prefix.rstrip('/')}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
+    if not wait_healthy(base, 180):
+        raise TimeoutError(f"app {name} did not become healthy")
+    return base
+
+
+def wait_healthy(base: str, timeout_s: float, still_starting=lambda: True) -> bool:
+    """Poll GET {base}/health until it answers 200 (True), `timeout_s` passes or
+    `still_starting()` turns false (False)."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and still_starting():
         try:
             if httpx.get(f"{base}/health", timeout=5).status_code == 200:
-                return base
+                return True
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-    raise TimeoutError(f"app {name} did not become healthy")
+    return False
 
 
 class ServeProcess:
@@ -274,25 +283,16 @@ class ServeProcess:
     def start(self, timeout_s: float = 240.0) -> "ServeProcess":
         import subprocess
         import sys
-        import time
-
-        import httpx
 
         log = open(self.log_path, "w")
         # --verbose: Ray's and Serve's logs go to the same file, for the message of a failing test.
         self.process = subprocess.Popen([sys.executable, "-m", "moeray.platform.cli", "serve", *self.args,
                                          "--port", str(self.port), "--verbose"], stdout=log,
                                         stderr=subprocess.STDOUT, env=self.env)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"moeray serve exited with {self.process.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        if wait_healthy(self.url, timeout_s, still_starting=lambda: self.process.poll() is None):
+            return self
+        if self.process.poll() is not None:
+            raise RuntimeError(f"moeray serve exited with {self.process.returncode}:\n{self.log()}")
         self.kill()
         raise TimeoutError(f"moeray serve did not become healthy in {timeout_s:.0f} s:\n{self.log()}")
 

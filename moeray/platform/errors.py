@@ -96,7 +96,7 @@ def to_openai_error(err: BaseException, request_id: str | None = None) -> OpenAI
         error = OpenAIError(500, "internal server error: the server log has the details under this request's id",
                             type="server_error", code="internal_error")
     if request_id is not None and error.request_id is None:
-        error.request_id = request_id
+        error = error.for_request(request_id)
     return error
 
 

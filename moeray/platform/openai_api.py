@@ -145,8 +145,12 @@ def build_openai_app(client: ModelClient, settings: ServeSettings, metrics: Serv
     app.add_middleware(CountsOpenRequests, lifecycle=lifecycle)
     app.add_middleware(RequestIds, echo=not behind_serve_proxy)
     metrics = metrics or ServingMetrics()
-    draining = OpenAIError(503, "the server is shutting down: retry, another replica will answer",
-                           type="server_error", code="draining")
+
+    def refuse_while_draining() -> None:
+        if lifecycle.draining:
+            raise OpenAIError(503, "the server is shutting down: retry, another replica will answer",
+                              type="server_error", code="draining")
+
     model_name = settings.model_name
     adapters = sorted(settings.lora_adapters)
     keys = [k.encode() for k in settings.api_key_values()]
@@ -210,8 +214,7 @@ def build_openai_app(client: ModelClient, settings: ServeSettings, metrics: Serv
 
     async def parse(request: Request, model: type[BaseModel]):
         authorize(request)
-        if lifecycle.draining:
-            raise draining
+        refuse_while_draining()
         try:
             body = model.model_validate_json(await read_body(request))
         except ValidationError as err:
@@ -411,8 +414,7 @@ def build_openai_app(client: ModelClient, settings: ServeSettings, metrics: Serv
 
     @app.get("/health")
     async def health():
-        if lifecycle.draining:
-            raise draining
+        refuse_while_draining()
         try:
             problem = await asyncio.wait_for(client.ready(), timeout=settings.health_timeout_s)
         except Exception as err:  # noqa: BLE001 - a health check that cannot answer is a failed one

@@ -27,6 +27,10 @@ class OpenAIError(Exception):
         self.headers = headers or {}
         self.request_id = request_id  # also in the x-request-id header: the key to the server's log
 
+    def for_request(self, request_id: str) -> OpenAIError:
+        """The same error carrying `request_id` (a new one: this one may be raised again)."""
+        return OpenAIError(self.status, self.message, self.type, self.param, self.code, self.headers, request_id)
+
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code,
                           "request_id": self.request_id}}

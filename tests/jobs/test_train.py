@@ -20,13 +20,6 @@ from support import make_spec, moeray_greedy, sft_rows, write_hf_model_folder, w
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("base")
-    write_hf_model_folder(folder, "v3", seed=5)
-    return folder
-
-
 def test_sft_lowers_held_out_loss_and_export_serves_the_same_model(ray_session, tmp_path, base):
     write_jsonl(tmp_path / "train.jsonl", sft_rows())
     spec = make_spec(tmp_path, base)

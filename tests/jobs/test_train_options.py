@@ -17,15 +17,6 @@ from support import make_spec, moeray_greedy, sft_rows, write_jsonl
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    from support import write_hf_model_folder
-
-    folder = tmp_path_factory.mktemp("options-base")
-    write_hf_model_folder(folder, "v3", seed=5)
-    return folder
-
-
 def gate_weights(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("mlp.gate.weight")}
 

@@ -127,3 +127,15 @@ def test_a_replica_startup_error_is_found_in_serve_status_text():
     assert startup_error_in(status) == "model '/m': no *.safetensors files in /m"
     assert startup_error_in("RuntimeError: something else") is None
     assert to_openai_error(wrapped(error)).status == 500
+
+
+def test_while_draining_requests_and_health_get_503_each_with_its_own_id():
+    from moeray.platform.asgi import Lifecycle
+
+    lifecycle = Lifecycle(draining=True)
+    client = TestClient(build_openai_app(RaisingClient(RuntimeError()), ServeSettings(), lifecycle=lifecycle))
+    first, second = post(client), post(client)
+    assert first.status_code == second.status_code == 503 and first.json()["error"]["code"] == "draining"
+    assert first.json()["error"]["request_id"] != second.json()["error"]["request_id"]
+    assert client.get("/health").status_code == 503
+    assert lifecycle.open_requests == 0  # counted while open, none left
