@@ -187,7 +187,8 @@ def start_expert_parallel(model_path: str, num_shards: int, redundant: int = 0, 
     name = name or f"moeray-router-{abs(hash(str(model_path))) % 10**8}"
     # The Router lives on the node of the replica that creates it: a node that fails then takes
     # the Router with that replica, never with a shard (whose experts the Router must re-place).
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    # Not soft: Ray then places a zero-CPU actor anywhere, even when this node would do.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     options = dict(name=name, namespace=namespace, get_if_exists=True, max_concurrency=16, num_cpus=0,
                    scheduling_strategy=here)
     if detached:

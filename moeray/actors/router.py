@@ -131,6 +131,9 @@ class Router:
             self.pids[shard] = pid
             self.registered_at[shard] = self._publish(dead=self._placement.dead - {shard}).version
 
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
     def health(self) -> dict:
         with self._lock:
             placement = self._placement

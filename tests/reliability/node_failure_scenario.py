@@ -33,9 +33,11 @@ from support import write_hf_model_folder  # noqa: E402
 
 GREEDY = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
 PROMPTS = [[5 + i, 17, 33, 2 + i, 40] for i in range(6)]
-# Node failures noticed in about a second instead of Ray's default fifteen.
-FAST_FAILURE_DETECTION = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500,
-                          "health_check_timeout_ms": 500, "health_check_failure_threshold": 2}
+# A killed raylet refuses the GCS's health checks at once, so three missed checks a second apart
+# declare its node dead in about 3 s (Ray's default: 15 s). A raylet that is only slow on these
+# busy cores gets 5 s per check, so it is never declared dead by mistake.
+FAST_FAILURE_DETECTION = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 1000,
+                          "health_check_timeout_ms": 5000, "health_check_failure_threshold": 3}
 
 
 async def stream_all(engine: AsyncEngine, on_progress) -> list[list[int]]:
@@ -61,6 +63,7 @@ def main(result_path: str) -> None:
     router, backend = start_expert_parallel(str(folder), 2, 0, name="node-failure", num_cpus=1, strategy="SPREAD")
     shards = ray.get(router.shard_handles.remote())
     result["shard_nodes_before"] = ray.get([shard.node_id.remote() for shard in shards])
+    result["router_node"], result["head_node"] = ray.get(router.node_id.remote()), cluster.head_node.node_id
     victim = next(node for node in workers if node.node_id == result["shard_nodes_before"][1])
 
     llm = LLM(folder, max_model_len=256, experts=backend)

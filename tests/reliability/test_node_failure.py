@@ -24,6 +24,7 @@ def test_a_node_holding_a_shard_dies_mid_stream_and_nothing_changes(tmp_path):
     before, after = result["shard_nodes_before"], result["shard_nodes_after"]
 
     assert len(set(before)) == 2 and set(before) <= set(result["worker_nodes"])  # SPREAD: a node each
+    assert result["router_node"] == result["head_node"]  # with the replica that made it, not with a shard
     assert result["removed"] and before[1] not in result["alive_nodes"]
     assert result["tokens_equal"], "the streams' tokens changed when the node died"
     assert after[0] == before[0] and after[1] != before[1] and after[1] in result["alive_nodes"]
