@@ -23,11 +23,14 @@ LONG = {"model": MODEL, "prompt": "class Parser:", "max_tokens": 1800, "temperat
 GREEDY = {"model": MODEL, "prompt": "def add(a, b):", "max_tokens": 16, "temperature": 0, "ignore_eos": True}
 
 
-def _replica_pid(app: str) -> int:
+def _stats(app: str) -> dict:
     from ray import serve
 
-    stats = serve.get_deployment_handle("model", app).stats.remote().result(timeout_s=60)
-    return int(stats["replica_id"].removeprefix("pid-"))
+    return serve.get_deployment_handle("model", app).stats.remote().result(timeout_s=60)
+
+
+def _replica_pid(app: str) -> int:
+    return int(_stats(app)["replica_id"].removeprefix("pid-"))
 
 
 def test_a_killed_replica_fails_its_requests_clearly_and_is_replaced(serve_port):
@@ -55,6 +58,8 @@ def test_a_killed_replica_fails_its_requests_clearly_and_is_replaced(serve_port)
     deadline = time.monotonic() + 60
     while min(progress.get(i, 0) for i in range(4)) < 3 and time.monotonic() < deadline:
         time.sleep(0.05)
+    while _stats("killed")["num_running"] < len(threads) and time.monotonic() < deadline:
+        time.sleep(0.1)  # every request is in the engine, none still queued for a replica
     pid = _replica_pid("killed")
     os.kill(pid, signal.SIGKILL)
 
