@@ -70,7 +70,10 @@ class AsyncEngine:
             raise EngineDeadError("the engine has stopped")
         request_id = request_id or f"req-{next(self._ids)}"
         self.engine.check_adapter(adapter)
-        prompt_ids, _ = self.engine.validate(prompt, params)
+        if params.structured is not None:  # a first compile of its grammar may take a while: not on this loop
+            prompt_ids, _ = await asyncio.to_thread(self.engine.validate, prompt, params)
+        else:
+            prompt_ids, _ = self.engine.validate(prompt, params)
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
         self._send(("add", request_id, prompt_ids, params, adapter))

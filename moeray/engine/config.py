@@ -44,6 +44,8 @@ class EngineConfig:
     # FP8 checkpoints (DeepSeek-V3): "keep" serves the float8 weights with their block scales
     # (dequantised inside the GEMM), "dequantize" converts them at load; "auto": keep on CUDA.
     fp8: str = "auto"
+    # A structured-output grammar that takes longer to compile is refused (HTTP 400).
+    grammar_compile_timeout_s: float = 10.0
 
     @property
     def torch_dtype(self) -> torch.dtype:

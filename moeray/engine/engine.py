@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -31,6 +32,9 @@ from moeray.engine.sequence import Sequence
 from moeray.model.moe import ExpertBackend
 from moeray.model.tokenizer import Tokenizer
 from moeray.model.transformer import DeepseekForCausalLM
+
+if TYPE_CHECKING:
+    from moeray.engine.grammar import Grammars, SequenceGrammar
 
 
 @dataclass
@@ -82,6 +86,8 @@ class Engine:
         self.sampler = Sampler(self.config.seed)
         self.requests: dict[str, _Request] = {}
         self._generators: dict[int, torch.Generator | None] = {}
+        self._grammar_states: dict[int, SequenceGrammar] = {}  # seq_id -> its grammar, if it has one
+        self._grammars: Grammars | None = None  # built on the first structured request
         self._arrivals = itertools.count()
         self._pending_copies: list[tuple[int, int]] = []
         self._prompt_tokens_total = self._generation_tokens_total = 0
@@ -135,7 +141,31 @@ class Engine:
         for token in params.stop_token_ids:
             if token >= self.args.vocab_size:
                 raise InvalidRequestError(f"stop_token_ids holds {token}, not a token id", "stop_token_ids")
+        for token in params.logit_bias:
+            if token >= self.args.vocab_size:
+                raise InvalidRequestError(f"logit_bias names token {token}, not a token id", "logit_bias")
+        if params.structured is not None:
+            self.grammars.compile(params.structured)  # once per distinct grammar; errors name the parameter
         return prompt_ids, max_output
+
+    @property
+    def grammars(self) -> Grammars:
+        """The engine's grammar compiler (xgrammar is imported on the first structured request)."""
+        if self._grammars is None:
+            from moeray.engine.grammar import Grammars
+
+            self._grammars = Grammars(self.tokenizer, self.args.vocab_size, self.config.grammar_compile_timeout_s)
+        return self._grammars
+
+    def _track(self, seq: Sequence, index: int) -> None:
+        """A new sequence's random generator and grammar state."""
+        self._generators[seq.seq_id] = _sequence_generator(seq.params.seed, index)
+        if seq.params.structured is not None:
+            self._grammar_states[seq.seq_id] = self.grammars.matcher(seq.params.structured)
+
+    def _untrack(self, seq: Sequence) -> None:
+        self._generators.pop(seq.seq_id, None)
+        self._grammar_states.pop(seq.seq_id, None)
 
     def check_adapter(self, adapter: str | None) -> None:
         if adapter is not None and adapter not in self.adapters:
@@ -154,7 +184,7 @@ class Engine:
         seq = Sequence(request_id, 0, list(prompt_ids), len(prompt_ids), params, next(self._arrivals),
                        fork_pending=params.n - 1, adapter=adapter)
         request.seqs[0] = seq
-        self._generators[seq.seq_id] = _sequence_generator(params.seed, 0)
+        self._track(seq, 0)
         self.requests[request_id] = request
         self.scheduler.add(seq)
 
@@ -163,7 +193,7 @@ class Engine:
         if request is None:
             return False
         for seq in self.scheduler.abort(request_id):
-            self._generators.pop(seq.seq_id, None)
+            self._untrack(seq)
         return True
 
     @property
@@ -203,7 +233,7 @@ class Engine:
             for seq in self._sequences_to_sample(chunk):
                 request = self.requests[seq.request_id]
                 rows.append(SamplingRow(seq.params, request.prompt_token_ids, seq.output_token_ids,
-                                        self._generators[seq.seq_id]))
+                                        self._generators[seq.seq_id], self._grammar_states.get(seq.seq_id)))
                 targets.append(seq)
                 logit_index.append(i)
         if not rows:
@@ -216,10 +246,17 @@ class Engine:
             touched[request.request_id] = request
             seq.token_ids.append(token)
             self._generation_tokens_total += 1
-            reason = request.outputs[seq.index].add_token(token, logprobs)
+            output = request.outputs[seq.index]
+            reason = output.add_token(token, logprobs)
+            grammar = self._grammar_states.get(seq.seq_id)
+            if grammar is not None:
+                grammar.advance(token, "" if grammar.active else self.tokenizer.decode([token],
+                                                                                     skip_special_tokens=False))
+                if reason is None and grammar.terminated:  # the grammar's end (EOS is then its only way on)
+                    reason = output.finish("stop")
             if reason is not None:
                 self.scheduler.finish(seq, reason)
-                self._generators.pop(seq.seq_id, None)
+                self._untrack(seq)
         return [self._collect(request) for request in touched.values()]
 
     def _sequences_to_sample(self, chunk: ScheduledChunk) -> list[Sequence]:
@@ -232,7 +269,7 @@ class Engine:
         for index in range(1, parent.fork_pending + 1):
             child = Sequence(parent.request_id, index, list(parent.token_ids), parent.num_prompt_tokens,
                              parent.params, parent.arrival, adapter=parent.adapter)
-            self._generators[child.seq_id] = _sequence_generator(parent.params.seed, index)
+            self._track(child, index)  # its own grammar state: siblings diverge from the first token
             request.seqs[index] = child
             siblings.append(child)
         parent.fork_pending = 0

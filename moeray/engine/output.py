@@ -85,6 +85,11 @@ class SequenceOutput:
         self.finish_reason = reason
         return reason
 
+    def finish(self, reason: str) -> str:
+        """End the sequence for a reason found outside (its grammar is complete)."""
+        self.text += self.detokenizer.flush()
+        return self._finish(reason)
+
     def take_delta(self) -> CompletionDelta:
         safe = len(self.text) if self.finish_reason else max(self.num_emitted_chars, len(self.text) - self._holdback)
         report = self.finish_reason if not self.finish_reported else None

@@ -28,6 +28,35 @@ def short_repr(value, limit: int = 80) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
+GRAMMAR_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar", "tool_calls")
+
+
+@dataclass(frozen=True)
+class GrammarSpec:
+    """What a request's output must match (`engine/grammar.py` compiles it).
+
+    kind: json_schema (spec: the schema as JSON), json_object, regex (spec: the pattern), choice
+    (spec: a JSON list of strings), grammar (spec: EBNF), tool_calls (spec: JSON with the
+    tools, the tool choice and the markup format). `param` is the request parameter an error
+    about it names; `start_after` holds the grammar back until that text was generated (the end
+    of a reasoning block)."""
+
+    kind: str
+    spec: str = ""
+    param: str = "response_format"
+    strict: bool = True
+    start_after: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in GRAMMAR_KINDS:
+            raise InvalidRequestError(f"{self.param}: unknown kind of structured output {self.kind!r}; expected "
+                                      f"one of {', '.join(GRAMMAR_KINDS)}", self.param)
+
+    def cache_key(self) -> tuple:
+        """What the compiled grammar depends on (start_after does not change it)."""
+        return self.kind, self.spec, self.strict
+
+
 @dataclass
 class SamplingParams:
     n: int = 1
@@ -45,6 +74,8 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: no logprobs; k: the sampled token's plus the top k alternatives
     skip_special_tokens: bool = True
+    structured: GrammarSpec | None = None  # constrain the output to a grammar
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -85,4 +116,9 @@ class SamplingParams:
              "stop_token_ids", "must be a list of token ids")
         need(self.logprobs is None or (is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
              "logprobs", f"must be between 0 and {MAX_LOGPROBS}")
+        need(self.structured is None or isinstance(self.structured, GrammarSpec), "structured", "must be a GrammarSpec")
+        need(isinstance(self.logit_bias, dict) and all(is_int(t) and t >= 0 and isinstance(b, (int, float))
+                                                       and -100 <= b <= 100 for t, b in self.logit_bias.items()),
+             "logit_bias", "must map token ids to biases between -100 and 100")
+        need(len(self.logit_bias) <= 300, "logit_bias", "may hold at most 300 tokens")
         self.temperature = float(self.temperature)

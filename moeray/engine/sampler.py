@@ -19,8 +19,12 @@ Contract:
   greedy step; rows without one share the Sampler's generator.
   Every filter is row-wise, so a seeded row's tokens depend only on its own logits, params and
   generator: never on which rows share its batch, their order or their params.
-- logprobs come from log_softmax of the RAW logits (before penalties and temperature, as vLLM
-  returns by default): the sampled token's plus the top `params.logprobs` alternatives.
+- Then `params.logit_bias` is added, and a row with an active grammar (`SamplingRow.grammar`)
+  has every token its grammar does not allow next set to -inf: greedy or sampled, the token is
+  one the grammar accepts, and batch mates without a grammar are untouched.
+- logprobs come from log_softmax of the RAW logits (before penalties, bias, grammar and
+  temperature, as vLLM returns by default): the sampled token's plus the top `params.logprobs`
+  alternatives.
 - `apply_penalties(logits, rows)` is public so tests can check the penalised logits.
 - logits not 2-D, or a row count that differs from the logits' rows: ValueError.
 """
@@ -29,10 +33,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from moeray.engine.params import SamplingParams
+
+if TYPE_CHECKING:
+    from moeray.engine.grammar import SequenceGrammar
 
 
 @dataclass
@@ -41,6 +49,7 @@ class SamplingRow:
     prompt_token_ids: Sequence[int]
     output_token_ids: Sequence[int]  # tokens generated so far by this sequence
     generator: torch.Generator | None = None  # per-sequence RNG when the request has a seed
+    grammar: SequenceGrammar | None = None  # the sequence's place in its grammar, if it has one
 
 
 @dataclass
@@ -115,6 +124,28 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.
     return penalised
 
 
+def _constrain(logits: torch.Tensor, penalised: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """`penalised` with the rows' logit biases added and their grammars' masks applied (a copy
+    when `penalised` is `logits` itself, which must stay as it is for the logprobs)."""
+    biased = [i for i, row in enumerate(rows) if row.params.logit_bias]
+    constrained = [(i, row.grammar) for i, row in enumerate(rows) if row.grammar is not None
+                   and row.grammar.constraining]
+    if not biased and not constrained:
+        return penalised
+    if penalised.data_ptr() == logits.data_ptr():
+        penalised = penalised.clone()
+    for i in biased:
+        bias = rows[i].params.logit_bias
+        ids = torch.tensor([t for t in bias if t < penalised.shape[1]], dtype=torch.long, device=penalised.device)
+        values = torch.tensor([bias[t] for t in bias if t < penalised.shape[1]], device=penalised.device)
+        penalised[i].index_add_(0, ids, values)
+    if constrained:
+        from moeray.engine.grammar import mask_logits
+
+        mask_logits(penalised, constrained)
+    return penalised
+
+
 def _apply_top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
     """Mask to -inf what top-k drops. logits [S, V]; top_k [S], each in [1, V)."""
     # A threshold at the k-th largest VALUE, not a cut after k sorted indices: a value does not
@@ -174,7 +205,7 @@ class Sampler:
         if not rows:
             return SamplerOutput([], [])
         device = logits.device
-        penalised = apply_penalties(logits, rows)  # [N, V] float32; may alias logits: read only
+        penalised = _constrain(logits, apply_penalties(logits, rows), rows)  # [N, V] float32; may alias logits
         sampled = [i for i, row in enumerate(rows) if row.params.temperature != 0.0]
         if not sampled:
             token_ids = penalised.argmax(dim=-1)  # all greedy: no gather, no copies

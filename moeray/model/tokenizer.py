@@ -160,13 +160,21 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._backend.get_vocab_size(with_added_tokens=True)
 
+    def vocabulary(self) -> dict[str, int]:
+        """Token string (as the vocabulary spells it) -> id, added tokens included."""
+        return self._backend.get_vocab(with_added_tokens=True)
+
+    def backend_json(self) -> str:
+        """The tokenizer.json document (its model, pre-tokenizer and decoder)."""
+        return self._backend.to_str()
+
     @functools.cached_property
     def max_token_bytes(self) -> int:
         """An upper bound on the UTF-8 bytes one token stands for, so on the characters of text
         per token: a text longer than n * max_token_bytes characters has more than n tokens.
         (A token's vocabulary string is never shorter in UTF-8 than what it decodes to: byte-level
         symbols are one byte each, SentencePiece's U+2581 is three for a space.)"""
-        return max(len(token.encode("utf-8")) for token in self._backend.get_vocab(with_added_tokens=True))
+        return max(len(token.encode("utf-8")) for token in self.vocabulary())
 
     @property
     def bos_token(self) -> str | None:

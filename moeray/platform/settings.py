@@ -53,6 +53,8 @@ class EngineSettings(_Strict):
     fp8: Literal["auto", "keep", "dequantize"] = Field("auto", description="FP8 checkpoints: keep the float8 "
                                                        "weights and block scales (dequantised inside the GEMM, no "
                                                        "bf16 copy) or dequantize at load; auto: keep on CUDA.")
+    grammar_compile_timeout_s: float = Field(10.0, gt=0, description="A structured-output grammar (JSON schema, "
+                                             "regex, tools) that takes longer to compile is refused with 400.")
 
     def to_engine_config(self) -> EngineConfig:
         return EngineConfig(**self.model_dump())
