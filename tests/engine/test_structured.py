@@ -174,8 +174,16 @@ def test_an_unknown_kind_is_refused():
 
 
 def test_a_compile_over_the_time_limit_is_refused_and_the_engine_serves_on(hf_folder):
-    llm = LLM(hf_folder[0], max_model_len=256, grammar_compile_timeout_s=1e-9)
-    with pytest.raises(InvalidRequestError, match="took longer than") as err:
-        llm.generate(PROMPTS[:1], sampled())
-    assert err.value.param == "response_format"
-    assert llm.generate(PROMPTS[:1], SamplingParams(max_tokens=3))[0].outputs[0].token_ids
+    import threading
+
+    llm = LLM(hf_folder[0], max_model_len=256, grammar_compile_timeout_s=0.5)
+    grammars, release = llm.engine.grammars, threading.Event()
+    compile_for_real = grammars._compile
+    grammars._compile = lambda spec: (release.wait(), compile_for_real(spec))[1]  # a compile that hangs
+    try:
+        with pytest.raises(InvalidRequestError, match="took longer than 0.5 s") as err:
+            llm.generate(PROMPTS[:1], sampled())
+        assert err.value.param == "response_format"
+        assert llm.generate(PROMPTS[:1], SamplingParams(max_tokens=3))[0].outputs[0].token_ids
+    finally:
+        release.set()
