@@ -127,6 +127,27 @@ def _check_json_schema(text: str, param: str) -> str:
     return json.dumps(_bounded_strings_as_patterns(schema)) if isinstance(schema, dict) else text
 
 
+# The tool-call markup formats a `tool_calls` grammar can take, by xgrammar's model name: DeepSeek-V3
+# writes the same markup as DeepSeek-R1 (whose reasoning block is left to `start_after`).
+TOOL_MARKUP = {"deepseek_v3": "deepseek_r1"}
+
+
+def _tool_call_tag(spec: GrammarSpec):
+    """The structural tag of a request's tools: free text then calls (auto), or calls only."""
+    import xgrammar as xgr
+
+    options = json.loads(spec.spec)
+    tools = []
+    for i, tool in enumerate(options["tools"]):
+        function = dict(tool["function"])
+        schema = json.loads(_check_json_schema(json.dumps(function.get("parameters") or {"type": "object"}),
+                                               f"{spec.param}[{i}].function.parameters"))
+        tools.append({"type": "function", "function": {**function, "parameters": schema}})
+    return xgr.get_model_structural_tag(TOOL_MARKUP[options["format"]], tools=tools, tool_choice=options["tool_choice"],
+                                        reasoning="disabled", parallel_tool_calls=options["parallel_tool_calls"],
+                                        max_whitespace_cnt=1)
+
+
 class Grammars:
     """Compiles and caches the grammars of one engine's requests."""
 
@@ -182,8 +203,8 @@ class Grammars:
                 return compiler.compile_grammar("root ::= " + " | ".join(json.dumps(c) for c in choices))
             if spec.kind == "grammar":
                 return compiler.compile_grammar(spec.spec)
-            if spec.kind == "structural_tag":
-                return compiler.compile_structural_tag(spec.spec)
+            if spec.kind == "tool_calls":
+                return compiler.compile_structural_tag(_tool_call_tag(spec))
         except InvalidRequestError:
             raise
         except Exception as err:  # noqa: BLE001 - xgrammar reports every bad grammar as RuntimeError

@@ -10,11 +10,11 @@ Contract:
   naming the file and the line.
 * ``encode`` prepends bos once when ``add_special_tokens`` and ``add_bos_token`` hold and a bos
   token exists; otherwise it encodes the bare text. ``decode`` skips special tokens by default.
-* ``apply_chat_template`` renders like transformers (immutable sandbox, trim/lstrip blocks, loop
-  controls, ``raise_exception``, ``strftime_now``, non-escaping ``tojson``) with ``messages``,
-  ``add_generation_prompt``, the special tokens that are set and any extra keywords. A bad message
-  -> ``ValueError`` naming its index. ``tokenize=True`` encodes without special tokens: the
-  template already carries bos.
+* ``apply_chat_template`` renders like transformers (``chat_template.py``) with ``messages``,
+  ``tools``, ``add_generation_prompt``, the special tokens that are set and any extra keywords; a
+  conversation with tools under a template without tool support is rendered by moeray's
+  DeepSeek-V3-style tool template. A bad message -> ``ValueError`` naming its index.
+  ``tokenize=True`` encodes without special tokens: the template already carries bos.
 * ``IncrementalDetokenizer`` turns generated ids into text deltas one id at a time; no delta ends
   in a half-decoded UTF-8 character, and each id costs O(1) amortized (a small window is decoded).
 
@@ -23,28 +23,24 @@ No ray or transformers imports: this module runs inside serving replicas and tes
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import os
 from collections.abc import Iterable
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import jinja2
-import jinja2.ext
-import jinja2.sandbox
 import tokenizers
+
+from moeray.model.chat_template import (ChatTemplate, ChatTemplateError, conversation_uses_tools,  # noqa: F401
+                                        deepseek_v3_tools, validated_messages)
 
 REPLACEMENT_CHAR = "\ufffd"
 # Prompt ids kept as left context for the first generated ids, so that decoders which strip a
 # leading space at the start of a decode (SentencePiece-style) see the text that precedes them.
 PROMPT_CONTEXT_IDS = 4
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
-
-
-class ChatTemplateError(jinja2.exceptions.TemplateError, ValueError):
-    """A chat template failed: it called raise_exception(), or it does not compile."""
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -77,42 +73,6 @@ def _select_chat_template(value: Any, source: Path) -> str | None:
     raise ValueError(f"{source}: chat_template must be a string or a list of {{name, template}} objects")
 
 
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
-            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
-    # Jinja's built-in tojson escapes HTML characters and non-ASCII text; templates written for
-    # transformers expect plain json.dumps output instead.
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def _raise_exception(message: str) -> None:
-    raise ChatTemplateError(message)
-
-
-def _strftime_now(fmt: str) -> str:
-    return datetime.now().strftime(fmt)
-
-
-def _validated_messages(messages: Any) -> list[dict[str, Any]]:
-    if not isinstance(messages, list):
-        raise ValueError("messages must be a list of {role, content} objects")
-    validated = []
-    for index, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise ValueError(f"messages[{index}] must be an object with 'role' and 'content'")
-        if not isinstance(message.get("role"), str):
-            raise ValueError(f"messages[{index}].role must be a string")
-        content = message.get("content")
-        if isinstance(content, list) and all(
-            isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
-            for part in content
-        ):
-            content = "".join(part["text"] for part in content)
-        if not isinstance(content, str):
-            raise ValueError(f"messages[{index}].content must be a string or a list of text parts")
-        validated.append({**message, "content": content})
-    return validated
-
-
 class Tokenizer:
     """A Hugging Face tokenizer folder: fast tokenizer, special tokens and chat template."""
 
@@ -129,7 +89,8 @@ class Tokenizer:
         max_length = config.get("model_max_length")
         self.model_max_length: int | None = max_length if isinstance(max_length, int) else None
         self._chat_template = chat_template
-        self._compiled_template: jinja2.Template | None = None
+        self._compiled_template: ChatTemplate | None = None
+        self._tool_template: ChatTemplate | None = None
         eos_ids = {self.eos_token_id} if self.eos_token_id is not None else set()
         self._eos_token_ids = frozenset(eos_ids | set(generation_eos_ids))
 
@@ -229,28 +190,32 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._backend.token_to_id(token)
 
-    def _template(self) -> jinja2.Template:
+    def _template(self) -> ChatTemplate:
         if self._compiled_template is None:
             if self._chat_template is None:
                 raise ValueError(f"tokenizer folder {self._folder} has no chat_template "
                                  "(neither in tokenizer_config.json nor in chat_template.jinja)")
-            env = jinja2.sandbox.ImmutableSandboxedEnvironment(
-                trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
-            env.filters["tojson"] = _tojson
-            env.globals["raise_exception"] = _raise_exception
-            env.globals["strftime_now"] = _strftime_now
-            try:
-                self._compiled_template = env.from_string(self._chat_template)
-            except jinja2.TemplateSyntaxError as err:
-                raise ChatTemplateError(f"chat_template of {self._folder} does not compile: "
-                                        f"line {err.lineno}: {err.message}") from err
+            self._compiled_template = ChatTemplate(self._chat_template, f"of {self._folder}")
         return self._compiled_template
 
+    def with_chat_template(self, source: str, where: str) -> Tokenizer:
+        """This tokenizer with another chat template (`moeray serve --chat-template FILE`)."""
+        other = copy.copy(self)
+        other._chat_template, other._compiled_template = source, ChatTemplate(source, where)
+        return other
+
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                            tokenize: bool = False, **extra: Any) -> str | list[int]:
+                            tokenize: bool = False, tools: list[dict[str, Any]] | None = None,
+                            **extra: Any) -> str | list[int]:
+        """Render a conversation. When it involves tools and the chat template has no tool
+        support, moeray's DeepSeek-V3-style tool template renders it instead."""
+        messages = validated_messages(messages)
         template = self._template()
-        rendered = template.render(messages=_validated_messages(messages), add_generation_prompt=add_generation_prompt,
-                                   **{**self._special_tokens, **extra})
+        if conversation_uses_tools(messages, tools) and not template.supports_tools:
+            if self._tool_template is None:
+                self._tool_template = deepseek_v3_tools()
+            template = self._tool_template
+        rendered = template.render(messages, tools, add_generation_prompt, **{**self._special_tokens, **extra})
         return self.encode(rendered, add_special_tokens=False) if tokenize else rendered
 
 

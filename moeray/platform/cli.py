@@ -7,6 +7,7 @@
     moeray jobs list [--address URL | --k8s [--namespace NS]]
     moeray serve [MODEL] [--host H] [--port P] [--config FILE] [--api-key KEY ...] [--lora NAME=URI ...]
                  [--expert-shards N] [--redundant-experts K] [--transport ray|collective]
+                 [--reasoning-parser deepseek_r1] [--chat-template FILE] [--verbose]
 
 Settings resolve as `ServeSettings.load` describes: defaults < --config YAML < MOERAY_* env < flags.
 Jobs go to a Ray cluster through the Ray Jobs API (`--address`, default $RAY_ADDRESS or
@@ -46,7 +47,8 @@ def _lora_flags(values: list[str] | None) -> dict[str, str] | None:
 
 def _serve(opts: argparse.Namespace) -> int:
     overrides = {"model": opts.model, "host": opts.host, "port": opts.port, "served_model_name": opts.served_model_name,
-                 "api_keys": opts.api_key or None, "lora_adapters": _lora_flags(opts.lora)}
+                 "api_keys": opts.api_key or None, "lora_adapters": _lora_flags(opts.lora),
+                 "reasoning_parser": opts.reasoning_parser, "chat_template": opts.chat_template}
     if opts.max_replicas is not None:
         overrides["autoscaling"] = {"max_replicas": opts.max_replicas}
     expert_parallel = {"shards": opts.expert_shards, "redundant_experts": opts.redundant_experts,
@@ -204,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     serve_cmd.add_argument("--expert-shards", type=int, help="routed experts in this many ExpertShard actors")
     serve_cmd.add_argument("--redundant-experts", type=int, help="extra replicas of the hottest experts per layer")
     serve_cmd.add_argument("--transport", choices=["ray", "collective"], help="replica-to-shard transport")
+    serve_cmd.add_argument("--reasoning-parser", choices=["deepseek_r1"],
+                           help="split <think>...</think> into reasoning_content")
+    serve_cmd.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template replacing the checkpoint's")
     serve_cmd.add_argument("--verbose", action="store_true", help="print Ray's and Serve's logs here too")
     serve_cmd.set_defaults(run=_serve)
     jobs = commands.add_parser("jobs", help="fine-tuning jobs").add_subparsers(dest="jobs_command", required=True)

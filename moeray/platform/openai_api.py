@@ -30,8 +30,8 @@ from moeray.engine import InvalidRequestError
 from moeray.platform.asgi import CountsOpenRequests, Lifecycle, RequestIds, request_id_of
 from moeray.platform.errors import to_openai_error
 from moeray.platform.metrics import RequestTimer, ServingMetrics
-from moeray.platform.protocol import (ChatCompletionRequest, CompletionRequest, OpenAIError, new_id, now,
-                                      usage)
+from moeray.platform.pipeline import ChatFormat, CompletionFormat, Format, collect, merge, stream_events
+from moeray.platform.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError, new_id, now
 from moeray.platform.service import GenerateChunk, GenerateRequest, ReplicaService
 from moeray.platform.settings import ServeSettings
 
@@ -73,68 +73,6 @@ def _param_of(location: tuple) -> str | None:
 
 def _sse(payload: dict[str, Any] | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}\n\n"
-
-
-class _Choice:
-    """Accumulates one choice of a non-streaming response."""
-
-    def __init__(self):
-        self.text, self.tokens, self.logprobs, self.finish_reason = "", 0, None, None
-
-    def add(self, output) -> None:
-        self.text += output.text
-        self.tokens += len(output.token_ids)
-        if output.logprobs is not None:
-            self.logprobs = (self.logprobs or []) + output.logprobs
-        self.finish_reason = output.finish_reason or self.finish_reason
-
-
-def _completion_logprobs(entries: list[dict[str, Any]] | None, offset: int) -> dict[str, Any] | None:
-    """Chat-style per-token logprobs in the legacy completions layout."""
-    if entries is None:
-        return None
-    offsets, position = [], offset
-    for entry in entries:
-        offsets.append(position)
-        position += len(entry["token"])
-    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
-            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
-            "text_offset": offsets}
-
-
-async def _merge(streams: list[AsyncIterator[GenerateChunk]]) -> AsyncIterator[tuple[int, GenerateChunk]]:
-    """Interleave several prompt streams as their chunks arrive; closing this closes them all."""
-    if len(streams) == 1:
-        async for chunk in streams[0]:
-            yield 0, chunk
-        return
-    queue: asyncio.Queue = asyncio.Queue()
-    done = object()
-
-    async def pump(index, stream):
-        try:
-            async for chunk in stream:
-                await queue.put((index, chunk))
-            await queue.put((index, done))
-        except BaseException as err:  # noqa: BLE001 - forwarded to the consumer
-            await queue.put((index, err))
-
-    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-    remaining = len(streams)
-    try:
-        while remaining:
-            index, item = await queue.get()
-            if item is done:
-                remaining -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield index, item
-    finally:
-        for task in tasks:
-            task.cancel()
-        for stream in streams:
-            await stream.aclose()
 
 
 def build_openai_app(client: ModelClient, settings: ServeSettings, metrics: ServingMetrics | None = None,
@@ -250,90 +188,54 @@ def build_openai_app(client: ModelClient, settings: ServeSettings, metrics: Serv
             raise to_openai_error(err, request_id_of(http)) from None
         return streams, firsts
 
-    def stream_error(http: Request, err: BaseException) -> str:
-        """The last event of a stream that fails after its 200 was sent."""
-        return _sse(to_openai_error(err, request_id_of(http)).body())
-
     def sampling(body):
         try:
-            return body.to_sampling_params()
+            return body.to_sampling_params(reasoning=settings.reasoning_parser is not None)
         except InvalidRequestError as err:
             raise OpenAIError(400, str(err), param=err.param) from None
 
-    # ---- chat --------------------------------------------------------------------------------
+    async def respond(http: Request, body, fmt: Format, requests: list[GenerateRequest]):
+        """Start the requests' streams, then stream or collect the answer in `fmt`'s shape."""
+        timer = RequestTimer(metrics, body.model)
+        streams, firsts = await start(http, requests)
+        prompt_tokens = sum(first.num_prompt_tokens for first in firsts)
+        merged = merge(streams)
+        if body.stream:
+            async def events():
+                outcome = "aborted"
+                exclude = None if body.include_usage else {"usage"}
+                try:
+                    async for item in stream_events(fmt, merged, prompt_tokens, body.include_usage, metrics, timer):
+                        yield _sse(item.model_dump(mode="json", exclude=exclude))
+                    outcome = "ok"
+                except Exception as err:  # noqa: BLE001 - a failure after the 200 goes into the stream
+                    outcome = "error"
+                    yield _sse(to_openai_error(err, request_id_of(http)).body())
+                finally:
+                    await merged.aclose()
+                    timer.finish(prompt_tokens, outcome)
+                yield _sse("[DONE]")
+            return StreamingResponse(events(), media_type="text/event-stream")
+        try:
+            answer = await collect(fmt, merged, prompt_tokens, metrics, timer)
+        except Exception as err:
+            timer.finish(prompt_tokens, "error")
+            raise to_openai_error(err, request_id_of(http)) from None
+        finally:
+            await merged.aclose()
+        timer.finish(prompt_tokens, "ok")
+        return JSONResponse(answer.model_dump(mode="json"))
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body: ChatCompletionRequest = await parse(request, ChatCompletionRequest)
         params = sampling(body)
         request_id = new_id("chatcmpl")
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
-        timer = RequestTimer(metrics, body.model)
-        streams, firsts = await start(request, [GenerateRequest(request_id, params, messages=messages,
-                                                                adapter=adapter_of(body))])
-        stream, prompt_tokens = streams[0], firsts[0].num_prompt_tokens
-        created = now()
+        generate = GenerateRequest(request_id, params, messages=messages, adapter=adapter_of(body),
+                                   tools=body.tool_definitions(), parse_tool_calls=body.calls_tools)
+        return await respond(request, body, ChatFormat(request_id, body.model, now(), params.n), [generate])
 
-        def chunk(choices, usage_value=None):
-            payload = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": body.model,
-                       "choices": choices}
-            if body.include_usage:
-                payload["usage"] = usage_value
-            return _sse(payload)
-
-        if body.stream:
-            async def events():
-                completion_tokens, cached, outcome = 0, 0, "aborted"
-                try:
-                    yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                  "finish_reason": None} for i in range(params.n)])
-                    async for part in stream:
-                        metrics.replicas.update(part.stats)
-                        cached = part.num_cached_tokens
-                        for out in part.outputs:
-                            completion_tokens += len(out.token_ids)
-                            timer.on_tokens(len(out.token_ids))
-                            if out.text or out.logprobs:
-                                yield chunk([{"index": out.index, "delta": {"content": out.text},
-                                              "logprobs": {"content": out.logprobs} if out.logprobs else None,
-                                              "finish_reason": None}])
-                            if out.finish_reason:
-                                yield chunk([{"index": out.index, "delta": {}, "logprobs": None,
-                                              "finish_reason": out.finish_reason}])
-                    if body.include_usage:
-                        yield chunk([], usage(prompt_tokens, completion_tokens, cached))
-                    outcome = "ok"
-                    yield _sse("[DONE]")
-                except Exception as err:  # noqa: BLE001 - a failure after the 200 goes into the stream
-                    outcome = "error"
-                    yield stream_error(request, err)
-                    yield _sse("[DONE]")
-                finally:
-                    await stream.aclose()
-                    timer.finish(prompt_tokens, outcome)
-            return StreamingResponse(events(), media_type="text/event-stream")
-
-        choices = [_Choice() for _ in range(params.n)]
-        cached = 0
-        try:
-            async for part in stream:
-                metrics.replicas.update(part.stats)
-                cached = part.num_cached_tokens
-                for out in part.outputs:
-                    timer.on_tokens(len(out.token_ids))
-                    choices[out.index].add(out)
-        except Exception as err:
-            timer.finish(prompt_tokens, "error")
-            raise to_openai_error(err, request_id_of(request)) from None
-        finally:
-            await stream.aclose()
-        timer.finish(prompt_tokens, "ok")
-        return {"id": request_id, "object": "chat.completion", "created": created, "model": body.model,
-                "choices": [{"index": i, "message": {"role": "assistant", "content": c.text},
-                             "logprobs": {"content": c.logprobs} if c.logprobs is not None else None,
-                             "finish_reason": c.finish_reason} for i, c in enumerate(choices)],
-                "usage": usage(prompt_tokens, sum(c.tokens for c in choices), cached)}
-
-    # ---- completions ---------------------------------------------------------------------------
     @app.post("/v1/completions")
     async def completions(request: Request):
         body: CompletionRequest = await parse(request, CompletionRequest)
@@ -342,67 +244,10 @@ def build_openai_app(client: ModelClient, settings: ServeSettings, metrics: Serv
         if not prompts:
             raise OpenAIError(400, "prompt must not be empty", param="prompt")
         request_id = new_id("cmpl")
-        timer = RequestTimer(metrics, body.model)
-        streams, firsts = await start(request, [GenerateRequest(f"{request_id}-{i}", params, prompt=p,
-                                                                adapter=adapter_of(body))
-                                                for i, p in enumerate(prompts)])
-        prompt_tokens = sum(f.num_prompt_tokens for f in firsts)
-        created, n = now(), params.n
-
-        def payload(choices, usage_value=None, streaming=True):
-            out = {"id": request_id, "object": "text_completion", "created": created, "model": body.model,
-                   "choices": choices}
-            if not streaming or body.include_usage:
-                out["usage"] = usage_value
-            return out
-
-        if body.stream:
-            async def events():
-                completion_tokens, outcome = 0, "aborted"
-                offsets = [0] * (len(prompts) * n)
-                merged = _merge(streams)
-                try:
-                    async for prompt_index, part in merged:
-                        metrics.replicas.update(part.stats)
-                        for out in part.outputs:
-                            index = prompt_index * n + out.index
-                            completion_tokens += len(out.token_ids)
-                            timer.on_tokens(len(out.token_ids))
-                            if out.text or out.finish_reason or out.logprobs:
-                                yield _sse(payload([{"index": index, "text": out.text,
-                                                     "logprobs": _completion_logprobs(out.logprobs, offsets[index]),
-                                                     "finish_reason": out.finish_reason}]))
-                            offsets[index] += len(out.text)
-                    if body.include_usage:
-                        yield _sse(payload([], usage(prompt_tokens, completion_tokens)))
-                    outcome = "ok"
-                    yield _sse("[DONE]")
-                except Exception as err:  # noqa: BLE001
-                    outcome = "error"
-                    yield stream_error(request, err)
-                    yield _sse("[DONE]")
-                finally:
-                    await merged.aclose()
-                    timer.finish(prompt_tokens, outcome)
-            return StreamingResponse(events(), media_type="text/event-stream")
-
-        choices = [_Choice() for _ in range(len(prompts) * n)]
-        merged = _merge(streams)
-        try:
-            async for prompt_index, part in merged:
-                metrics.replicas.update(part.stats)
-                for out in part.outputs:
-                    timer.on_tokens(len(out.token_ids))
-                    choices[prompt_index * n + out.index].add(out)
-        except Exception as err:
-            timer.finish(prompt_tokens, "error")
-            raise to_openai_error(err, request_id_of(request)) from None
-        finally:
-            await merged.aclose()
-        timer.finish(prompt_tokens, "ok")
-        return payload([{"index": i, "text": c.text, "logprobs": _completion_logprobs(c.logprobs, 0),
-                         "finish_reason": c.finish_reason} for i, c in enumerate(choices)],
-                       usage(prompt_tokens, sum(c.tokens for c in choices)), streaming=False)
+        requests = [GenerateRequest(f"{request_id}-{i}", params, prompt=p, adapter=adapter_of(body))
+                    for i, p in enumerate(prompts)]
+        return await respond(request, body, CompletionFormat(request_id, body.model, now(), params.n, len(prompts)),
+                             requests)
 
     # ---- the rest ----------------------------------------------------------------------------------
     @app.get("/v1/models")

@@ -10,6 +10,8 @@ replica that builds from the same settings meets the same faults in the same ord
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from moeray.platform.settings import ServeSettings
 
 
@@ -41,6 +43,13 @@ def check_serving(settings: ServeSettings) -> None:
         raise ServeConfigError(f"setting 'engine.{err.option}': {why}") from None
     _check_adapters(settings)
     _check_expert_parallel(settings, args.n_routed_experts)
+    if settings.chat_template:
+        try:
+            tokenizer.with_chat_template(Path(settings.chat_template).read_text(encoding="utf-8"),
+                                         settings.chat_template)
+        except (OSError, ValueError) as err:
+            raise ServeConfigError(f"setting 'chat_template' ({settings.chat_template}): "
+                                   f"{getattr(err, 'strerror', None) or err}") from None
 
 
 def _model_message(name: str, err: BaseException) -> str:

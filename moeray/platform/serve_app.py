@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from ray import serve
@@ -80,10 +81,13 @@ def load_replica_service(settings: ServeSettings) -> ReplicaService:
         # Weights stream from the checkpoint's location; only the small tokenizer files are copied here.
         tokenizer = Tokenizer.from_pretrained(local_copy(str(folder), skip_suffixes=(".safetensors",)))
         check_tokenizer_matches(tokenizer, model.args, str(folder))
+        if settings.chat_template:
+            tokenizer = tokenizer.with_chat_template(Path(settings.chat_template).read_text(encoding="utf-8"),
+                                                     settings.chat_template)
         adapters = {name: merged_variant(model, local_copy(uri)) for name, uri in settings.lora_adapters.items()}
         return Engine(model, tokenizer, engine_config, experts, adapters)
 
-    return ReplicaService(build)
+    return ReplicaService(build, reasoning_parser=settings.reasoning_parser)
 
 
 class _HostsEngine:

@@ -1,10 +1,14 @@
-"""What one model replica does for the HTTP layer: templating, validation, streaming, stats.
+"""What one model replica does for the HTTP layer: templating, validation, parsing, streaming, stats.
 
 Contract: `ReplicaService.generate(request)` is an async iterator of `GenerateChunk`s. The first
 chunk is yielded right after validation (no tokens yet, but the prompt's token count), so an
 invalid request raises `InvalidRequestError` from the first `__anext__`, before the HTTP layer
 commits to a 200. Leaving the iteration early aborts the request and frees its cache blocks.
-The messages are plain dataclasses: they cross process boundaries (Ray Serve handles) pickled.
+Each choice's text goes through the reasoning parser (when the replica has one) and, for a
+request that may call tools, the tool-call parser; a chunk carries the typed results (content,
+reasoning, tool-call deltas, logprobs), never wire-format dicts. A choice that ends with whole
+tool calls finishes with `tool_calls`. The messages are plain dataclasses: they cross process
+boundaries (Ray Serve handles) pickled.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from typing import Any
 from moeray.engine import AsyncEngine, Engine, InvalidRequestError, SamplingParams
 from moeray.engine.sampler import TokenLogprobs
 from moeray.model.tokenizer import Tokenizer
+from moeray.platform.parsers.reasoning import ReasoningParser, prompt_opens_reasoning
+from moeray.platform.parsers.tool_calls import Arguments, CallStarted, Content, Malformed, ToolCallParser
 
 
 @dataclass
@@ -26,15 +32,43 @@ class GenerateRequest:
     prompt: str | list[int] | None = None
     messages: list[dict[str, Any]] | None = None  # chat: the replica applies the template
     adapter: str | None = None  # a LoRA adapter served beside the base model (the request's `model`)
+    tools: list[dict[str, Any]] | None = None  # tool definitions, for the chat template
+    parse_tool_calls: bool = False  # the output may hold tool calls: parse them out
+
+
+@dataclass
+class TopLogprob:
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+@dataclass
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+@dataclass
+class ToolCallDelta:
+    """A piece of one tool call: its header (id, name) once, then fragments of its arguments."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
 
 
 @dataclass
 class ChunkOutput:
     index: int
-    text: str
+    text: str  # content
     token_ids: list[int]
-    logprobs: list[dict[str, Any]] | None  # OpenAI chat format, one entry per token
+    logprobs: list[TokenLogprob] | None
     finish_reason: str | None
+    reasoning: str = ""
+    tool_calls: list[ToolCallDelta] = field(default_factory=list)
+    # Markup that turned out to be text (now in `text`): calls from this index on were not real.
+    dropped_tool_calls_from: int | None = None
 
 
 @dataclass
@@ -62,39 +96,84 @@ class ReplicaStats:
         return self.__dict__.copy()
 
 
+class _ChoiceParsers:
+    """One choice's reasoning and tool-call parsers, turning text deltas into a ChunkOutput."""
+
+    def __init__(self, reasoning: ReasoningParser | None, tools: ToolCallParser | None):
+        self.reasoning, self.tools = reasoning, tools
+
+    def output(self, index: int, text: str, token_ids: list[int], logprobs, finish_reason: str | None) -> ChunkOutput:
+        reasoning, content = self.reasoning.feed(text) if self.reasoning else ("", text)
+        if finish_reason is not None and self.reasoning is not None:
+            more_reasoning, more_content = self.reasoning.finish()
+            reasoning, content = reasoning + more_reasoning, content + more_content
+        out = ChunkOutput(index, content, token_ids, logprobs, finish_reason, reasoning)
+        if self.tools is None:
+            return out
+        events = self.tools.feed(content)
+        if finish_reason is not None:
+            events += self.tools.finish()
+        out.text = ""
+        for event in events:
+            if isinstance(event, Content):
+                out.text += event.text
+            elif isinstance(event, CallStarted):
+                out.tool_calls.append(ToolCallDelta(event.index, event.id, event.name))
+            elif isinstance(event, Arguments):
+                out.tool_calls.append(ToolCallDelta(event.index, arguments=event.text))
+            elif isinstance(event, Malformed):
+                out.text += event.text
+                out.tool_calls = [d for d in out.tool_calls if d.index < event.first_index]
+                out.dropped_tool_calls_from = event.first_index
+        if finish_reason == "stop" and self.tools.calls:
+            out.finish_reason = "tool_calls"
+        return out
+
+
 class ReplicaService:
-    def __init__(self, engine: Engine | Callable[[], Engine], replica_id: str | None = None):
+    def __init__(self, engine: Engine | Callable[[], Engine], replica_id: str | None = None,
+                 reasoning_parser: str | None = None):
         # A build function runs on the engine thread (see AsyncEngine: one OpenMP team per process).
         self.async_engine = AsyncEngine(engine)
         self.engine = self.async_engine.engine
         self.tokenizer: Tokenizer = self.engine.tokenizer
         self.replica_id = replica_id or f"pid-{os.getpid()}"
+        self.reasoning_parser = reasoning_parser  # "deepseek_r1" or None
 
-    def _prompt_ids(self, request: GenerateRequest) -> str | list[int]:
+    def _prompt(self, request: GenerateRequest) -> tuple[str | list[int], bool]:
+        """(prompt ids or text, whether the prompt leaves a reasoning block open)."""
         if request.messages is not None:
             try:
-                text = self.tokenizer.apply_chat_template(request.messages, add_generation_prompt=True)
+                text = self.tokenizer.apply_chat_template(request.messages, add_generation_prompt=True,
+                                                          tools=request.tools)
             except ValueError as err:
                 raise InvalidRequestError(str(err), "messages") from None
             # The template already wrote the special tokens (bos among them).
-            return self.engine.tokenize_prompt(text, "messages", add_special_tokens=False)
+            return self.engine.tokenize_prompt(text, "messages", add_special_tokens=False), prompt_opens_reasoning(text)
         if request.prompt is None:
             raise InvalidRequestError("either prompt or messages is required", "prompt")
-        return request.prompt
+        return request.prompt, False
+
+    def _parsers(self, request: GenerateRequest, opens_reasoning: bool) -> list[_ChoiceParsers]:
+        chat = request.messages is not None
+        return [_ChoiceParsers(ReasoningParser(opens_reasoning) if chat and self.reasoning_parser else None,
+                               ToolCallParser() if request.parse_tool_calls else None)
+                for _ in range(request.params.n)]
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
-        prompt = self._prompt_ids(request)
+        prompt, opens_reasoning = self._prompt(request)
         try:
             stream = await self.async_engine.generate(prompt, request.params, request.request_id, request.adapter)
         except InvalidRequestError as err:
             if request.messages is not None and err.param == "prompt":
                 err.param = "messages"
             raise
+        parsers = self._parsers(request, opens_reasoning)
         num_prompt = len(prompt) if isinstance(prompt, list) else len(self.tokenizer.encode(prompt))
         yield GenerateChunk(request.request_id, [], num_prompt, 0, False, replica_id=self.replica_id)
         async for output in stream:
             chunk = GenerateChunk(request.request_id, [
-                ChunkOutput(o.index, o.text, o.token_ids, self._logprobs(o.logprobs), o.finish_reason)
+                parsers[o.index].output(o.index, o.text, o.token_ids, self._logprobs(o.logprobs), o.finish_reason)
                 for o in output.outputs], output.num_prompt_tokens, output.num_cached_tokens, output.finished,
                 replica_id=self.replica_id)
             if output.finished:
@@ -105,7 +184,7 @@ class ReplicaService:
         text = self.tokenizer.decode([token_id], skip_special_tokens=False)
         return text, list(text.encode("utf-8", errors="replace"))
 
-    def _logprobs(self, entries: list[TokenLogprobs] | None) -> list[dict[str, Any]] | None:
+    def _logprobs(self, entries: list[TokenLogprobs] | None) -> list[TokenLogprob] | None:
         if entries is None:
             return None
         out = []
@@ -113,9 +192,9 @@ class ReplicaService:
             token, token_bytes = self._token(entry.token_id)
             top = []
             for token_id, logprob in entry.top:
-                alt, alt_bytes = self._token(token_id)
-                top.append({"token": alt, "logprob": logprob, "bytes": alt_bytes})
-            out.append({"token": token, "logprob": entry.logprob, "bytes": token_bytes, "top_logprobs": top})
+                alternative, alternative_bytes = self._token(token_id)
+                top.append(TopLogprob(alternative, logprob, alternative_bytes))
+            out.append(TokenLogprob(token, entry.logprob, token_bytes, top))
         return out
 
     def stats(self) -> ReplicaStats:

@@ -124,6 +124,11 @@ class ServeSettings(_Strict):
                                                "up to this long (sized for long generations).")
     health_timeout_s: float = Field(5.0, gt=0, description="How long /health waits to learn whether a model "
                                     "replica can serve before it answers 503.")
+    reasoning_parser: Literal["deepseek_r1"] | None = Field(None, description="Split the model's reasoning block "
+                                                            "(<think>...</think>) into reasoning_content; structured "
+                                                            "outputs and tool calls then start after it.")
+    chat_template: str | None = Field(None, description="A Jinja chat template file that replaces the "
+                                      "checkpoint's (for all requests).")
     app_name: str = Field("moeray", description="Ray Serve application name.")
     ingress: Literal["separate", "colocated"] = Field("separate", description="separate: an OpenAI ingress "
                                                       "deployment in front of the autoscaled model deployment; "
