@@ -76,7 +76,11 @@ DEEPSEEK_STYLE_TEMPLATE = """\
     {% if message['role'] == 'user' %}
         {{- '<｜User｜>' + message['content'] -}}
     {% elif message['role'] == 'assistant' %}
-        {{- '<｜Assistant｜>' + message['content'] + '<｜end▁of▁sentence｜>' -}}
+        {{- '<｜Assistant｜>' + message['content'] -}}
+        {% if message.get('tool_calls') %}
+            {{- message['tool_calls'] | tojson -}}
+        {% endif %}
+        {{- '<｜end▁of▁sentence｜>' -}}
     {% else %}
         {{- raise_exception('unsupported role: ' + message['role']) -}}
     {% endif %}

@@ -5,14 +5,16 @@ Contract:
   ``AWS_ENDPOINT_URL``) and returns ``(line_number, row)`` for every non-blank line. Unreadable
   files, malformed JSON, invalid UTF-8 and rows that are not JSON objects raise ``DataError``
   naming ``uri:line``; nothing is returned then.
-* SFT rows hold ``messages``: a non-empty list of ``{"role": system|user|assistant, "content":
-  str}`` with at least one assistant message. DPO rows hold ``prompt``, ``chosen`` and
+* SFT rows hold ``messages``: a non-empty list of ``{"role": system|developer|user|assistant|tool,
+  "content": str}`` with at least one assistant message; an assistant message may carry
+  ``tool_calls`` (JSON-object arguments; its content may then be null) and a tool message names
+  its ``tool_call_id``; an optional ``tools`` list is offered to the template. DPO rows hold ``prompt``, ``chosen`` and
   ``rejected``, each a string or such a message list (a prompt list must not end with an
   assistant message; chosen/rejected lists must). Validators raise ``DataError`` naming
   ``uri:line`` and the field.
 * ``tokenize_sft`` returns ``(input_ids, labels)`` of the chat-templated conversation; labels are
-  -100 except on the tokens each assistant message adds (its content and the end-of-sentence
-  token closing the turn). The template must be prefix-stable (rendering a conversation's prefix
+  -100 except on the tokens each assistant message adds (its content, its tool-call markup and
+  the end-of-sentence token closing the turn). The template must be prefix-stable (rendering a conversation's prefix
   yields a token prefix of the whole), else ``DataError``.
 * ``tokenize_dpo`` returns ``prompt_ids`` and the ``chosen_ids``/``rejected_ids`` continuations,
   each ending with end-of-sentence unless truncated; the prompt is cut from the left (keeping a
@@ -43,7 +45,7 @@ import torch
 from moeray.model.tokenizer import Tokenizer
 
 IGNORE_INDEX = -100  # label value that cross-entropy skips
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "developer", "user", "assistant", "tool")
 
 Example = tuple[list[int], list[int]]  # (input_ids, labels)
 
@@ -99,19 +101,51 @@ def _validate_messages(messages: Any, field: str, where: str) -> list[dict[str, 
             raise DataError(f"{where}: {name} must be an object with role and content")
         if message.get("role") not in ROLES:
             raise DataError(f"{where}: {name}.role must be one of {', '.join(ROLES)}; got {message.get('role')!r}")
-        if not isinstance(message.get("content"), str):
+        calls = message.get("tool_calls")
+        if calls is not None:
+            if message["role"] != "assistant":
+                raise DataError(f"{where}: {name}.tool_calls: only assistant messages call tools")
+            _validate_tool_calls(calls, f"{name}.tool_calls", where)
+        if message["role"] == "tool" and not isinstance(message.get("tool_call_id"), str):
+            raise DataError(f"{where}: {name}.tool_call_id must name the call the tool message answers")
+        content = message.get("content")
+        if not isinstance(content, str) and not (calls and content is None):
             raise DataError(f"{where}: {name}.content must be a string")
     return messages
 
 
+def _validate_tool_calls(calls: Any, name: str, where: str) -> None:
+    if not isinstance(calls, list) or not calls:
+        raise DataError(f"{where}: {name} must be a non-empty list")
+    for i, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise DataError(f"{where}: {name}[{i}].function.name must be a string")
+        arguments = function.get("arguments")
+        try:
+            parsed = json.loads(arguments) if isinstance(arguments, str) else arguments
+        except json.JSONDecodeError as err:
+            raise DataError(f"{where}: {name}[{i}].function.arguments is not JSON ({err.msg})") from None
+        if not isinstance(parsed, dict):
+            raise DataError(f"{where}: {name}[{i}].function.arguments must be a JSON object")
+
+
+def _validate_tools(tools: Any, where: str) -> None:
+    if not isinstance(tools, list) or not all(isinstance(t, dict) and isinstance(t.get("function"), dict)
+                                              and isinstance(t["function"].get("name"), str) for t in tools):
+        raise DataError(f"{where}: tools must be a list of {{type: function, function: {{name, parameters}}}}")
+
+
 def validate_sft_row(row: dict[str, Any], uri: str, line: int) -> list[dict[str, Any]]:
-    """Checks an SFT row and returns its messages."""
+    """Checks an SFT row (messages, and the tools they may call) and returns its messages."""
     where = f"{uri}:{line}"
     if "messages" not in row:
         raise DataError(f"{where}: missing 'messages'")
     messages = _validate_messages(row["messages"], "messages", where)
     if not any(message["role"] == "assistant" for message in messages):
         raise DataError(f"{where}: messages has no assistant message to train on")
+    if row.get("tools") is not None:
+        _validate_tools(row["tools"], where)
     return messages
 
 
@@ -163,8 +197,10 @@ def validate_dpo_row(row: dict[str, Any], uri: str, line: int) -> dict[str, Any]
     return row
 
 
-def _render(tokenizer: Tokenizer, messages: list[dict[str, Any]], add_generation_prompt: bool) -> list[int]:
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+def _render(tokenizer: Tokenizer, messages: list[dict[str, Any]], add_generation_prompt: bool,
+            tools: list[dict[str, Any]] | None = None) -> list[int]:
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True,
+                                         tools=tools)
 
 
 def _continuation(prefix: list[int], full: list[int], what: str) -> list[int]:
@@ -183,20 +219,22 @@ def _through_last_eos(ids: list[int], tokenizer: Tokenizer) -> list[int]:
     return ids
 
 
-def tokenize_sft(messages: list[dict[str, Any]], tokenizer: Tokenizer, max_length: int) -> Example:
-    """(input_ids, labels) of a conversation; loss only on what assistant messages add.
+def tokenize_sft(messages: list[dict[str, Any]], tokenizer: Tokenizer, max_length: int,
+                 tools: list[dict[str, Any]] | None = None) -> Example:
+    """(input_ids, labels) of a conversation; loss only on what assistant messages add (their
+    tool-call markup included), with `tools` offered to the template as serving offers them.
 
     Each assistant message i adds the tokens between rendering messages[:i] with a generation
     prompt and rendering messages[:i + 1] without one. A fully truncated-away answer leaves all
     labels at -100; callers may drop such rows.
     """
-    input_ids = _render(tokenizer, messages, add_generation_prompt=False)
+    input_ids = _render(tokenizer, messages, False, tools)
     labels = [IGNORE_INDEX] * len(input_ids)
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = _render(tokenizer, messages[:index], add_generation_prompt=True)
-        through = _render(tokenizer, messages[:index + 1], add_generation_prompt=False)
+        before = _render(tokenizer, messages[:index], True, tools)
+        through = _render(tokenizer, messages[:index + 1], False, tools)
         added = _through_last_eos(_continuation(before, through, f"assistant message {index}"), tokenizer)
         _continuation(through, input_ids, f"the messages after message {index}")
         labels[len(before):len(before) + len(added)] = added

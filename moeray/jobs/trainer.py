@@ -94,7 +94,7 @@ def prepare(spec: JobSpec, check_only: bool = False) -> PreparedData | None:
                             tokenize_text([r["text"] for r in eval_rows], tokenizer, max_len))
     if spec.method == "sft":
         def encode(rows, packed):
-            examples = [tokenize_sft(r["messages"], tokenizer, max_len) for r in rows]
+            examples = [tokenize_sft(r["messages"], tokenizer, max_len, r.get("tools")) for r in rows]
             if packed:
                 return pack(examples, max_len)
             return [{"input_ids": ids, "labels": labels} for ids, labels in examples]

@@ -6,9 +6,8 @@ Contract:
   non-escaping `tojson`); a template that does not compile is a `ChatTemplateError` naming
   `where` and the line. `render(messages, ...)` passes `messages`, `tools` (as
   `apply_chat_template(tools=...)` does), `add_generation_prompt` and any extra keywords.
-- `supports_tools` says whether a template reads tool definitions or tool calls at all.
-- `conversation_uses_tools(messages, tools)`: tools are offered, or an assistant message calls
-  one, or a tool message answers one.
+- `supports_tools` says whether a template can render tool calls; `conversation_uses_tools`
+  whether a conversation has tool parts (offered tools, calls, results).
 - `DEEPSEEK_V3_TOOLS` is moeray's DeepSeek-V3-style template (assets/chat_templates): tools in
   the system prompt, calls in DeepSeek-V3's markup (what `platform/parsers/tool_calls.py`
   parses and `engine/grammar.py` constrains), results in its tool-output markup.
@@ -97,10 +96,6 @@ def validated_messages(messages: Any) -> list[dict[str, Any]]:
     return validated
 
 
-def conversation_uses_tools(messages: list[dict[str, Any]], tools: list | None) -> bool:
-    return bool(tools) or any(m.get("tool_calls") or m.get("role") == "tool" for m in messages)
-
-
 class ChatTemplate:
     def __init__(self, source: str, where: str):
         env = jinja2.sandbox.ImmutableSandboxedEnvironment(
@@ -117,12 +112,21 @@ class ChatTemplate:
 
     @property
     def supports_tools(self) -> bool:
-        return "tools" in self.source or "tool_calls" in self.source
+        """Whether the template can render a tool-calling conversation: it reads tool calls. (A
+        template that only lists `tools` has no way to write the calls the model then makes, so
+        a conversation's prefixes and the whole would render differently.)"""
+        return "tool_calls" in self.source
+
 
     def render(self, messages: list[dict[str, Any]], tools: list | None = None, add_generation_prompt: bool = True,
                **extra: Any) -> str:
         return self._template.render(messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
                                      **extra)
+
+
+def conversation_uses_tools(messages: list[dict[str, Any]], tools: list | None) -> bool:
+    """Tools are offered, or an assistant message calls one, or a tool message answers one."""
+    return bool(tools) or any(m.get("tool_calls") or m.get("role") == "tool" for m in messages)
 
 
 def deepseek_v3_tools() -> ChatTemplate:

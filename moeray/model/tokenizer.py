@@ -207,8 +207,8 @@ class Tokenizer:
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                             tokenize: bool = False, tools: list[dict[str, Any]] | None = None,
                             **extra: Any) -> str | list[int]:
-        """Render a conversation. When it involves tools and the chat template has no tool
-        support, moeray's DeepSeek-V3-style tool template renders it instead."""
+        """Render a conversation. When it involves tools and the chat template cannot render
+        them, moeray's DeepSeek-V3-style tool template renders it instead."""
         messages = validated_messages(messages)
         template = self._template()
         if conversation_uses_tools(messages, tools) and not template.supports_tools:

@@ -67,7 +67,7 @@ def test_valid_sft_row_passes():
     ({"messages": "hi"}, "messages must be a non-empty list"),
     ({"messages": [{"role": "user", "content": "hi"}, "x"]}, r"messages\[1\] must be an object"),
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "yo"}]},
-     r"messages\[1\]\.role must be one of system, user, assistant; got 'bot'"),
+     r"messages\[1\]\.role must be one of system, developer, user, assistant, tool; got 'bot'"),
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": 3}]},
      r"messages\[1\]\.content must be a string"),
     ({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}]},
@@ -234,3 +234,40 @@ def test_text_rows_become_full_rows_of_the_token_stream(tokenizer):
 def test_text_row_without_text_is_named():
     with pytest.raises(DataError, match=r"corpus\.jsonl:7: text must be a non-empty string"):
         validate_text_row({"content": "x"}, "corpus.jsonl", 7)
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+TOOL_CONVERSATION = [
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "18 C and sunny"},
+    {"role": "assistant", "content": "It is 18 C and sunny."},
+]
+
+
+def test_tool_calls_train_on_the_call_markup_and_not_on_the_tool_output():
+    """The embedded default model's template has no tool support: moeray's tool template renders."""
+    from moeray.platform.default_model import DEFAULT_MODEL_DIR
+
+    tokenizer = Tokenizer.from_pretrained(DEFAULT_MODEL_DIR)
+    assert validate_sft_row({"messages": TOOL_CONVERSATION, "tools": TOOLS}, "train.jsonl", 1) == TOOL_CONVERSATION
+    ids, labels = tokenize_sft(TOOL_CONVERSATION, tokenizer, 4096, TOOLS)
+    learned = tokenizer.decode([t for t, label in zip(ids, labels) if label != IGNORE_INDEX], skip_special_tokens=False)
+    assert "get_weather" in learned and '{"city": "Paris"}' in learned and "<｜tool▁calls▁begin｜>" in learned
+    assert "It is 18 C and sunny." in learned and "18 C and sunny<" not in learned  # the tool's output is context
+    assert "Weather in Paris?" not in learned and '"required"' not in learned  # nor the prompt and the tool list
+
+
+@pytest.mark.parametrize("change, message", [
+    ({1: {"role": "user", "tool_calls": [{"function": {"name": "x", "arguments": "{}"}}], "content": "hi"}},
+     r"messages\[1\]\.tool_calls: only assistant messages call tools"),
+    ({1: {"role": "assistant", "tool_calls": [{"function": {"name": "x", "arguments": "{oops"}}], "content": None}},
+     r"messages\[1\]\.tool_calls\[0\]\.function\.arguments is not JSON"),
+    ({2: {"role": "tool", "content": "18 C"}}, r"messages\[2\]\.tool_call_id must name the call"),
+])
+def test_bad_tool_messages_are_named_with_their_line(change, message):
+    messages = [change.get(i, m) for i, m in enumerate(TOOL_CONVERSATION)]
+    with pytest.raises(DataError, match=rf"train\.jsonl:4: {message}"):
+        validate_sft_row({"messages": messages}, "train.jsonl", 4)

@@ -218,8 +218,8 @@ def test_bad_message_names_its_index(tokenizer: Tokenizer, bad_message: Any, fie
 
 
 def test_raise_exception_in_template(tokenizer: Tokenizer) -> None:
-    with pytest.raises(ChatTemplateError, match="unsupported role: tool") as excinfo:
-        tokenizer.apply_chat_template([{"role": "tool", "content": "42"}])
+    with pytest.raises(ChatTemplateError, match="unsupported role: narrator") as excinfo:
+        tokenizer.apply_chat_template([{"role": "narrator", "content": "42"}])
     assert isinstance(excinfo.value, ValueError) and isinstance(excinfo.value, jinja2.TemplateError)
 
 
