@@ -157,7 +157,8 @@ def build_openai_app(client: ModelClient, settings: ServeSettings, metrics: Serv
             body = model.model_validate_json(await read_body(request))
         except ValidationError as err:
             problem = err.errors()[0]
-            param = _param_of(problem["loc"])
+            # A check across fields has no location of its own: it names its field in the context.
+            param = ".".join(p for p in (_param_of(problem["loc"]), (problem.get("ctx") or {}).get("param")) if p) or None
             if problem["type"] in ("json_invalid", "json_type"):
                 raise OpenAIError(400, f"request body is not valid JSON: {problem['msg']}") from None
             if problem["type"] == "model_type":

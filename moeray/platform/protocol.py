@@ -3,7 +3,8 @@
 Contract:
 - Request models ignore unknown fields, as OpenAI does, but refuse the OpenAI fields moeray does
   not implement (`audio`, `prediction`, ...) with a 400 naming the field instead of dropping
-  them, and check value ranges so that a bad request is a 400 naming the parameter.
+  them, and check value ranges so that a bad request is a 400 naming the parameter. (A check
+  across fields names its parameter in the error's context, `param`.)
 - `to_sampling_params(reasoning)` maps a request onto the engine's `SamplingParams`, its
   structured output included: `response_format`, vLLM's `structured_outputs` or its older
   `guided_*` fields, or the grammar of its tools (`tool_choice` required or a named function,
@@ -170,11 +171,13 @@ class ChatMessage(_Lenient):
     @model_validator(mode="after")
     def _tool_messages_name_their_call(self) -> ChatMessage:
         if self.role == "tool" and not self.tool_call_id:
-            raise PydanticCustomError("tool_call_id", "a tool message needs the tool_call_id of the call it answers")
+            raise PydanticCustomError("tool_call_id", "a tool message needs the tool_call_id of the call it answers",
+                                      {"param": "tool_call_id"})
         if self.tool_calls and self.role != "assistant":
-            raise PydanticCustomError("tool_calls", "only assistant messages carry tool_calls")
+            raise PydanticCustomError("tool_calls", "only assistant messages carry tool_calls", {"param": "tool_calls"})
         if self.content is None and not self.tool_calls and self.role != "assistant":
-            raise PydanticCustomError("content", "content is required for a {role} message", {"role": self.role})
+            raise PydanticCustomError("content", "content is required for a {role} message",
+                                      {"role": self.role, "param": "content"})
         return self
 
 
@@ -322,11 +325,11 @@ class ChatCompletionRequest(_Request):
         names = [tool.function.name for tool in self.tools or []]
         if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
             raise PydanticCustomError("tool_choice", "names function '{name}', which is not among the tools",
-                                      {"name": self.tool_choice.function.name})
+                                      {"name": self.tool_choice.function.name, "param": "tool_choice"})
         if self.tool_choice == "required" and not names:
-            raise PydanticCustomError("tool_choice", "'required' needs at least one tool")
+            raise PydanticCustomError("tool_choice", "'required' needs at least one tool", {"param": "tool_choice"})
         if len(set(names)) != len(names):
-            raise PydanticCustomError("tools", "tool names must be unique")
+            raise PydanticCustomError("tools", "tool names must be unique", {"param": "tools"})
         return self
 
     @property

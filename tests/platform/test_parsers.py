@@ -106,3 +106,11 @@ def test_arguments_stream_as_they_arrive_and_each_call_gets_an_id():
     assert [e.name for e in started] == ["get_weather", "get_time"] and len({e.id for e in started}) == 2
     fragments = [e for e in events if isinstance(e, Arguments) and e.index == 0]
     assert len(fragments) > 5 and json.loads("".join(e.text for e in fragments)) == json.loads(WEATHER)
+
+
+def test_a_cut_after_whole_calls_keeps_them_and_makes_the_rest_text():
+    whole = markup(("get_weather", WEATHER), ("get_time", TIME))
+    cut = whole[:whole.rindex(CALL_BEGIN) + 20]  # inside the second call's header
+    rest = cut[cut.rindex("\n" + CALL_BEGIN):]
+    for deltas in splits(cut):
+        assert parse(deltas)[:2] == (rest, [("get_weather", WEATHER)]), deltas

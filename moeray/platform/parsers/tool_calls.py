@@ -14,8 +14,9 @@ Contract: `ToolCallParser()` follows one completion. `feed(delta)` returns event
 `Arguments(index, text)` fragments as they arrive; `finish()` returns the rest. When markup
 turns out malformed (an unexpected token between calls, a header that is not
 `function<sep>NAME`, arguments that are not a JSON object, or the text ending inside a call),
-it is text after all: `Malformed(text)` carries everything since the markup began, and calls
-started in it are to be dropped. `calls` holds the calls completed so far.
+it is text after all: `Malformed(text, first_index)` carries the markup since the last whole
+call (all of it when there is none), and a call started in it (index `first_index`) is to be
+dropped; whole calls before it stand. `calls` holds the calls completed so far.
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ class ToolCallParser:
                 events.append(Content(self._pending))
         elif self._state == "after":
             events += [Content(self._pending)] if self._pending.strip() else []
-        elif self._state == "calls" and len(self.calls) > self._first_index and not self._pending.strip():
+        elif self._state == "calls" and self._markup == "" and self.calls and not self._pending.strip():
             pass  # whole calls, only the closing tag missing: the model stopped right after them
         else:  # ended inside the markup: it was text
             events.append(self._malformed())
@@ -163,7 +164,8 @@ class ToolCallParser:
             if not _is_json_object(self.calls[-1].arguments):
                 events.append(self._malformed())
                 return False
-            self._state = "calls"
+            # A whole call: what goes wrong after it no longer unmakes it.
+            self._state, self._markup, self._first_index = "calls", "", len(self.calls)
             return True
         if state == "after":  # text after the markup (none is expected) stays content
             if pending.strip():
