@@ -45,6 +45,11 @@ _SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
 _SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
 _SUBSCHEMAS = ("items", "additionalProperties", "propertyNames", "unevaluatedProperties", "not", "if", "then",
                "else", "contains")
+# Grammars compiled to compact JSON (no whitespace between tokens): no raw control character is
+# valid anywhere in their output, so tokens holding one are masked too. (xgrammar compiles a
+# string's minLength / maxLength to a character class that lets them into JSON strings; spelling
+# the bound as a pattern instead costs ~400x in mask time at a bound of 200 characters.)
+COMPACT_JSON_KINDS = ("json_schema", "json_object")
 # xgrammar's C++ errors start with a time and a source location: "[12:00:00] /x/y.cc:42: ".
 _LOCATION = re.compile(r"^\[[\d:]+\] \S+:\d+: (Check failed: \(.*?\) is false: )?")
 
@@ -94,19 +99,6 @@ def unenforced_keywords(schema: Any) -> list[str]:
     return found
 
 
-def _bounded_strings_as_patterns(schema: dict) -> dict:
-    """The schema with each length-bounded string (minLength / maxLength, no pattern or format)
-    spelt as a pattern: xgrammar compiles a length bound to a character class that lets raw
-    control characters through, which no JSON string may hold; its patterns keep them out."""
-    schema = json.loads(json.dumps(schema))  # a copy to rewrite
-    for _, sub in _subschemas(schema):
-        bounded = "minLength" in sub or "maxLength" in sub
-        if sub.get("type") == "string" and bounded and "pattern" not in sub and "format" not in sub:
-            low, high = sub.pop("minLength", 0), sub.pop("maxLength", "")
-            sub["pattern"] = f'^[^"\\\\\\x00-\\x1f]{{{low},{high}}}$'
-    return schema
-
-
 def _check_json_schema(text: str, param: str) -> str:
     from jsonschema import Draft202012Validator
     from jsonschema.exceptions import SchemaError
@@ -124,7 +116,7 @@ def _check_json_schema(text: str, param: str) -> str:
     if unenforced:
         raise InvalidRequestError(f"{param}: the schema uses {', '.join(unenforced)}, which constrained decoding "
                                   f"cannot enforce here", param)
-    return json.dumps(_bounded_strings_as_patterns(schema)) if isinstance(schema, dict) else text
+    return text
 
 
 # The tool-call markup formats a `tool_calls` grammar can take, by xgrammar's model name: DeepSeek-V3
@@ -140,9 +132,9 @@ def _tool_call_tag(spec: GrammarSpec):
     tools = []
     for i, tool in enumerate(options["tools"]):
         function = dict(tool["function"])
-        schema = json.loads(_check_json_schema(json.dumps(function.get("parameters") or {"type": "object"}),
-                                               f"{spec.param}[{i}].function.parameters"))
-        tools.append({"type": "function", "function": {**function, "parameters": schema}})
+        parameters = function.get("parameters") or {"type": "object"}
+        _check_json_schema(json.dumps(parameters), f"{spec.param}[{i}].function.parameters")
+        tools.append({"type": "function", "function": {**function, "parameters": parameters}})
     return xgr.get_model_structural_tag(TOOL_MARKUP[options["format"]], tools=tools, tool_choice=options["tool_choice"],
                                         reasoning="disabled", parallel_tool_calls=options["parallel_tool_calls"],
                                         max_whitespace_cnt=1)
@@ -163,6 +155,8 @@ class Grammars:
                                  stop_token_ids=sorted(tokenizer.eos_token_ids))
         self.vocab_size = vocab_size
         self.compile_timeout_s = compile_timeout_s
+        self._info = info
+        self._no_control_characters: torch.Tensor | None = None
         self._compiler = xgr.GrammarCompiler(info, max_threads=2)
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="moeray-grammar")
         self._cache: OrderedDict[GrammarSpec, Any] = OrderedDict()
@@ -213,7 +207,21 @@ class Grammars:
         raise InvalidRequestError(f"{spec.param}: unknown kind of grammar {spec.kind!r}", spec.param)
 
     def matcher(self, spec: GrammarSpec) -> SequenceGrammar:
-        return SequenceGrammar(self._xgr.GrammarMatcher(self.compile(spec)), self.vocab_size, spec.start_after)
+        also = self._json_safe_tokens() if spec.kind in COMPACT_JSON_KINDS else None
+        return SequenceGrammar(self._xgr.GrammarMatcher(self.compile(spec)), self.vocab_size, spec.start_after, also)
+
+    def _json_safe_tokens(self) -> torch.Tensor:
+        """A bitmask [ceil(V / 32)] of the tokens with no raw control character (U+0000-U+001F)."""
+        if self._no_control_characters is None:
+            mask = self._xgr.allocate_token_bitmask(1, self.vocab_size)[0]  # all allowed
+            bad = [i for i, text in enumerate(self._info.decoded_vocab) if any(byte < 0x20 for byte in text)]
+            if bad:
+                ids = torch.tensor(bad, dtype=torch.long)
+                words = torch.zeros_like(mask).index_add_(0, ids // 32, torch.bitwise_left_shift(
+                    torch.ones_like(ids, dtype=torch.int32), (ids % 32).to(torch.int32)))
+                mask &= ~words
+            self._no_control_characters = mask
+        return self._no_control_characters
 
 
 def mask_logits(logits: torch.Tensor, constrained: list[tuple[int, SequenceGrammar]]) -> None:
@@ -231,9 +239,10 @@ def mask_logits(logits: torch.Tensor, constrained: list[tuple[int, SequenceGramm
 class SequenceGrammar:
     """One sequence's place in its grammar (inactive until `start_after` has been generated)."""
 
-    def __init__(self, matcher, vocab_size: int, start_after: str | None = None):
+    def __init__(self, matcher, vocab_size: int, start_after: str | None = None, also: torch.Tensor | None = None):
         self._matcher = matcher
         self.vocab_size = vocab_size
+        self._also = also  # a bitmask every mask of this grammar is intersected with
         self._start_after = start_after
         self._tail = ""  # the end of the text so far, while waiting for `start_after`
         self.active = start_after is None
@@ -241,6 +250,8 @@ class SequenceGrammar:
 
     def fill(self, bitmask: torch.Tensor, row: int) -> None:
         self._matcher.fill_next_token_bitmask(bitmask, row)
+        if self._also is not None:
+            bitmask[row] &= self._also
 
     def advance(self, token_id: int, text: str) -> None:
         """Follow the sampled token; `text` is what it decodes to (used while inactive)."""

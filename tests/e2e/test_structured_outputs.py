@@ -177,3 +177,27 @@ def test_unknown_non_openai_fields_stay_ignored(client):
     response = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=2,
                                               extra_body={"some_future_field": {"x": 1}})
     assert response.choices[0].finish_reason in ("stop", "length")
+
+
+def test_a_chat_template_override_that_opens_reasoning_in_the_prompt(serve_port, tmp_path):
+    """--chat-template with a template that writes <think> after the assistant tag (as DeepSeek-R1's
+    does): the answer starts inside the reasoning block, which this random model never closes, so
+    it is all reasoning_content, and a response_format grammar, which starts after the block, never
+    constrains it."""
+    from moeray.platform.default_model import DEFAULT_MODEL_DIR
+
+    config = json.loads((DEFAULT_MODEL_DIR / "tokenizer_config.json").read_text())
+    template = config["chat_template"].replace("{{ '<｜Assistant｜>' }}{% endif %}",
+                                               "{{ '<｜Assistant｜><think>\\n' }}{% endif %}")
+    assert template != config["chat_template"]
+    (tmp_path / "thinking.jinja").write_text(template)
+    base = deploy({"engine": {"max_model_len": 2048}, "reasoning_parser": "deepseek_r1",
+                   "chat_template": str(tmp_path / "thinking.jinja")}, "/thinking", serve_port, "thinking")
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=120)
+    for extra in ({}, {"response_format": {"type": "json_object"}}):
+        message = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=12, temperature=0,
+                                                 **extra).choices[0].message
+        assert message.reasoning_content and not message.content
+    streamed = "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in client.chat.completions.create(
+        model=MODEL, messages=ASK, max_tokens=12, temperature=0, stream=True) if c.choices)
+    assert streamed == message.reasoning_content
