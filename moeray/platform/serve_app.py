@@ -93,9 +93,9 @@ def load_replica_service(settings: ServeSettings) -> ReplicaService:
 class _HostsEngine:
     """What every deployment that holds an engine shares: building it, health, shutdown."""
 
-    def __init__(self, settings: dict[str, Any]):
+    def __init__(self, settings: ServeSettings):
         log_into_serve()
-        self.settings = ServeSettings.model_validate(settings)
+        self.settings = settings
         try:
             self.service = load_replica_service(self.settings)
         except PERMANENT_STARTUP_ERRORS as err:
@@ -159,9 +159,9 @@ class HandleClient:
 @serve.deployment
 @serve.ingress()
 class OpenAIIngress:
-    def __init__(self, model: DeploymentHandle, settings: dict[str, Any]):
+    def __init__(self, model: DeploymentHandle, settings: ServeSettings):
         log_into_serve()
-        self.settings = ServeSettings.model_validate(settings)
+        self.settings = settings
         # The name Serve runs this app under (the one given to serve.run), not settings.app_name.
         app_name = serve.get_replica_context().app_name
         self.client = HandleClient(model, app_name)
@@ -178,7 +178,7 @@ class OpenAIModelDeployment(_HostsEngine):
     then cross one Ray hop (replica -> HTTP proxy) instead of two, which matters when the CPU
     that carries them is the CPU the model runs on; /metrics shows the answering replica."""
 
-    def __init__(self, settings: dict[str, Any]):
+    def __init__(self, settings: ServeSettings):
         super().__init__(settings)
         self.lifecycle = watch_drain(serve.get_replica_context().app_name)
 
@@ -191,8 +191,8 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     # MOERAY_* environment variables fill in what `args` leaves out: on Kubernetes the API keys
     # come from a Secret as MOERAY_API_KEYS, never through serveConfigV2.
     settings = ServeSettings.load(overrides=args)
-    config = settings.model_dump(mode="json")
-    config["api_keys"] = settings.api_key_values()
+    # Validated once, here: the replicas get the settings object itself (pickled), not a dict to
+    # validate again.
     resources: dict[str, Any] = {"num_cpus": settings.replica_cpus, "num_gpus": settings.replica_gpus}
     if settings.expert_parallel.shards and settings.engine.device == "cpu":
         from moeray.actors import SHARED_CPU_ENV
@@ -204,9 +204,9 @@ def build_app(args: dict[str, Any]) -> serve.Application:
                          graceful_shutdown_timeout_s=settings.graceful_shutdown_timeout_s,
                          health_check_period_s=HEALTH_CHECK_PERIOD_S)
     if settings.ingress == "colocated":
-        return OpenAIModelDeployment.options(**model_options).bind(config)
-    model = ModelDeployment.options(**model_options).bind(config)
+        return OpenAIModelDeployment.options(**model_options).bind(settings)
+    model = ModelDeployment.options(**model_options).bind(settings)
     # The ingress drains as long as the model replicas: its open streams are theirs.
     return OpenAIIngress.options(name="openai", ray_actor_options={"num_cpus": 0.1},
                                  graceful_shutdown_timeout_s=settings.graceful_shutdown_timeout_s,
-                                 max_ongoing_requests=max(1000, settings.max_queued_requests * 4)).bind(model, config)
+                                 max_ongoing_requests=max(1000, settings.max_queued_requests * 4)).bind(model, settings)
