@@ -14,7 +14,7 @@ from moeray.platform.service import GenerateRequest
 from support import deploy
 
 pytestmark = pytest.mark.slow
-LONG_TOKENS = 1200
+LONG_TOKENS = 1000
 
 
 class Stream(threading.Thread):
