@@ -112,7 +112,7 @@ def _jobs_run(opts: argparse.Namespace) -> int:
     from moeray.jobs.trainer import prepare, run
 
     spec = JobSpec.from_yaml(opts.spec)
-    data = prepare(spec)  # every data, model and storage error surfaces here, before any worker starts
+    prepared = prepare(spec)  # every data, model and storage error surfaces here, before any worker starts
     if not ray.is_initialized():
         # Under the Ray Jobs API RAY_ADDRESS names the cluster the job was submitted to.
         address = opts.address or os.environ.get("RAY_ADDRESS") or "local"
@@ -120,7 +120,7 @@ def _jobs_run(opts: argparse.Namespace) -> int:
         # beside training workers that reserve every core for their torch threads.
         local = {"include_dashboard": False, "num_cpus": max(os.cpu_count() or 1, 4)}
         ray.init(address=address, **(local if address == "local" else {}))
-    result = run(spec, data)
+    result = run(spec, prepared)
     with result.checkpoint.as_directory() as folder:
         out = export(spec, folder)
     print(f"moeray: job {spec.name} finished at step {result.metrics.get('step')}; output in {out}", flush=True)

@@ -131,7 +131,7 @@ def submit(spec_path: str | Path, address: str | None = None, submission_id: str
     from moeray.jobs.trainer import absolute_paths, prepare
 
     spec = absolute_paths(JobSpec.from_yaml(spec_path))
-    prepare(spec, check_only=True)  # every data, model and storage error surfaces here, before the cluster sees it
+    prepare(spec)  # every data, model and storage error surfaces here, before the cluster sees it
     submission_id = submission_id or f"moeray-{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     tries = 0
     with tempfile.TemporaryDirectory(prefix="moeray-job-") as working_dir:
