@@ -110,6 +110,7 @@ def _dataset(spec: JobSpec, uri: str, training: bool, keep: str, held_out_below:
     import ray.data
 
     path, filesystem = ray_storage(uri)
+    ray.data.DataContext.get_current().enable_progress_bars = False  # multi-line bars in a job's log
     # read_text, not read_json: chat rows differ in shape from line to line (tool calls, optional
     # fields), which Arrow's schema inference over a block refuses; the method parses each line.
     lines = ray.data.read_text(path, filesystem=filesystem)
