@@ -47,6 +47,8 @@ def _progress_line(step: int, metrics: dict[str, Any]) -> str:
                              ("eta_s", "eta", ".0f")):
         if metrics.get(key) is not None:
             parts.append(f"{label} {metrics[key]:{form}}" + ("s" if key in ("eta_s", "weight_sync_s") else ""))
+    parts += [f"{key} {value:.4f}" for key, value in metrics.items()
+              if key.startswith("eval/") and not key.endswith("_stderr")]
     return " ".join(parts)
 
 

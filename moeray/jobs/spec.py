@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from pydantic_core import PydanticCustomError
 
 from moeray.config_io import YamlDocument, explain, line_of, read_yaml
+from moeray.jobs.eval.spec import TaskSpec
 
 # Attention projections of DeepSeek-V2/V3 (multi-head latent attention), by Hugging Face name.
 DEFAULT_LORA_TARGETS = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
@@ -132,9 +133,12 @@ class CheckpointSpec(_Strict):
 
 
 class EvalSpec(_Strict):
-    """Periodic evaluation on the eval rows."""
+    """Periodic evaluation: on the eval rows, and on benchmark tasks."""
 
     every_steps: int = Field(50, ge=1, description="Optimizer steps between evaluations.")
+    tasks: list[TaskSpec] = Field(default_factory=list, description="Tasks (as in an eval spec) run on the "
+                                  "current weights at each evaluation; their metrics are logged as "
+                                  "eval/<task>/<metric> beside the loss.")
 
 
 class JobSpec(_Strict):
@@ -187,6 +191,19 @@ class JobSpec(_Strict):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def load_spec(path: str | Path):
+    """A training spec (`JobSpec`) or an evaluation spec (`EvalJobSpec`: it has `tasks`) from YAML."""
+    path = Path(path)
+    if not path.is_file():
+        raise JobSpecError(f"job spec not found: {path}")
+    document = read_yaml(path, JobSpecError, "job spec")
+    if "tasks" in document.data and "method" not in document.data:
+        from moeray.jobs.eval.spec import EvalJobSpec
+
+        return EvalJobSpec.from_document(document)
+    return parse_spec(document.data, document)
 
 
 def parse_spec(data: dict[str, Any], document: YamlDocument | None = None) -> JobSpec:

@@ -30,6 +30,7 @@ import torch
 import moeray.model
 from moeray.jobs.checkpointing import METRICS_FILE, load_latest, report_step
 from moeray.jobs.data import read_jsonl
+from moeray.jobs.eval.tasks import load_items
 from moeray.jobs.losses import router_aux_loss, update_routing_bias
 from moeray.jobs.methods import Method, WorkerContext, method_for
 from moeray.jobs.parallel import load_optimizer_state, parallelize
@@ -70,6 +71,8 @@ def prepare(spec: JobSpec) -> Prepared:
         raise ValueError(f"the tokenizer in {base} has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                          f"{args.vocab_size}: tokenizer and model do not match")
     method.check(tokenizer)
+    for task in spec.eval.tasks:  # their rows are checked here too, not at the first evaluation
+        load_items(task)
     check_writable(spec.checkpoint.storage)
     check_writable(spec.output)
     train_rows = _validated_rows(method, spec.data.train)
@@ -171,6 +174,26 @@ def _worker_context(spec: JobSpec, method: Method, model, base, context) -> Work
                          reference, method.make_rollouts(model, tokenizer))
 
 
+def _task_engine(spec: JobSpec, model, ctx: WorkerContext):
+    """An engine over a copy of the policy for `eval.tasks`, or None when there are none."""
+    if not spec.eval.tasks:
+        return None
+    from moeray.jobs.rollouts import RolloutEngine
+
+    return RolloutEngine(model, ctx.tokenizer, max_model_len=min(model.args.max_position_embeddings, 2048),
+                         max_num_seqs=32, seed=spec.train.seed)
+
+
+def _evaluate_tasks(spec: JobSpec, task_engine, model, is_rank0: bool) -> dict[str, float]:
+    """`eval/<task>/<metric>` on the current weights (rank 0; every worker syncs, as FSDP needs)."""
+    if task_engine is None:
+        return {}
+    from moeray.jobs.eval.runner import evaluate_engine
+
+    task_engine.sync(model)
+    return evaluate_engine(task_engine.engine, spec.eval.tasks, spec.train.seed) if is_rank0 else {}
+
+
 def _rounds(shard, rows_per_round: int):
     for batch in shard.iter_batches(batch_size=rows_per_round, batch_format="pyarrow", prefetch_batches=2):
         yield batch.to_pylist()
@@ -201,6 +224,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         load_optimizer_state(model, optimizer, state["optimizer"], strategy)
     eval_rows = [row for rows in _rounds(ray.train.get_dataset_shard("eval"), 256) for row in rows] \
         if config["has_eval"] else []
+    task_engine = _task_engine(spec, model, ctx)
     shard = ray.train.get_dataset_shard("train")
     rows_per_worker = config["num_train_rows"] // context.get_world_size()
     rounds_per_epoch = max(1, math.ceil(rows_per_worker / method.rows_per_round()))
@@ -239,6 +263,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 if step % spec.eval.every_steps == 0 or step == total_steps:
                     model.eval()
                     report.update(method.evaluate(eval_rows, ctx))
+                    report.update(_evaluate_tasks(spec, task_engine, model, is_rank0))
                     model.train()
                 save = step % spec.checkpoint.every_steps == 0 or step == total_steps
                 history.append(report)
@@ -260,7 +285,9 @@ def absolute_paths(spec: JobSpec) -> JobSpec:
     return spec.model_copy(update={
         "base_model": fix(spec.base_model), "output": fix(spec.output),
         "data": spec.data.model_copy(update={"train": fix(spec.data.train), "eval": fix(spec.data.eval)}),
-        "checkpoint": spec.checkpoint.model_copy(update={"storage": fix(spec.checkpoint.storage)})})
+        "checkpoint": spec.checkpoint.model_copy(update={"storage": fix(spec.checkpoint.storage)}),
+        "eval": spec.eval.model_copy(update={"tasks": [t.model_copy(update={"file": fix(t.file)})
+                                                       for t in spec.eval.tasks]})})
 
 
 def run(spec: JobSpec, prepared: Prepared | None = None):
