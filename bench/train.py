@@ -4,12 +4,13 @@ Both sides start from the same checkpoint (the `tiny` preset, i.e. the embedded 
 by default; other presets with random weights), see the same batches in the same order,
 compute the same loss and take an AdamW step. Steps alternate between the two so that noise on
 this shared machine hits both alike; the first loss of each side is printed as a parity check.
-- moeray: the training step its Ray Train workers run (`moeray.jobs.trainer._batch_loss`): the
-  rows concatenated without padding, the output head only on positions whose next token carries
-  a label, DPO's chosen and rejected sides in one forward.
+- moeray: the training step its Ray Train workers run (the method's `loss`, `moeray.jobs.methods`):
+  the rows concatenated without padding, the output head only on positions whose next token
+  carries a label, DPO's chosen and rejected sides in one forward (and one no-grad forward of
+  the frozen reference model).
 - transformers: the usual loop on `DeepseekV3ForCausalLM`: right-padded batches with an
-  attention mask, logits at every position, one forward per DPO side, the losses of
-  moeray.jobs.losses on those logits.
+  attention mask, logits at every position, one forward per DPO side (policy and reference),
+  the losses of moeray.jobs.losses on those logits.
 Reported: training tokens/s (non-padding tokens through forward and backward) for SFT and DPO,
 and the ratio (target >= 1.3x).
 
@@ -28,8 +29,8 @@ from common import report, small_checkpoint
 from moeray.jobs.corpus import stdlib_sources
 from moeray.jobs.data import pad_batch, tokenize_dpo, tokenize_sft
 from moeray.jobs.losses import dpo_loss, sequence_logprobs, sft_loss
-from moeray.jobs.spec import JobSpec
-from moeray.jobs.trainer import _batch_loss
+from moeray.jobs.spec import parse_spec
+from moeray.jobs.methods import WorkerContext, method_for
 from moeray.model.tokenizer import Tokenizer
 from moeray.platform.default_model import DEFAULT_MODEL_DIR
 
@@ -66,12 +67,11 @@ def dpo_rows(tokenizer: Tokenizer, count: int, max_length: int) -> list[dict]:
         for side in ("chosen", "rejected"):
             row[f"{side}_ids"] = parts["prompt_ids"] + parts[f"{side}_ids"]
             row[f"{side}_mask"] = [0] * len(parts["prompt_ids"]) + [1] * len(parts[f"{side}_ids"])
-            row[f"ref_{side}"] = -50.0  # fixed reference log-probabilities: the same for both sides
         rows.append(row)
     return rows
 
 
-def hf_batch_loss(model, method: str, batch: list[dict], pad_id: int, beta: float) -> torch.Tensor:
+def hf_batch_loss(model, reference, method: str, batch: list[dict], pad_id: int, beta: float) -> torch.Tensor:
     """The same loss as moeray's trainer computes, on transformers' model (padding masked)."""
     if method == "sft":
         tensors = pad_batch(batch, pad_id)
@@ -80,10 +80,13 @@ def hf_batch_loss(model, method: str, batch: list[dict], pad_id: int, beta: floa
     logps = {}
     for side in ("chosen", "rejected"):
         tensors = pad_batch([{"input_ids": r[f"{side}_ids"], "labels": r[f"{side}_mask"]} for r in batch], pad_id)
-        logits = model(input_ids=tensors["input_ids"], attention_mask=(tensors["segment_ids"] > 0).long()).logits
-        logps[side] = sequence_logprobs(logits, tensors["input_ids"], (tensors["labels"] > 0).long())
-    loss, _ = dpo_loss(logps["chosen"], logps["rejected"], torch.tensor([r["ref_chosen"] for r in batch]),
-                       torch.tensor([r["ref_rejected"] for r in batch]), beta)
+        mask = (tensors["segment_ids"] > 0).long()
+        for name, which in (("policy", model), ("reference", reference)):
+            with torch.set_grad_enabled(name == "policy"):
+                logits = which(input_ids=tensors["input_ids"], attention_mask=mask).logits
+                logps[name, side] = sequence_logprobs(logits, tensors["input_ids"], (tensors["labels"] > 0).long())
+    loss, _ = dpo_loss(logps["policy", "chosen"], logps["policy", "rejected"], logps["reference", "chosen"],
+                       logps["reference", "rejected"], beta)
     return loss
 
 
@@ -96,15 +99,20 @@ def batch_tokens(method: str, batch: list[dict]) -> int:
 def measure(method: str, folder, rows: list[dict], steps: int, batch_size: int, pad_id: int) -> dict:
     from transformers import DeepseekV3ForCausalLM
 
-    spec = JobSpec.model_validate({"name": "bench", "base_model": str(folder), "method": method,
+    spec = parse_spec({"name": "bench", "base_model": str(folder), "method": method,
                                    "output": "unused", "data": {"train": "unused.jsonl"},
                                    "checkpoint": {"storage": "unused"}})
     ours = moeray.model.load(folder).train()
     theirs = DeepseekV3ForCausalLM.from_pretrained(folder, dtype=torch.float32).train()
+    context = WorkerContext(spec, Tokenizer.from_pretrained(folder), ours, torch.device("cpu"),
+                            reference=moeray.model.load(folder).eval().requires_grad_(False))
+    their_reference = DeepseekV3ForCausalLM.from_pretrained(folder, dtype=torch.float32).eval().requires_grad_(False)
+    method_impl = method_for(spec)
     optimizers = {"moeray": torch.optim.AdamW(ours.parameters(), lr=1e-4),
                   "transformers": torch.optim.AdamW(theirs.parameters(), lr=1e-4)}
-    steps_of = {"moeray": lambda batch: _batch_loss(ours, spec, batch)[0],
-                "transformers": lambda batch: hf_batch_loss(theirs, method, batch, pad_id, spec.train.beta)}
+    beta = spec.dpo.beta if method == "dpo" else 0.0
+    steps_of = {"moeray": lambda batch: method_impl.loss(ours, batch, context)[0],
+                "transformers": lambda batch: hf_batch_loss(theirs, their_reference, method, batch, pad_id, beta)}
     seconds = {"moeray": 0.0, "transformers": 0.0}
     first_loss = {}
     tokens = 0

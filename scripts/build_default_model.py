@@ -38,7 +38,7 @@ CHAT_TEMPLATE = (
 
 
 def write_tokenizer(folder: Path, vocab_size: int) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -46,6 +46,10 @@ def write_tokenizer(folder: Path, vocab_size: int) -> None:
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS, EOS, PAD, USER, ASSISTANT],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tokenizer.train_from_iterator(stdlib_sources(), trainer=trainer)
+    # bos through the post-processor as well as add_bos_token, so that Hugging Face's tokenizer
+    # (lm-eval's, PEFT users') encodes exactly as moeray's does.
+    tokenizer.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A $B",
+                                                             special_tokens=[(BOS, tokenizer.token_to_id(BOS))])
     tokenizer.save(str(folder / "tokenizer.json"))
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
               "add_bos_token": True, "model_max_length": 2048, "chat_template": CHAT_TEMPLATE}

@@ -4,6 +4,10 @@ tiny DeepSeek-style byte-level BPE tokenizer with its chat template."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import threading
+import time
 from functools import lru_cache
 from pathlib import Path
 
@@ -335,10 +339,64 @@ def write_jsonl(path: Path, rows: list[dict]) -> str:
     return str(path)
 
 
+def train_worker_pids() -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if b"RayTrainWorker" in f.read():
+                        pids.append(int(entry))
+            except OSError:
+                pass
+    return pids
+
+
+def run_and_kill_workers(run, spec, metrics: Path, after_lines: int, timeout_s: float = 300):
+    """`run(spec)` in a thread; once `metrics` has `after_lines` lines, SIGKILL every Ray Train
+    worker. Returns (the run's result, the number of lines when the workers were killed)."""
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.setdefault("result", run(spec)))
+    thread.start()
+    deadline = time.monotonic() + timeout_s
+    killed_at = None
+    while time.monotonic() < deadline and killed_at is None:
+        lines = metrics.read_text().splitlines() if metrics.exists() else []
+        pids = train_worker_pids()
+        if len(lines) >= after_lines and pids:
+            killed_at = len(lines)
+            for pid in pids:
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.05)
+    thread.join(timeout=2 * timeout_s)
+    return outcome.get("result"), killed_at
+
+
+def method_loss(model, spec, rows: list[dict], reference=None):
+    """What a training worker's step computes for `rows` (already encoded): (loss, metrics)."""
+    from moeray.jobs.methods import WorkerContext, method_for
+    from moeray.model.tokenizer import Tokenizer
+
+    context = WorkerContext(spec, Tokenizer.__new__(Tokenizer), model, torch.device("cpu"), reference=reference)
+    return method_for(spec).loss(model, rows, context)
+
+
+def encoded_rows(spec, rows: list[dict], tokenizer, held_out: bool | None = False) -> list[dict]:
+    """The method's examples of `rows` as the workers get them: the training side of the spec's
+    held-out split (held_out=False), its held-out side (True), or all rows (None)."""
+    from moeray.jobs.methods import method_for
+    from moeray.jobs.trainer import prepare, row_hash
+
+    if held_out is not None and spec.data.eval_fraction:
+        threshold = prepare(spec).held_out_below
+        rows = [row for row in rows if (row_hash(row, spec.train.seed) < threshold) == held_out]
+    return method_for(spec).encode(rows, tokenizer, not held_out)
+
+
 def make_spec(tmp_path: Path, base: Path, method: str = "sft", **changes):
     """A job spec of `base` with data at tmp_path/train.jsonl and everything written under tmp_path;
     `changes` replace top-level keys (dicts are merged into the section)."""
-    from moeray.jobs.spec import JobSpec
+    from moeray.jobs.spec import parse_spec
 
     spec = {"name": f"job-{method}", "base_model": str(base), "method": method, "output": str(tmp_path / "out"),
             "data": {"train": str(tmp_path / "train.jsonl"), "eval_fraction": 0.25},
@@ -348,4 +406,4 @@ def make_spec(tmp_path: Path, base: Path, method: str = "sft", **changes):
             "eval": {"every_steps": 8}}
     for key, value in changes.items():
         spec[key] = {**spec.get(key, {}), **value} if isinstance(value, dict) else value
-    return JobSpec.model_validate(spec)
+    return parse_spec(spec)

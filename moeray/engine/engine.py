@@ -8,6 +8,8 @@ Contract:
   for every request that produced something. Finished and aborted requests free their cache
   blocks at once.
 - n > 1: the prompt is computed once; the completions fork from it and share its blocks.
+- `params.prompt_logprobs`: the request's first output carries the log-probability of every
+  prompt token (`score_prompt`: one uncached forward when the request is added).
 - Not thread-safe: `AsyncEngine` drives it from one thread.
 """
 
@@ -26,9 +28,10 @@ from moeray.engine.config import EngineConfig
 from moeray.engine.output import RequestOutput, SequenceOutput
 from moeray.engine.params import InvalidRequestError, SamplingParams, short_repr
 from moeray.engine.runner import ModelRunner
-from moeray.engine.sampler import Sampler, SamplingRow
+from moeray.engine.sampler import Sampler, SamplingRow, TokenLogprobs
 from moeray.engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
 from moeray.engine.sequence import Sequence
+from moeray.model.mla import VarlenCausalAttention
 from moeray.model.moe import ExpertBackend
 from moeray.model.tokenizer import Tokenizer
 from moeray.model.transformer import DeepseekForCausalLM
@@ -45,6 +48,7 @@ class _Request:
     outputs: list[SequenceOutput]
     seqs: dict[int, Sequence] = field(default_factory=dict)  # index -> live sequence
     num_cached_tokens: int = 0
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # sent with the first output, then dropped
 
     @property
     def finished(self) -> bool:
@@ -181,6 +185,8 @@ class Engine:
         prompt_ids, max_output = self.validate(prompt, params)
         outputs = [SequenceOutput.create(i, params, self.tokenizer, prompt_ids, max_output) for i in range(params.n)]
         request = _Request(request_id, prompt_ids, params, outputs)
+        if params.prompt_logprobs is not None:
+            request.prompt_logprobs = self.score_prompt(prompt_ids, params.prompt_logprobs, adapter)
         seq = Sequence(request_id, 0, list(prompt_ids), len(prompt_ids), params, next(self._arrivals),
                        fork_pending=params.n - 1, adapter=adapter)
         request.seqs[0] = seq
@@ -291,5 +297,31 @@ class Engine:
         finished = request.finished
         if finished:
             del self.requests[request.request_id]
+        prompt_logprobs, request.prompt_logprobs = request.prompt_logprobs, None
         return RequestOutput(request.request_id, deltas, finished, len(request.prompt_token_ids),
-                             request.num_cached_tokens)
+                             request.num_cached_tokens, prompt_logprobs)
+
+    @torch.inference_mode()
+    def score_prompt(self, prompt_ids: list[int], top: int, adapter: str | None = None) -> list[TokenLogprobs | None]:
+        """Log-probabilities of each prompt token given the ones before it (raw logits, as sampled
+        logprobs are), and the `top` most likely alternatives: one uncached forward over the prompt
+        through the engine's experts, outside the paged cache, so that nothing a cached prefix or
+        a preemption does can change them."""
+        if len(prompt_ids) < 2:
+            return [None] * len(prompt_ids)
+        device = self.config.device
+        ids = torch.tensor(prompt_ids, device=device)
+        positions = torch.arange(len(prompt_ids), device=device)
+        model = self.runner.models[adapter]
+        hidden = model.forward_tokens(ids, positions, VarlenCausalAttention([len(prompt_ids)]), self.runner.experts)
+        logprobs = torch.log_softmax(model.logits(hidden[:-1]).float(), dim=-1)  # [S-1, V]
+        chosen = logprobs.gather(1, ids[1:, None]).squeeze(1).tolist()
+        entries: list[TokenLogprobs | None] = [None]
+        if top:
+            values, indices = logprobs.topk(min(top, logprobs.shape[1]), dim=-1)
+            for i, value in enumerate(chosen):
+                entries.append(TokenLogprobs(prompt_ids[i + 1], value,
+                                             list(zip(indices[i].tolist(), values[i].tolist()))))
+        else:
+            entries += [TokenLogprobs(token, value, []) for token, value in zip(prompt_ids[1:], chosen)]
+        return entries

@@ -34,6 +34,9 @@ class RequestOutput:
     finished: bool
     num_prompt_tokens: int
     num_cached_tokens: int = 0
+    # On a request's first output when it asked for prompt_logprobs: one entry per prompt token,
+    # None for the first (nothing predicts it).
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
 
 @dataclass

@@ -73,6 +73,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # None: no logprobs; k: the sampled token's plus the top k alternatives
+    prompt_logprobs: int | None = None  # also for every prompt token after the first (echo, scoring)
     skip_special_tokens: bool = True
     structured: GrammarSpec | None = None  # constrain the output to a grammar
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
@@ -116,6 +117,8 @@ class SamplingParams:
              "stop_token_ids", "must be a list of token ids")
         need(self.logprobs is None or (is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
              "logprobs", f"must be between 0 and {MAX_LOGPROBS}")
+        need(self.prompt_logprobs is None
+             or (is_int(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= MAX_LOGPROBS), "prompt_logprobs", f"must be between 0 and {MAX_LOGPROBS}")
         need(self.structured is None or isinstance(self.structured, GrammarSpec), "structured", "must be a GrammarSpec")
         need(isinstance(self.logit_bias, dict) and all(is_int(t) and t >= 0 and isinstance(b, (int, float))
                                                        and -100 <= b <= 100 for t, b in self.logit_bias.items()),

@@ -2,7 +2,9 @@
 
 Contract: `plot_loss_curve(history, path)` draws training loss per step and, where present,
 held-out loss (`eval_loss`) and DPO preference accuracy (`rewards/accuracy`, right axis) from
-the per-step metrics rows the trainer reports; it writes `path` and returns it.
+the per-step metrics rows the trainer reports; for a run that reports rewards (GRPO) it is a
+reward curve instead: mean reward per step with its one-std band, and held-out reward
+(`eval_reward`). It writes `path` and returns it.
 """
 
 from __future__ import annotations
@@ -20,13 +22,20 @@ def plot_loss_curve(history: list[dict[str, Any]], path: str | Path) -> Path:
     path = Path(path)
     figure, loss_axis = plt.subplots(figsize=(7, 4), dpi=100)
     steps = [row["step"] for row in history]
-    loss_axis.plot(steps, [row["loss"] for row in history], label="training loss", linewidth=1.2)
-    evaluated = [row for row in history if row.get("eval_loss") is not None]
+    rewarded = bool(history) and all("reward" in row for row in history)
+    measure, held_out = ("reward", "eval_reward") if rewarded else ("loss", "eval_loss")
+    values = [row[measure] for row in history]
+    loss_axis.plot(steps, values, label=f"{'mean reward' if rewarded else 'training loss'}", linewidth=1.2)
+    if rewarded:
+        spread = [row.get("reward_std", 0.0) for row in history]
+        loss_axis.fill_between(steps, [v - s for v, s in zip(values, spread)], [v + s for v, s in zip(values, spread)],
+                               alpha=0.15, label="reward std")
+    evaluated = [row for row in history if row.get(held_out) is not None]
     if evaluated:
-        loss_axis.plot([r["step"] for r in evaluated], [r["eval_loss"] for r in evaluated], "o-",
-                       label="held-out loss", linewidth=1.2, markersize=3)
+        loss_axis.plot([r["step"] for r in evaluated], [r[held_out] for r in evaluated], "o-",
+                       label=f"held-out {measure}", linewidth=1.2, markersize=3)
     loss_axis.set_xlabel("step")
-    loss_axis.set_ylabel("loss")
+    loss_axis.set_ylabel(measure)
     loss_axis.grid(alpha=0.3)
     handles, labels = loss_axis.get_legend_handles_labels()
     accuracy = [row for row in history if row.get("rewards/accuracy") is not None]

@@ -5,7 +5,10 @@ Contract:
   ``AWS_ENDPOINT_URL``) and returns ``(line_number, row)`` for every non-blank line. Unreadable
   files, malformed JSON, invalid UTF-8 and rows that are not JSON objects raise ``DataError``
   naming ``uri:line``; nothing is returned then.
-* SFT rows hold ``messages``: a non-empty list of ``{"role": system|developer|user|assistant|tool,
+* Formats follow TRL: a "standard" row's fields are strings, tokenized as they are (bos first,
+  eos after a completion), with no chat template; a "conversational" row's are message lists,
+  rendered by the chat template; a row mixing the two is refused (``row_format``).
+* SFT rows hold ``text``, ``prompt`` + ``completion`` (loss on the completion), or ``messages``: a non-empty list of ``{"role": system|developer|user|assistant|tool,
   "content": str}`` with at least one assistant message; an assistant message may carry
   ``tool_calls`` (JSON-object arguments; its content may then be null) and a tool message names
   its ``tool_call_id``; an optional ``tools`` list is offered to the template. DPO rows hold ``prompt``, ``chosen`` and
@@ -136,17 +139,71 @@ def _validate_tools(tools: Any, where: str) -> None:
         raise DataError(f"{where}: tools must be a list of {{type: function, function: {{name, parameters}}}}")
 
 
-def validate_sft_row(row: dict[str, Any], uri: str, line: int) -> list[dict[str, Any]]:
-    """Checks an SFT row (messages, and the tools they may call) and returns its messages."""
+def validate_sft_row(row: dict[str, Any], uri: str, line: int) -> list[dict[str, Any]] | None:
+    """Checks an SFT row in one of TRL's formats and returns its messages (None for a standard
+    row): conversational `messages` (with the tools they may call) or `prompt` + `completion`
+    message lists; standard `prompt` + `completion` strings or a `text` string."""
     where = f"{uri}:{line}"
+    if "messages" not in row and ("prompt" in row or "completion" in row):
+        for field in ("prompt", "completion"):
+            if field not in row:
+                raise DataError(f"{where}: missing '{field}' (a prompt-completion row has both)")
+        if row_format(row, ("prompt", "completion"), where) == "standard":
+            return None
+        messages = _validate_messages(row["prompt"], "prompt", where) + _validate_messages(
+            row["completion"], "completion", where)
+        if messages[-1]["role"] != "assistant":
+            raise DataError(f"{where}: completion must end with an assistant message")
+        return messages
+    if "messages" not in row and "text" in row:
+        validate_text_row(row, uri, line)
+        return None
     if "messages" not in row:
-        raise DataError(f"{where}: missing 'messages'")
+        raise DataError(f"{where}: missing 'messages' (or 'prompt' and 'completion', or 'text')")
     messages = _validate_messages(row["messages"], "messages", where)
     if not any(message["role"] == "assistant" for message in messages):
         raise DataError(f"{where}: messages has no assistant message to train on")
     if row.get("tools") is not None:
         _validate_tools(row["tools"], where)
     return messages
+
+
+def row_format(row: dict[str, Any], fields: Sequence[str], where: str) -> str:
+    """TRL's two formats: "standard" (every field a string, tokenized as it is) or
+    "conversational" (every field a message list, rendered by the chat template). A row mixing
+    them is refused, naming which field is which."""
+    kinds = {field: "string" if isinstance(row[field], str) else "message list" for field in fields if field in row}
+    if len(set(kinds.values())) > 1:
+        described = ", ".join(f"{field} is a {kind}" for field, kind in kinds.items())
+        raise DataError(f"{where}: mixes the standard (string) and conversational (message list) formats: "
+                        f"{described}; make them all strings or all message lists")
+    return "standard" if all(kind == "string" for kind in kinds.values()) else "conversational"
+
+
+def tokenize_standard(prompt: str, completion: str | None, tokenizer: Tokenizer, max_length: int) -> Example:
+    """A standard (string) row as it is: bos + prompt, then the completion and eos; labels on the
+    completion (and eos) only. With no completion every token is a label (a `text` row)."""
+    prompt_ids = tokenizer.encode(prompt)
+    if completion is None:
+        ids = prompt_ids + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+        return ids[:max_length], list(ids[:max_length])
+    completion_ids = tokenizer.encode(completion, add_special_tokens=False)
+    if tokenizer.eos_token_id is not None:
+        completion_ids.append(tokenizer.eos_token_id)
+    ids = prompt_ids + completion_ids
+    labels = [IGNORE_INDEX] * len(prompt_ids) + completion_ids
+    return ids[:max_length], labels[:max_length]
+
+
+def tokenize_sft_row(row: dict[str, Any], tokenizer: Tokenizer, max_length: int) -> Example:
+    """(input_ids, labels) of a validated SFT row in any of its formats."""
+    if "messages" in row:
+        return tokenize_sft(row["messages"], tokenizer, max_length, row.get("tools"))
+    if "text" in row and "prompt" not in row:
+        return tokenize_standard(row["text"], None, tokenizer, max_length)
+    if isinstance(row["prompt"], str):
+        return tokenize_standard(row["prompt"], row["completion"], tokenizer, max_length)
+    return tokenize_sft(row["prompt"] + row["completion"], tokenizer, max_length, row.get("tools"))
 
 
 def validate_text_row(row: dict[str, Any], uri: str, line: int) -> str:
@@ -183,11 +240,12 @@ def validate_dpo_row(row: dict[str, Any], uri: str, line: int) -> dict[str, Any]
     for field in ("prompt", "chosen", "rejected"):
         if field not in row:
             raise DataError(f"{where}: missing '{field}'")
-        value = row[field]
-        if isinstance(value, str):
-            continue
-        if not isinstance(value, list):
+        if not isinstance(row[field], (str, list)):
             raise DataError(f"{where}: {field} must be a string or a list of messages")
+    if row_format(row, ("prompt", "chosen", "rejected"), where) == "standard":
+        return row
+    for field in ("prompt", "chosen", "rejected"):
+        value = row[field]
         messages = _validate_messages(value, field, where)
         ends_with_assistant = messages[-1]["role"] == "assistant"
         if field == "prompt" and ends_with_assistant:
@@ -246,7 +304,15 @@ def _as_messages(value: str | list[dict[str, Any]], role: str) -> list[dict[str,
 
 
 def tokenize_dpo(row: dict[str, Any], tokenizer: Tokenizer, max_length: int) -> dict[str, list[int]]:
-    """Prompt ids and the chosen/rejected continuations (each closes with end-of-sentence)."""
+    """Prompt ids and the chosen/rejected continuations (each closes with end-of-sentence). A
+    standard row (strings) is tokenized as it is; a conversational one through the template."""
+    if isinstance(row["prompt"], str):
+        prompt_ids = tokenizer.encode(row["prompt"])
+        continuations = {}
+        for field in ("chosen", "rejected"):
+            ids = tokenizer.encode(row[field], add_special_tokens=False)
+            continuations[field] = ids + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+        return _fit_dpo(prompt_ids, continuations, tokenizer, max_length)
     prompt = _as_messages(row["prompt"], "user")
     prompt_ids = _render(tokenizer, prompt, add_generation_prompt=True)
     continuations = {}
@@ -259,6 +325,11 @@ def tokenize_dpo(row: dict[str, Any], tokenizer: Tokenizer, max_length: int) -> 
                 raise DataError("the tokenizer has no eos_token to close DPO continuations with")
             ids = [*ids, tokenizer.eos_token_id]
         continuations[field] = ids
+    return _fit_dpo(prompt_ids, continuations, tokenizer, max_length)
+
+
+def _fit_dpo(prompt_ids: list[int], continuations: dict[str, list[int]], tokenizer: Tokenizer,
+             max_length: int) -> dict[str, list[int]]:
     longest = max(len(ids) for ids in continuations.values())
     prompt_budget = max(max_length - longest, 0)
     if len(prompt_ids) > prompt_budget:

@@ -8,6 +8,8 @@ Contract:
 - `target_logprobs(model, batch)`: the training path for both: log p of every labelled next token
   of a padding-free `SequenceBatch`, with the output head run on those positions only;
   `sft_loss` is minus their mean and `sequence_logprobs` their per-sequence sum.
+- `token_loss(model, rows, device)`: minus the mean of `target_logprobs` over rows (pretraining
+  and SFT), with the number of labelled tokens.
 - `dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)`: the sigmoid DPO
   loss -log sigmoid(beta * ((pc - rc) - (pr - rr))) and its metrics. With the policy equal to
   the reference (step 0) the loss is exactly ln 2.
@@ -18,15 +20,11 @@ Contract:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 
+from moeray.jobs.data import SequenceBatch, flatten
 from moeray.model.moe import MoE
-
-if TYPE_CHECKING:
-    from moeray.jobs.data import SequenceBatch
 
 IGNORE = -100
 
@@ -53,6 +51,13 @@ def target_logprobs(model, batch: SequenceBatch) -> tuple[torch.Tensor, torch.Te
     logits = model(batch.input_ids, batch.position_ids, lengths=batch.lengths, logits_at=where).float()  # [M, V]
     logprobs = -F.cross_entropy(logits, batch.next_labels[where], reduction="none")
     return logprobs, batch.sequence_of_token[where]
+
+
+def token_loss(model, rows, device) -> tuple[torch.Tensor, dict[str, int]]:
+    """Mean next-token loss over the rows' labelled tokens (padding-free), and their count."""
+    logprobs, _ = target_logprobs(model, flatten(rows).to(device))
+    loss = -logprobs.mean() if logprobs.numel() else logprobs.sum()
+    return loss, {"tokens": int(logprobs.numel())}
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,

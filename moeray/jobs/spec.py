@@ -1,23 +1,28 @@
-"""Fine-tuning job spec: one pydantic model, loaded from YAML.
+"""Training job specs: a union over methods, loaded from YAML.
 
-Contract: `JobSpec.from_yaml(path)` returns a validated `JobSpec` or raises `JobSpecError` whose
-message names the file, the line and the dotted key (`spec.yaml:7: setting 'train.learing_rate':
-unknown setting`); malformed YAML names the file and line too. Every model forbids unknown keys
-and every field carries a description. Cross-field rules: packing is for SFT only, `data.eval`
-and `data.eval_fraction` exclude each other, and `output_format: adapter` needs a `lora` section.
-`JobSpec.to_yaml()` writes a document that `from_yaml` reads back to an equal spec.
+Contract: `JobSpec` holds what every method shares (model, data, optimisation, MoE, scaling,
+checkpoints, outputs); each method (`moeray.jobs.methods`) subclasses it with
+`method: Literal[name]` and its own options section (`sft:`, `dpo:`, `grpo:`).
+`JobSpec.from_yaml(path)` and `parse_spec(data)` return the method's spec, validated, or raise
+`JobSpecError` whose message names the file, the line and the dotted key (`spec.yaml:7: setting
+'train.learing_rate': unknown setting`); malformed YAML and an unknown method name the file and
+line too. Every model forbids unknown keys and every field carries a description. Cross-field
+rules: `data.eval` and `data.eval_fraction` exclude each other, and `output_format: adapter`
+needs a `lora` section. `to_yaml()` writes a document that `from_yaml` reads back to an equal
+spec.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from moeray.platform.settings import SettingsError, _explain, _read_yaml
+from moeray.config_io import YamlDocument, explain, line_of, read_yaml
+from moeray.jobs.eval.spec import TaskSpec
 
 # Attention projections of DeepSeek-V2/V3 (multi-head latent attention), by Hugging Face name.
 DEFAULT_LORA_TARGETS = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
@@ -78,13 +83,9 @@ class TrainSpec(_Strict):
     per_device_batch_size: int = Field(4, ge=1, description="Rows per worker per micro-batch.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches summed into one optimizer step.")
     max_length: int = Field(512, ge=2, description="Longest tokenized row; longer rows are truncated.")
-    packing: bool = Field(False, description="SFT only: pack several short conversations into one row (attention "
-                          "stays within each conversation).")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm to this; empty: "
                                         "no clipping.")
-    seed: int = Field(0, description="Seed for initialisation, shuffling and dropout.")
-    beta: float = Field(0.1, gt=0, description="DPO only: strength of the implicit KL penalty against the "
-                        "reference model.")
+    seed: int = Field(0, description="Seed for initialisation, shuffling, dropout and rollouts.")
 
 
 class MoeSpec(_Strict):
@@ -132,19 +133,21 @@ class CheckpointSpec(_Strict):
 
 
 class EvalSpec(_Strict):
-    """Periodic evaluation on the eval rows."""
+    """Periodic evaluation: on the eval rows, and on benchmark tasks."""
 
     every_steps: int = Field(50, ge=1, description="Optimizer steps between evaluations.")
+    tasks: list[TaskSpec] = Field(default_factory=list, description="Tasks (as in an eval spec) run on the "
+                                  "current weights at each evaluation; their metrics are logged as "
+                                  "eval/<task>/<metric> beside the loss.")
 
 
 class JobSpec(_Strict):
-    """One fine-tuning job: base model, method, data, hyperparameters, scaling and outputs."""
+    """What every training job has: base model, data, hyperparameters, scaling and outputs. A
+    method's spec (see `moeray.jobs.methods`) adds `method` and its own options section."""
 
     name: str = Field(min_length=1, description="Job name, used in run and checkpoint names.")
     base_model: str = Field(description="Hugging Face checkpoint folder: a local path or an s3:// URI.")
-    method: Literal["pretrain", "sft", "dpo"] = Field(description="Language-model training on plain text "
-                                                      "(`text` rows), supervised fine-tuning on conversations, or "
-                                                      "direct preference optimisation on chosen/rejected pairs.")
+    method: str = Field(description="The training method; each method's spec narrows this to its name.")
     init: Literal["base", "random"] = Field("base", description="base: start from the base model's weights; "
                                             "random: train from scratch with the base model's config and "
                                             "tokenizer (random weights, seeded by train.seed).")
@@ -168,8 +171,8 @@ class JobSpec(_Strict):
             raise PydanticCustomError("adapter_without_lora", "output_format 'adapter' needs a lora section")
         return lora
 
-    # A field validator rather than a model validator so that the error carries the 'train' key
-    # and with it a line number; `method` is declared earlier, so it is in info.data.
+    # A field validator rather than a model validator so that the error carries the 'lora' key
+    # and with it a line number; `init` is declared earlier, so it is in info.data.
     @field_validator("lora")
     @classmethod
     def _lora_needs_base_weights(cls, lora: LoraSpec | None, info: ValidationInfo) -> LoraSpec | None:
@@ -178,26 +181,47 @@ class JobSpec(_Strict):
                                       "init 'random'")
         return lora
 
-    @field_validator("train")
-    @classmethod
-    def _packing_is_sft_only(cls, train: TrainSpec, info: ValidationInfo) -> TrainSpec:
-        if train.packing and info.data.get("method") == "dpo":
-            raise PydanticCustomError("dpo_packing", "packing applies to SFT only, not to method 'dpo'")
-        return train
-
     @classmethod
     def from_yaml(cls, path: str | Path) -> JobSpec:
         path = Path(path)
         if not path.is_file():
             raise JobSpecError(f"job spec not found: {path}")
-        try:
-            document = _read_yaml(path)  # (data, (path, node tree)), the shape _explain expects
-        except SettingsError as err:
-            raise JobSpecError(str(err)) from None
-        try:
-            return cls.model_validate(document[0])
-        except ValidationError as err:
-            raise JobSpecError(_explain(err, path, document)) from None
+        document = read_yaml(path, JobSpecError, "job spec")
+        return parse_spec(document.data, document)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def load_spec(path: str | Path):
+    """A training spec (`JobSpec`) or an evaluation spec (`EvalJobSpec`: it has `tasks`) from YAML."""
+    path = Path(path)
+    if not path.is_file():
+        raise JobSpecError(f"job spec not found: {path}")
+    document = read_yaml(path, JobSpecError, "job spec")
+    if "tasks" in document.data and "method" not in document.data:
+        from moeray.jobs.eval.spec import EvalJobSpec
+
+        return EvalJobSpec.from_document(document)
+    return parse_spec(document.data, document)
+
+
+def parse_spec(data: dict[str, Any], document: YamlDocument | None = None) -> JobSpec:
+    """The spec of `data`'s method, validated; errors name the document's file and lines."""
+    from moeray.jobs.methods import METHODS  # the methods import this module for JobSpec
+
+    if not isinstance(data, dict):
+        raise JobSpecError(f"a job spec is a mapping, got {type(data).__name__}")
+    method = data.get("method")
+    if method not in METHODS:
+        where = ""
+        if document is not None:
+            line = line_of(document.node, ("method",))
+            where = f"{document.path}:{line}: " if line else f"{document.path}: "
+        choices = ", ".join(repr(name) for name in METHODS)
+        problem = "missing" if method is None else f"{method!r} is not a method"
+        raise JobSpecError(f"{where}setting 'method': {problem}; choose one of {choices}")
+    try:
+        return METHODS[method].spec_class.model_validate(data)
+    except ValidationError as err:
+        raise JobSpecError(explain(err, document)) from None

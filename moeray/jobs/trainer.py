@@ -1,77 +1,67 @@
-"""Fine-tuning on Ray Train: one `TorchTrainer` run per job spec.
+"""Training on Ray Train: one `TorchTrainer` run per job spec, any method.
 
 Contract:
 - `prepare(spec)` checks everything a user can get wrong before any worker starts (base model,
-  tokenizer/model match, every data row with its file and line, storage) and tokenizes the data;
-  for DPO it also computes the reference log-probabilities in one pass (no second model lives
-  during training).
-- `run(spec)` trains over the spec's workers with DDP (gloo on CPU) or FSDP2 (GPU by default;
-  also runs on CPU), data sharded per worker through Ray Data, checkpoints to
-  `checkpoint.storage/name` every N steps (Ray Train publishes a checkpoint only once it is
-  complete, keeps the newest `keep`), continues after a worker failure from the last checkpoint,
-  and resumes when the same spec runs again. Every checkpoint holds the metrics of all steps so
-  far (`metrics.jsonl`) and their loss curve (`loss.png`), so the final one documents the whole
-  run, resumptions included. Returns the final checkpoint and the per-step metrics; `export`
-  turns it into the spec's output.
+  tokenizer/model match, storage, the method's own checks, and every data row with its file
+  and line, read on the driver for that alone) and returns the `Prepared` facts the run needs
+  (row counts, the held-out split). It never tokenizes.
+- `run(spec)` reads the data with Ray Data (`read_text` over local or s3:// JSONL, parsed and
+  encoded by the method inside Ray Data tasks, held-out rows chosen by a hash of each row),
+  then trains over the spec's workers with DDP (gloo on CPU) or FSDP2 (`jobs.parallel`). The
+  loop is the same for every method (`jobs.methods`): the method plans each round of rows
+  into optimiser steps and computes their loss; the loop adds the router aux loss, clipping,
+  the schedule, bias updates, metrics, evaluation and checkpoints (`jobs.checkpointing`). A
+  worker failure continues from the last checkpoint, and the same spec run again resumes.
+  Returns the Ray Train `Result`; `export` turns its checkpoint into the spec's output.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 import moeray.model
-from moeray.jobs.data import (IGNORE_INDEX, flatten, pack, read_jsonl, split_eval, tokenize_dpo, tokenize_sft,
-                              tokenize_text, validate_dpo_row, validate_sft_row, validate_text_row)
-from moeray.jobs.losses import dpo_loss, router_aux_loss, target_logprobs, update_routing_bias
-from moeray.jobs.curves import plot_loss_curve
-from moeray.jobs.spec import JobSpec
+from moeray.jobs.checkpointing import METRICS_FILE, load_latest, report_step
+from moeray.jobs.data import read_jsonl
+from moeray.jobs.eval.tasks import load_items
+from moeray.jobs.losses import router_aux_loss, update_routing_bias
+from moeray.jobs.methods import Method, WorkerContext, method_for
+from moeray.jobs.parallel import load_optimizer_state, parallelize
+from moeray.jobs.spec import JobSpec, parse_spec
 from moeray.model.tokenizer import Tokenizer
 from moeray.storage import check_writable, local_copy, ray_storage
 
-STATE_FILE = "state.pt"
-METRICS_FILE = "metrics.jsonl"
-LOSS_CURVE_FILE = "loss.png"
+
+@dataclass(frozen=True)
+class Prepared:
+    num_train_rows: int  # data rows (documents, conversations, prompts) used for training
+    num_eval_rows: int
+    held_out_below: int | None  # rows of the training file whose hash is below this are held out
 
 
-@dataclass
-class PreparedData:
-    train: list[dict[str, Any]]
-    eval: list[dict[str, Any]]
+def row_hash(row: dict[str, Any], seed: int) -> int:
+    """A row's place in the held-out split: the same on the driver and in Ray Data tasks."""
+    canonical = json.dumps(row, sort_keys=True, ensure_ascii=False)
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{canonical}".encode(), digest_size=8).digest(), "little")
 
 
-def _rows(spec: JobSpec, uri: str):
-    validate = {"pretrain": validate_text_row, "sft": validate_sft_row, "dpo": validate_dpo_row}[spec.method]
+def _validated_rows(method: Method, uri: str) -> list[dict[str, Any]]:
     rows = read_jsonl(uri)
     for line, row in rows:
-        validate(row, uri, line)
+        method.validate_row(row, uri, line)
     return [row for _, row in rows]
 
 
-def _dpo_example(model, tokenizer: Tokenizer, row: dict, max_length: int) -> dict[str, Any]:
-    parts = tokenize_dpo(row, tokenizer, max_length)
-    example = {}
-    for side in ("chosen", "rejected"):
-        example[f"{side}_ids"] = parts["prompt_ids"] + parts[f"{side}_ids"]
-        example[f"{side}_mask"] = [0] * len(parts["prompt_ids"]) + [1] * len(parts[f"{side}_ids"])
-    with torch.no_grad():
-        ref_chosen, ref_rejected = _pair_logprobs(model, [example])
-    example["ref_chosen"], example["ref_rejected"] = float(ref_chosen[0]), float(ref_rejected[0])
-    return example
-
-
-def prepare(spec: JobSpec, check_only: bool = False) -> PreparedData | None:
-    """Check the spec against the world, then tokenize. With `check_only` it stops after the
-    checks (what `moeray jobs submit` runs on the submitting machine: no tokenization, no DPO
-    reference pass, and no model weights fetched, only config and tokenizer)."""
+def prepare(spec: JobSpec) -> Prepared:
+    """Check the spec against the world (config and tokenizer only: no weights are fetched)."""
+    method = method_for(spec)
     base = local_copy(spec.base_model, skip_suffixes=(".safetensors",))
     if not (base / "config.json").exists():
         raise FileNotFoundError(f"base_model {spec.base_model!r}: no config.json there")
@@ -80,32 +70,69 @@ def prepare(spec: JobSpec, check_only: bool = False) -> PreparedData | None:
     if tokenizer.vocab_size > args.vocab_size:
         raise ValueError(f"the tokenizer in {base} has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                          f"{args.vocab_size}: tokenizer and model do not match")
+    method.check(tokenizer)
+    for task in spec.eval.tasks:  # their rows are checked here too, not at the first evaluation
+        load_items(task)
     check_writable(spec.checkpoint.storage)
     check_writable(spec.output)
-    train_rows = _rows(spec, spec.data.train)
-    eval_rows = _rows(spec, spec.data.eval) if spec.data.eval else []
+    train_rows = _validated_rows(method, spec.data.train)
+    eval_rows = _validated_rows(method, spec.data.eval) if spec.data.eval else []
+    held_out_below = None
     if spec.data.eval_fraction:
-        train_rows, eval_rows = split_eval(train_rows, spec.data.eval_fraction, spec.train.seed)
-    if check_only:
-        return None
-    max_len = spec.train.max_length
-    if spec.method == "pretrain":
-        return PreparedData(tokenize_text([r["text"] for r in train_rows], tokenizer, max_len),
-                            tokenize_text([r["text"] for r in eval_rows], tokenizer, max_len))
-    if spec.method == "sft":
-        def encode(rows, packed):
-            examples = [tokenize_sft(r["messages"], tokenizer, max_len, r.get("tools")) for r in rows]
-            if packed:
-                return pack(examples, max_len)
-            return [{"input_ids": ids, "labels": labels} for ids, labels in examples]
-        return PreparedData(encode(train_rows, spec.train.packing), encode(eval_rows, False))
-    reference = moeray.model.load(spec.base_model).eval()  # the reference pass, then it is gone
-    data = PreparedData([_dpo_example(reference, tokenizer, r, max_len) for r in train_rows],
-                        [_dpo_example(reference, tokenizer, r, max_len) for r in eval_rows])
-    del reference
-    return data
+        # At least one row held out and one kept, as many as the fraction says otherwise.
+        count = min(max(round(len(train_rows) * spec.data.eval_fraction), 1), len(train_rows) - 1)
+        if count <= 0:
+            raise ValueError(f"data.eval_fraction: {spec.data.train} has {len(train_rows)} row(s), too few to hold "
+                             "any out")
+        hashes = sorted(row_hash(row, spec.train.seed) for row in train_rows)
+        held_out_below = hashes[count]
+        eval_rows = [row for row in train_rows if row_hash(row, spec.train.seed) < held_out_below]
+        train_rows = [row for row in train_rows if row_hash(row, spec.train.seed) >= held_out_below]
+    return Prepared(len(train_rows), len(eval_rows), held_out_below)
 
 
+# ---- data, in Ray Data tasks ----------------------------------------------------------------------
+def _encode_lines(batch: dict[str, Any], spec_data: dict[str, Any], training: bool, keep: str,
+                  held_out_below: int | None):
+    """Ray Data `map_batches` function: JSONL lines -> the method's examples (a pyarrow table).
+    `keep` is "all", "train" (rows at or above the held-out hash) or "held_out"."""
+    import pyarrow as pa
+
+    spec = parse_spec(spec_data)
+    method = method_for(spec)
+    rows = [json.loads(line) for line in batch["text"] if line.strip()]
+    if keep != "all":
+        wanted = keep == "held_out"
+        rows = [row for row in rows if (row_hash(row, spec.train.seed) < held_out_below) == wanted]
+    tokenizer = Tokenizer.from_pretrained(local_copy(spec.base_model, skip_suffixes=(".safetensors",)))
+    examples = method.encode(rows, tokenizer, training) if rows else []
+    return pa.Table.from_pylist(examples)
+
+
+def _dataset(spec: JobSpec, uri: str, training: bool, keep: str, held_out_below: int | None):
+    import ray.data
+
+    path, filesystem = ray_storage(uri)
+    ray.data.DataContext.get_current().enable_progress_bars = False  # multi-line bars in a job's log
+    # read_text, not read_json: chat rows differ in shape from line to line (tool calls, optional
+    # fields), which Arrow's schema inference over a block refuses; the method parses each line.
+    lines = ray.data.read_text(path, filesystem=filesystem)
+    return lines.map_batches(_encode_lines, batch_format="numpy", batch_size=None, fn_kwargs={
+        "spec_data": spec.model_dump(), "training": training, "keep": keep,
+        "held_out_below": held_out_below}).materialize()
+
+
+def _datasets(spec: JobSpec, prepared: Prepared) -> dict[str, Any]:
+    split = prepared.held_out_below is not None
+    datasets = {"train": _dataset(spec, spec.data.train, True, "train" if split else "all", prepared.held_out_below)}
+    if spec.data.eval:
+        datasets["eval"] = _dataset(spec, spec.data.eval, False, "all", None)
+    elif split:
+        datasets["eval"] = _dataset(spec, spec.data.train, False, "held_out", prepared.held_out_below)
+    return datasets
+
+
+# ---- the loop, on every worker --------------------------------------------------------------------
 def _lr_factor(spec: JobSpec, step: int, total: int) -> float:
     warmup = spec.train.warmup_steps
     if step < warmup:
@@ -118,51 +145,9 @@ def _lr_factor(spec: JobSpec, step: int, total: int) -> float:
     return 1.0
 
 
-def _response_rows(example: dict[str, Any], side: str) -> dict[str, list[int]]:
-    """A DPO side as a row whose labels are its response tokens (the prompt is IGNORE_INDEX)."""
-    ids = example[f"{side}_ids"]
-    return {"input_ids": ids, "labels": [t if m else IGNORE_INDEX for t, m in zip(ids, example[f"{side}_mask"])]}
-
-
-def _pair_logprobs(model, examples: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed response log-probabilities [B] of the chosen and of the rejected sides: both sides of
-    every pair in one padding-free forward."""
-    device = next(model.parameters()).device
-    rows = [_response_rows(e, "chosen") for e in examples] + [_response_rows(e, "rejected") for e in examples]
-    logprobs, sequence = target_logprobs(model, flatten(rows).to(device))
-    totals = torch.zeros(len(rows), device=device, dtype=logprobs.dtype).index_add(0, sequence, logprobs)
-    return totals[:len(examples)], totals[len(examples):]
-
-
-def _batch_loss(model, spec: JobSpec, batch: list[dict[str, Any]]):
-    """Loss and metrics of one batch (list-of-rows form, as Ray Data hands them over). Rows run
-    without padding (`flatten`) and the output head only where the loss looks."""
-    device = next(model.parameters()).device
-    if spec.method in ("pretrain", "sft"):
-        logprobs, _ = target_logprobs(model, flatten(batch).to(device))
-        loss = -logprobs.mean() if logprobs.numel() else logprobs.sum()
-        metrics = {"tokens": int(logprobs.numel())}
-    else:
-        policy_chosen, policy_rejected = _pair_logprobs(model, batch)
-        ref_c = torch.tensor([r["ref_chosen"] for r in batch], device=device)
-        ref_r = torch.tensor([r["ref_rejected"] for r in batch], device=device)
-        loss, metrics = dpo_loss(policy_chosen, policy_rejected, ref_c, ref_r, spec.train.beta)
-        metrics["tokens"] = sum(sum(r["chosen_mask"]) + sum(r["rejected_mask"]) for r in batch)
-    if spec.moe.router_aux_loss_coef:
-        loss = loss + spec.moe.router_aux_loss_coef * router_aux_loss(model)
-    return loss, metrics
-
-
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    import ray.train
-    import ray.train.torch
-
+def _build_model(spec: JobSpec, base) -> torch.nn.Module:
     from moeray.jobs.lora import apply_lora
 
-    spec = JobSpec.model_validate(config["spec"])
-    torch.manual_seed(spec.train.seed)
-    context = ray.train.get_context()
-    base = local_copy(spec.base_model)
     if spec.init == "random":
         model = moeray.model.build(moeray.model.ModelArgs.from_file(base / "config.json"), seed=spec.train.seed)
     else:
@@ -174,164 +159,122 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         for name, param in model.named_parameters():
             if name.endswith("mlp.gate.weight"):
                 param.requires_grad_(False)
-    step, history, state = 0, [], None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:  # resumed: after a worker failure, or the same job run again
-        with checkpoint.as_directory() as folder:
-            state = torch.load(Path(folder) / STATE_FILE, weights_only=False)
+    return model
+
+
+def _worker_context(spec: JobSpec, method: Method, model, base, context) -> WorkerContext:
+    import ray.train.torch
+
+    tokenizer = Tokenizer.from_pretrained(base)
+    device = ray.train.torch.get_device()
+    reference = None
+    if method.needs_reference():
+        reference = moeray.model.load(base).to(device).eval().requires_grad_(False)
+    return WorkerContext(spec, tokenizer, model, device, context.get_world_size(), context.get_world_rank(),
+                         reference, method.make_rollouts(model, tokenizer))
+
+
+def _task_engine(spec: JobSpec, model, ctx: WorkerContext):
+    """An engine over a copy of the policy for `eval.tasks`, or None when there are none."""
+    if not spec.eval.tasks:
+        return None
+    from moeray.jobs.rollouts import RolloutEngine
+
+    return RolloutEngine(model, ctx.tokenizer, max_model_len=min(model.args.max_position_embeddings, 2048),
+                         max_num_seqs=32, seed=spec.train.seed)
+
+
+def _evaluate_tasks(spec: JobSpec, task_engine, model, is_rank0: bool) -> dict[str, float]:
+    """`eval/<task>/<metric>` on the current weights (rank 0; every worker syncs, as FSDP needs)."""
+    if task_engine is None:
+        return {}
+    from moeray.jobs.eval.runner import evaluate_engine
+
+    task_engine.sync(model)
+    return evaluate_engine(task_engine.engine, spec.eval.tasks, spec.train.seed) if is_rank0 else {}
+
+
+def _rounds(shard, rows_per_round: int):
+    for batch in shard.iter_batches(batch_size=rows_per_round, batch_format="pyarrow", prefetch_batches=2):
+        yield batch.to_pylist()
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+
+    spec = parse_spec(config["spec"])
+    method = method_for(spec)
+    torch.manual_seed(spec.train.seed)
+    context = ray.train.get_context()
+    base = local_copy(spec.base_model)
+    model = _build_model(spec, base)
+    step, history, state = 0, [], load_latest()
+    if state is not None:  # resumed: after a worker failure, or the same job run again
         model.load_state_dict(state["model"], strict=False)
         step, history = state["step"], state.get("history", [])
+    ctx = _worker_context(spec, method, model, base, context)
+    ctx.state.update((state or {}).get("method_state", {}))
     strategy = spec.scaling.resolved_strategy() if context.get_world_size() > 1 else "single"
-    parallel_model = _parallelize(model, strategy)
+    parallel_model = parallelize(model, strategy)
+    if ctx.rollouts is not None:
+        ctx.rollouts.sync(model)  # after a resume, and after FSDP replaced the parameters
     trainable = [p for p in model.parameters() if p.requires_grad]  # after FSDP: its sharded parameters
     optimizer = torch.optim.AdamW(trainable, lr=spec.train.learning_rate)
     if state is not None:
-        _load_optimizer_state(model, optimizer, state["optimizer"], strategy)
-    start_time = run_start = time.time()
-    first_step = step  # 0, or the step this (resumed) run continues from
+        load_optimizer_state(model, optimizer, state["optimizer"], strategy)
+    eval_rows = [row for rows in _rounds(ray.train.get_dataset_shard("eval"), 256) for row in rows] \
+        if config["has_eval"] else []
+    task_engine = _task_engine(spec, model, ctx)
     shard = ray.train.get_dataset_shard("train")
-    batch_size, accumulate = spec.train.per_device_batch_size, spec.train.gradient_accumulation_steps
-    rows_per_epoch = config["num_train_rows"] // context.get_world_size()
-    steps_per_epoch = max(1, rows_per_epoch // (batch_size * accumulate))
-    total_steps = spec.train.max_steps or steps_per_epoch * spec.train.epochs
-    done = step >= total_steps
-    while not done:
-        micro = 0
-        for batch in _batches(shard, batch_size):  # one pass over this worker's shard = one epoch
-            loss, metrics = _batch_loss(parallel_model, spec, batch)
-            (loss / accumulate).backward()
-            micro += 1
-            if micro % accumulate:
-                continue
-            if spec.train.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(trainable, spec.train.max_grad_norm)
-            for group in optimizer.param_groups:
-                group["lr"] = spec.train.learning_rate * _lr_factor(spec, step, total_steps)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if spec.moe.bias_update_rate:
-                update_routing_bias(model, spec.moe.bias_update_rate)
-            step += 1
-            elapsed = time.time() - start_time
-            report = {"step": step, "loss": float(loss), "lr": optimizer.param_groups[0]["lr"],
-                      "tokens_per_s": metrics.pop("tokens") * context.get_world_size() / max(elapsed, 1e-6),
-                      "eta_s": (time.time() - run_start) / (step - first_step) * (total_steps - step), **metrics}
-            start_time = time.time()
-            if step % spec.eval.every_steps == 0 or step == total_steps:
-                report["eval_loss"] = _eval_loss(model, spec, config["eval_rows"])
-            save = step % spec.checkpoint.every_steps == 0 or step == total_steps
-            history.append(report)
-            if context.get_world_rank() == 0 and config.get("metrics_path"):
-                with open(config["metrics_path"], "a") as metrics_file:  # one JSON line per step
-                    metrics_file.write(json.dumps(report) + "\n")
-            _report(report, history, model, optimizer, step, save, context.get_world_rank() == 0, strategy)
-            if step >= total_steps:
-                done = True
-                break
-        if micro == 0:
-            break
-
-
-def _batches(shard, batch_size: int):
-    """Batches of rows (dicts of lists) from this worker's Ray Data shard, prefetched in the
-    background so the training step does not wait on the data pipeline."""
-    for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=4):
-        columns = list(batch)
-        yield [{column: _as_list(batch[column][i]) for column in columns} for i in range(len(batch[columns[0]]))]
-
-
-def _as_list(value):
-    return value.tolist() if hasattr(value, "tolist") else value
-
-
-@torch.no_grad()
-def _eval_loss(model, spec: JobSpec, rows: list[dict[str, Any]]) -> float | None:
-    if not rows:
-        return None
-    model.eval()
-    losses = [float(_batch_loss(model, spec, rows[i:i + 8])[0]) for i in range(0, len(rows), 8)]
-    model.train()
-    return sum(losses) / len(losses)
-
-
-def _parallelize(model: torch.nn.Module, strategy: str) -> torch.nn.Module:
-    """The module the training step calls: the model itself, DDP around it, or the model sharded
-    in place with FSDP2 (one unit per decoder layer plus the root)."""
-    import ray.train.torch
-
-    if strategy == "single":
-        return model.to(ray.train.torch.get_device())
-    if strategy == "ddp":
-        return ray.train.torch.prepare_model(model, parallel_strategy="ddp")
-    if strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
-        device = ray.train.torch.get_device()
-        model.to(device)
-        with torch.no_grad():
-            for param in model.parameters():
-                if not param.is_contiguous():  # FSDP shards flat storage; down_proj is stored column-major
-                    param.data = param.data.contiguous()
-        for layer in model.model.layers:
-            fully_shard(layer)
-        fully_shard(model)
-        return model
-    raise ValueError(f"unknown parallel strategy {strategy!r}")
-
-
-def _full_state(model: torch.nn.Module, optimizer, strategy: str) -> tuple[dict, dict]:
-    """(trainable parameters and buffers, optimizer state), whole and on CPU. Under FSDP this is a
-    collective: every worker must call it."""
-    if strategy == "fsdp":
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                             get_optimizer_state_dict)
-
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        weights = get_model_state_dict(model, options=options)
-        trainable = {n for n, p in model.named_parameters() if p.requires_grad} | {n for n, _ in model.named_buffers()}
-        return ({n: t for n, t in weights.items() if n in trainable},
-                get_optimizer_state_dict(model, optimizer, options=options))
-    trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
-    buffers = {n: b.detach().cpu() for n, b in model.named_buffers()}
-    return {**trainable, **buffers}, optimizer.state_dict()
-
-
-def _load_optimizer_state(model: torch.nn.Module, optimizer, saved: dict, strategy: str) -> None:
-    if strategy == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        set_optimizer_state_dict(model, optimizer, saved, options=StateDictOptions(full_state_dict=True))
-    else:
-        optimizer.load_state_dict(saved)
-
-
-def _report(metrics: dict, history: list[dict], model, optimizer, step: int, save: bool, is_rank0: bool,
-            strategy: str) -> None:
-    """Log the step's progress; on checkpoint steps report to Ray Train with a checkpoint holding
-    the training state, the metrics of every step so far (metrics.jsonl) and their loss curve
-    (loss.png). Only checkpoint steps call `ray.train.report`: each call synchronises with the
-    Train controller (about 2 s on a small machine), far longer than a small model's step."""
-    import ray.train
-
-    if is_rank0:
-        eta = metrics.get("eta_s")
-        print(f"moeray: step {step} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
-              f"tokens/s {metrics['tokens_per_s']:.0f}"
-              + (f" eval_loss {metrics['eval_loss']:.4f}" if metrics.get("eval_loss") is not None else "")
-              + (f" eta {eta:.0f}s" if eta is not None else ""), flush=True)
-    if not save:
-        return
-    weights, optimizer_state = _full_state(model, optimizer, strategy)
-    if not is_rank0:
-        ray.train.report(metrics)
-        return
-    with tempfile.TemporaryDirectory() as folder:
-        torch.save({"model": weights, "optimizer": optimizer_state, "step": step, "history": history},
-                   Path(folder) / STATE_FILE)
-        (Path(folder) / "metrics.json").write_text(json.dumps(metrics))
-        (Path(folder) / METRICS_FILE).write_text("".join(json.dumps(row) + "\n" for row in history))
-        plot_loss_curve(history, Path(folder) / LOSS_CURVE_FILE)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+    rows_per_worker = config["num_train_rows"] // context.get_world_size()
+    rounds_per_epoch = max(1, math.ceil(rows_per_worker / method.rows_per_round()))
+    total_steps = spec.train.max_steps or rounds_per_epoch * method.steps_per_round() * spec.train.epochs
+    is_rank0 = context.get_world_rank() == 0
+    run_start, first_step = time.time(), step
+    while step < total_steps:
+        rounds_done = 0
+        for rows in _rounds(shard, method.rows_per_round()):  # one pass over this worker's shard = one epoch
+            rounds_done += 1
+            plan = method.plan(rows, ctx)
+            for micro_batches in plan.steps:
+                step_start = time.time()
+                tokens, metrics = 0, {}
+                for micro in micro_batches:
+                    loss, metrics = method.loss(parallel_model, micro, ctx)
+                    if spec.moe.router_aux_loss_coef:
+                        loss = loss + spec.moe.router_aux_loss_coef * router_aux_loss(model)
+                    (loss / len(micro_batches)).backward()
+                    tokens += metrics.pop("tokens")
+                if spec.train.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(trainable, spec.train.max_grad_norm)
+                for group in optimizer.param_groups:
+                    group["lr"] = spec.train.learning_rate * _lr_factor(spec, step, total_steps)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if spec.moe.bias_update_rate:
+                    update_routing_bias(model, spec.moe.bias_update_rate)
+                train_s = time.time() - step_start
+                after = method.after_step(ctx)
+                step += 1
+                report = {"step": step, "loss": float(loss), "lr": optimizer.param_groups[0]["lr"],
+                          "tokens_per_s": tokens * context.get_world_size() / max(train_s, 1e-6),
+                          "eta_s": (time.time() - run_start) / (step - first_step) * (total_steps - step),
+                          **plan.metrics, **metrics, **after}
+                if step % spec.eval.every_steps == 0 or step == total_steps:
+                    model.eval()
+                    report.update(method.evaluate(eval_rows, ctx))
+                    report.update(_evaluate_tasks(spec, task_engine, model, is_rank0))
+                    model.train()
+                save = step % spec.checkpoint.every_steps == 0 or step == total_steps
+                history.append(report)
+                if is_rank0 and config.get("metrics_path"):
+                    with open(config["metrics_path"], "a") as metrics_file:  # one JSON line per step
+                        metrics_file.write(json.dumps(report) + "\n")
+                report_step(report, history, model, optimizer, step, save, is_rank0, strategy, ctx.state)
+                if step >= total_steps:
+                    return
+        if rounds_done == 0:
+            return
 
 
 def absolute_paths(spec: JobSpec) -> JobSpec:
@@ -342,31 +285,36 @@ def absolute_paths(spec: JobSpec) -> JobSpec:
     return spec.model_copy(update={
         "base_model": fix(spec.base_model), "output": fix(spec.output),
         "data": spec.data.model_copy(update={"train": fix(spec.data.train), "eval": fix(spec.data.eval)}),
-        "checkpoint": spec.checkpoint.model_copy(update={"storage": fix(spec.checkpoint.storage)})})
+        "checkpoint": spec.checkpoint.model_copy(update={"storage": fix(spec.checkpoint.storage)}),
+        "eval": spec.eval.model_copy(update={"tasks": [t.model_copy(update={"file": fix(t.file)})
+                                                       for t in spec.eval.tasks]})})
 
 
-def run(spec: JobSpec, data: PreparedData | None = None):
+def run(spec: JobSpec, prepared: Prepared | None = None):
     """Train to completion (or resume); returns the Ray Train `Result`."""
     spec = absolute_paths(spec)
-    import ray
-    import ray.data
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from pathlib import Path
+
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    data = data or prepare(spec)
+    prepared = prepared or prepare(spec)
     storage, filesystem = ray_storage(spec.checkpoint.storage)
     if filesystem is None:
         (Path(storage) / spec.name).mkdir(parents=True, exist_ok=True)
+    datasets = _datasets(spec, prepared)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"spec": spec.model_dump(), "eval_rows": data.eval,
-                           "num_train_rows": len(data.train),
-                           "metrics_path": None if filesystem else str(Path(storage) / spec.name / "metrics.jsonl")},
+        train_loop_config={"spec": spec.model_dump(), "num_train_rows": prepared.num_train_rows,
+                           "has_eval": "eval" in datasets,
+                           "metrics_path": None if filesystem else str(Path(storage) / spec.name / METRICS_FILE)},
         scaling_config=ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
                                      resources_per_worker=spec.scaling.resources_per_worker),
         run_config=RunConfig(name=spec.name, storage_path=storage, storage_filesystem=filesystem,
                              checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
                              failure_config=FailureConfig(max_failures=3)),
-        datasets={"train": ray.data.from_items(data.train)},
+        datasets=datasets,
+        # Every worker evaluates the whole held-out set; only training rows are split.
+        dataset_config=DataConfig(datasets_to_split=["train"]),
     )
     return trainer.fit()

@@ -17,6 +17,7 @@ http://127.0.0.1:8265), or with `--k8s` to Kubernetes as KubeRay RayJobs.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -103,16 +104,40 @@ def _serve(opts: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(opts: argparse.Namespace) -> int:
+    """Score a checkpoint or an endpoint on an eval spec's tasks; print the table (and the JSON)."""
+    from moeray.jobs.eval.runner import run_eval
+    from moeray.jobs.eval.spec import EvalJobSpec
+
+    spec = EvalJobSpec.from_yaml(opts.spec)
+    if opts.output:
+        spec = spec.model_copy(update={"output": opts.output})
+    report = run_eval(spec)
+    if opts.json:
+        print(json.dumps(report, indent=2))
+    if spec.output:
+        print(f"moeray: report in {spec.output}", flush=True)
+    return 0
+
+
 def _jobs_run(opts: argparse.Namespace) -> int:
-    """Run a fine-tuning job on a local Ray (development), then export its output."""
+    """Run a training job on a local Ray (development), then export its output; an eval spec
+    (one with `tasks`) is run as `moeray eval` runs it."""
+    from moeray.jobs.spec import JobSpec, load_spec
+
+    spec = load_spec(opts.spec)
+    if not isinstance(spec, JobSpec):
+        from moeray.jobs.eval.runner import run_eval
+
+        run_eval(spec)
+        print(f"moeray: eval {spec.name} finished" + (f"; report in {spec.output}" if spec.output else ""), flush=True)
+        return 0
     import ray
 
     from moeray.jobs.export import export
-    from moeray.jobs.spec import JobSpec
     from moeray.jobs.trainer import prepare, run
 
-    spec = JobSpec.from_yaml(opts.spec)
-    data = prepare(spec)  # every data, model and storage error surfaces here, before any worker starts
+    prepared = prepare(spec)  # every data, model and storage error surfaces here, before any worker starts
     if not ray.is_initialized():
         # Under the Ray Jobs API RAY_ADDRESS names the cluster the job was submitted to.
         address = opts.address or os.environ.get("RAY_ADDRESS") or "local"
@@ -120,7 +145,7 @@ def _jobs_run(opts: argparse.Namespace) -> int:
         # beside training workers that reserve every core for their torch threads.
         local = {"include_dashboard": False, "num_cpus": max(os.cpu_count() or 1, 4)}
         ray.init(address=address, **(local if address == "local" else {}))
-    result = run(spec, data)
+    result = run(spec, prepared)
     with result.checkpoint.as_directory() as folder:
         out = export(spec, folder)
     print(f"moeray: job {spec.name} finished at step {result.metrics.get('step')}; output in {out}", flush=True)
@@ -211,8 +236,13 @@ def main(argv: list[str] | None = None) -> int:
     serve_cmd.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template replacing the checkpoint's")
     serve_cmd.add_argument("--verbose", action="store_true", help="print Ray's and Serve's logs here too")
     serve_cmd.set_defaults(run=_serve)
-    jobs = commands.add_parser("jobs", help="fine-tuning jobs").add_subparsers(dest="jobs_command", required=True)
-    jobs_run = jobs.add_parser("run", help="run a job spec on a local Ray (development)")
+    eval_cmd = commands.add_parser("eval", help="score a checkpoint or an endpoint on benchmark tasks")
+    eval_cmd.add_argument("spec", help="eval spec YAML (examples/eval/)")
+    eval_cmd.add_argument("--output", help="write the JSON report here (a path or an s3:// URI)")
+    eval_cmd.add_argument("--json", action="store_true", help="also print the whole report as JSON")
+    eval_cmd.set_defaults(run=_eval)
+    jobs = commands.add_parser("jobs", help="training and evaluation jobs").add_subparsers(dest="jobs_command", required=True)
+    jobs_run = jobs.add_parser("run", help="run a job spec (training or eval) on a local Ray (development)")
     jobs_run.add_argument("spec", help="job spec YAML")
     jobs_run.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     jobs_run.set_defaults(run=_jobs_run)

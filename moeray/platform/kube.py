@@ -140,10 +140,10 @@ def cpu_quantity(cpus: float) -> str:
 def build_rayjob(spec_path: str | Path, options: RayJobOptions) -> tuple[dict[str, Any], dict[str, Any]]:
     """(RayJob, ConfigMap) for a job spec file; raises `JobSpecError` for an invalid spec."""
     # Imported here: the jobs package is needed only when a job is built.
-    from moeray.jobs.spec import JobSpec
+    from moeray.jobs.spec import load_spec
 
     spec_path = Path(spec_path)
-    spec = JobSpec.from_yaml(spec_path)
+    spec = load_spec(spec_path)
     name = options.name or job_name(spec.name)
     labels = {"app.kubernetes.io/name": "moeray", "app.kubernetes.io/instance": options.instance,
               "app.kubernetes.io/component": "fine-tuning", "moeray.io/job": name}

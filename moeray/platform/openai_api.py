@@ -245,7 +245,7 @@ def build_openai_app(client: ModelClient, settings: ServeSettings, metrics: Serv
         if not prompts:
             raise OpenAIError(400, "prompt must not be empty", param="prompt")
         request_id = new_id("cmpl")
-        requests = [GenerateRequest(f"{request_id}-{i}", params, prompt=p, adapter=adapter_of(body))
+        requests = [GenerateRequest(f"{request_id}-{i}", params, prompt=p, adapter=adapter_of(body), echo=body.echo)
                     for i, p in enumerate(prompts)]
         return await respond(request, body, CompletionFormat(request_id, body.model, now(), params.n, len(prompts)),
                              requests)

@@ -151,9 +151,9 @@ def _legacy_logprobs(entries: list[TokenLogprob] | None, offset: int) -> Complet
     for entry in entries:
         offsets.append(position)
         position += len(entry.token)
+    tops = [None if e.top_logprobs is None else {t.token: t.logprob for t in e.top_logprobs} for e in entries]
     return CompletionLogprobs(tokens=[e.token for e in entries], token_logprobs=[e.logprob for e in entries],
-                              top_logprobs=[{t.token: t.logprob for t in e.top_logprobs} for e in entries],
-                              text_offset=offsets)
+                              top_logprobs=tops, text_offset=offsets)
 
 
 class CompletionFormat(Format):

@@ -387,12 +387,13 @@ class CompletionRequest(_Request):
         return list(prompt)
 
     def to_sampling_params(self, reasoning: bool = False) -> SamplingParams:
-        if self.echo:
-            raise OpenAIError(400, "echo is not supported", param="echo")
         if self.best_of not in (None, self.n):
             raise OpenAIError(400, "best_of is not supported (other than equal to n)", param="best_of")
         max_tokens = self.max_tokens if self.max_tokens is not None else 16
-        return self._sampling(max_tokens, self.logprobs, self._structured(reasoning=False))
+        params = self._sampling(max_tokens, self.logprobs, self._structured(reasoning=False))
+        if self.echo and self.logprobs is not None:
+            params.prompt_logprobs = self.logprobs  # echo with logprobs scores the prompt (lm-eval's loglikelihood)
+        return params
 
 
 def new_id(prefix: str) -> str:

@@ -127,11 +127,22 @@ def _explain(action: str, job: str | None, url: str, err: BaseException, retried
 
 def submit(spec_path: str | Path, address: str | None = None, submission_id: str | None = None,
            retry_timeout_s: float = DEFAULT_RETRY_TIMEOUT_S, on_retry: Callable[[str], None] = _print_retry) -> str:
-    from moeray.jobs.spec import JobSpec
-    from moeray.jobs.trainer import absolute_paths, prepare
+    from moeray.jobs.spec import JobSpec, load_spec
 
-    spec = absolute_paths(JobSpec.from_yaml(spec_path))
-    prepare(spec, check_only=True)  # every data, model and storage error surfaces here, before the cluster sees it
+    spec = load_spec(spec_path)
+    # Every data, model and storage error surfaces here, before the cluster sees it.
+    if isinstance(spec, JobSpec):
+        from moeray.jobs.trainer import absolute_paths, prepare
+
+        spec = absolute_paths(spec)
+        prepare(spec)
+        method = spec.method
+    else:
+        from moeray.jobs.eval.runner import absolute_paths, check
+
+        spec = absolute_paths(spec)
+        check(spec)
+        method = "eval"
     submission_id = submission_id or f"moeray-{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     tries = 0
     with tempfile.TemporaryDirectory(prefix="moeray-job-") as working_dir:
@@ -143,7 +154,7 @@ def submit(spec_path: str | Path, address: str | None = None, submission_id: str
             try:
                 return client.submit_job(entrypoint=f"moeray jobs run {SPEC_FILE}", submission_id=submission_id,
                                          runtime_env={"working_dir": working_dir},
-                                         metadata={"moeray_job": spec.name, "method": spec.method})
+                                         metadata={"moeray_job": spec.name, "method": method})
             except RuntimeError as err:
                 if tries > 1 and "already exists" in str(err):  # an earlier try went through
                     return submission_id

@@ -45,8 +45,8 @@ class CompletionLogprobs(BaseModel):
     """The legacy completions layout: parallel lists."""
 
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]  # None for an echoed prompt's first token, as OpenAI does
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
 

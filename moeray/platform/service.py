@@ -34,6 +34,7 @@ class GenerateRequest:
     adapter: str | None = None  # a LoRA adapter served beside the base model (the request's `model`)
     tools: list[dict[str, Any]] | None = None  # tool definitions, for the chat template
     parse_tool_calls: bool = False  # the output may hold tool calls: parse them out
+    echo: bool = False  # completions: every choice starts with the prompt (and its logprobs, if asked)
 
 
 @dataclass
@@ -45,7 +46,7 @@ class TopLogprob:
 
 @dataclass
 class TokenLogprob(TopLogprob):
-    top_logprobs: list[TopLogprob]
+    top_logprobs: list[TopLogprob] | None  # None with logprob None: an echoed prompt's first token
 
 
 @dataclass
@@ -171,14 +172,39 @@ class ReplicaService:
         parsers = self._parsers(request, opens_reasoning)
         num_prompt = len(prompt) if isinstance(prompt, list) else len(self.tokenizer.encode(prompt))
         yield GenerateChunk(request.request_id, [], num_prompt, 0, False, replica_id=self.replica_id)
+        echo = request.echo
         async for output in stream:
             chunk = GenerateChunk(request.request_id, [
                 parsers[o.index].output(o.index, o.text, o.token_ids, self._logprobs(o.logprobs), o.finish_reason)
                 for o in output.outputs], output.num_prompt_tokens, output.num_cached_tokens, output.finished,
                 replica_id=self.replica_id)
+            if echo:  # the first output: every choice starts with the prompt
+                chunk.outputs[:0] = self._echo(prompt, output.prompt_logprobs, request.params.n)
+                echo = False
             if output.finished:
                 chunk.stats = self.stats().as_dict()
             yield chunk
+
+    def _echo(self, prompt: str | list[int], entries, n: int) -> list[ChunkOutput]:
+        """The prompt as the start of each of the n choices. Its tokens' texts leave special tokens
+        out (an empty string for bos), so that text offsets index the echoed text."""
+        text = prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt, skip_special_tokens=True)
+        logprobs = None
+        if entries is not None:
+            logprobs = []
+            for entry, token_id in zip(entries, self.engine.tokenize_prompt(prompt) if isinstance(prompt, str)
+                                       else prompt):
+                token = self.tokenizer.decode([token_id], skip_special_tokens=True)
+                token_bytes = list(token.encode("utf-8", errors="replace"))
+                if entry is None:
+                    logprobs.append(TokenLogprob(token, None, token_bytes, None))
+                    continue
+                top = []
+                for alternative_id, value in entry.top:
+                    alternative, alternative_bytes = self._token(alternative_id)
+                    top.append(TopLogprob(alternative, value, alternative_bytes))
+                logprobs.append(TokenLogprob(token, entry.logprob, token_bytes, top))
+        return [ChunkOutput(i, text, [], logprobs, None) for i in range(n)]
 
     def _token(self, token_id: int) -> tuple[str, list[int]]:
         text = self.tokenizer.decode([token_id], skip_special_tokens=False)

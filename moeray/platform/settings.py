@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
+from moeray.config_io import explain, read_yaml
 from moeray.engine.config import EngineConfig
 
 ENV_PREFIX = "MOERAY_"
@@ -157,64 +158,19 @@ class ServeSettings(_Strict):
         data: dict[str, Any] = {}
         document = None
         if config_file is not None:
-            document = _read_yaml(Path(config_file))
-            data = document[0]
+            document = read_yaml(Path(config_file), SettingsError, "settings")
+            data = document.data
         _deep_merge(data, _from_environment(os.environ if environ is None else environ))
         _deep_merge(data, {k: v for k, v in (overrides or {}).items() if v is not None})
         try:
             return cls.model_validate(data)
         except ValidationError as err:
-            raise SettingsError(_explain(err, config_file, document)) from None
+            raise SettingsError(explain(err, document, config_file)) from None
 
     def to_yaml(self) -> str:
         data = self.model_dump(mode="json")
         data["api_keys"] = [key.get_secret_value() for key in self.api_keys]
         return yaml.safe_dump(data, sort_keys=False)
-
-
-def _read_yaml(path: Path) -> tuple[dict[str, Any], yaml.Node | None]:
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise SettingsError(f"cannot read settings file {path}: {err.strerror}") from None
-    try:
-        data = yaml.safe_load(text) or {}
-        node = yaml.compose(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise SettingsError(f"{where}: invalid YAML ({getattr(err, 'problem', err)})") from None
-    if not isinstance(data, dict):
-        raise SettingsError(f"{path}: expected a mapping of settings at the top level")
-    return data, (path, node)
-
-
-def _line_of(node: yaml.Node | None, keys: tuple) -> int | None:
-    """1-based line of the deepest key of `keys` present in the YAML node tree."""
-    line = None
-    for key in keys:
-        if not isinstance(node, yaml.MappingNode):
-            break
-        for key_node, value_node in node.value:
-            if key_node.value == str(key):
-                line, node = key_node.start_mark.line + 1, value_node
-                break
-        else:
-            break
-    return line
-
-
-def _explain(err: ValidationError, config_file, document) -> str:
-    problems = []
-    for problem in err.errors():
-        key = ".".join(str(p) for p in problem["loc"])
-        message = "unknown setting" if problem["type"] == "extra_forbidden" else problem["msg"]
-        where = ""
-        if document is not None:
-            line = _line_of(document[1][1], problem["loc"])
-            where = f"{config_file}:{line}: " if line else f"{config_file}: "
-        problems.append(f"{where}setting '{key}': {message}")
-    return "; ".join(problems)
 
 
 def _from_environment(environ: dict[str, str]) -> dict[str, Any]:

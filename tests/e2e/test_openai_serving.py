@@ -6,6 +6,7 @@ import time
 import httpx
 import openai
 import pytest
+import torch
 
 from support import API_KEY, moeray_greedy
 from moeray import LLM, SamplingParams
@@ -135,6 +136,31 @@ def test_logprobs(client):
     legacy = client.completions.create(model=MODEL, prompt="a", max_tokens=3, temperature=0, logprobs=2,
                                        extra_body={"ignore_eos": True})
     assert len(legacy.choices[0].logprobs.tokens) == 3 and len(legacy.choices[0].logprobs.top_logprobs[0]) == 2
+
+
+def test_echo_with_logprobs_scores_the_prompt_as_the_model_does(client, offline):
+    """`echo` + `logprobs` on /v1/completions (what lm-eval's log-likelihood tasks send): every
+    prompt token's log-probability given the ones before it, as the model's own forward gives."""
+    prompt = "def add(a, b): return a + b"
+    choice = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, temperature=0, echo=True,
+                                       logprobs=2).choices[0]
+    assert choice.text.startswith(prompt) and len(choice.text) > len(prompt)
+    logprobs = choice.logprobs
+    ids = offline.tokenizer.encode(prompt)
+    assert len(logprobs.tokens) == len(ids) + 1 and logprobs.token_logprobs[0] is None
+    with torch.no_grad():
+        logits = offline.engine.model(torch.tensor([ids]))[0].float()
+    expected = torch.log_softmax(logits[:-1], -1).gather(1, torch.tensor(ids[1:])[:, None]).squeeze(1)
+    torch.testing.assert_close(torch.tensor(logprobs.token_logprobs[1:len(ids)]), expected, atol=1e-4, rtol=0)
+    assert all(1 <= len(top) <= 2 for top in logprobs.top_logprobs[1:])  # a dict: equal token texts merge
+    for offset, token in zip(logprobs.text_offset, logprobs.tokens):  # offsets index the echoed text
+        assert choice.text[offset:offset + len(token)] == token
+    tokens = client.completions.create(model=MODEL, prompt=ids, max_tokens=1, temperature=0, echo=True,
+                                       logprobs=0).choices[0].logprobs
+    assert tokens.token_logprobs[:len(ids)] == logprobs.token_logprobs[:len(ids)]  # token-id prompts alike
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=3, temperature=0, echo=True, stream=True) if c.choices)
+    assert streamed.startswith(prompt)
 
 
 def test_penalties_top_k_and_min_p_reach_the_sampler(client, offline):

@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from moeray.jobs.export import export
-from moeray.jobs.spec import JobSpec
+from moeray.jobs.spec import parse_spec
 from moeray.jobs.trainer import run
 from moeray.platform.default_model import DEFAULT_MODEL_DIR
 from support import deploy, write_jsonl
@@ -37,7 +37,7 @@ def transcript(i: int) -> dict:
 def served(ray_session, serve_port, tmp_path_factory):
     root = tmp_path_factory.mktemp("tool-calling")
     write_jsonl(root / "train.jsonl", [transcript(i) for i in range(48)])
-    spec = JobSpec.model_validate({
+    spec = parse_spec({
         "name": "tool-calling", "base_model": str(DEFAULT_MODEL_DIR), "method": "sft", "output": str(root / "out"),
         "data": {"train": str(root / "train.jsonl")},
         "train": {"learning_rate": 3e-3, "max_steps": 100, "per_device_batch_size": 8, "max_length": 512,

@@ -87,10 +87,16 @@ def test_valid_dpo_rows_pass():
 @pytest.mark.parametrize("row, problem", [
     ({"prompt": "Hi", "chosen": "Hello"}, "missing 'rejected'"),
     ({"prompt": 5, "chosen": "a", "rejected": "b"}, "prompt must be a string or a list of messages"),
-    ({"prompt": "Hi", "chosen": [{"role": "assistant"}], "rejected": "b"}, r"chosen\[0\]\.content must be a string"),
-    ({"prompt": CONVERSATION[:3], "chosen": "a", "rejected": "b"}, "prompt must not end with an assistant message"),
-    ({"prompt": "Hi", "chosen": "a", "rejected": [{"role": "user", "content": "b"}]},
-     "rejected must end with an assistant message"),
+    ({"prompt": CONVERSATION[:2], "chosen": [{"role": "assistant"}], "rejected": [{"role": "assistant",
+                                                                                    "content": "b"}]},
+     r"chosen\[0\]\.content must be a string"),
+    ({"prompt": CONVERSATION[:3], "chosen": [{"role": "assistant", "content": "a"}],
+      "rejected": [{"role": "assistant", "content": "b"}]}, "prompt must not end with an assistant message"),
+    ({"prompt": CONVERSATION[:2], "chosen": [{"role": "assistant", "content": "a"}],
+      "rejected": [{"role": "user", "content": "b"}]}, "rejected must end with an assistant message"),
+    ({"prompt": "Hi", "chosen": "a", "rejected": [{"role": "assistant", "content": "b"}]},
+     r"mixes the standard \(string\) and conversational \(message list\) formats: prompt is a string, chosen is "
+     r"a string, rejected is a message list"),
 ])
 def test_invalid_dpo_rows_are_named_with_their_line(row, problem):
     with pytest.raises(DataError, match=rf"^pairs\.jsonl:9: {problem}"):
@@ -126,10 +132,11 @@ def test_sft_rejects_a_template_that_is_not_prefix_stable(tmp_path):
         tokenize_sft(CONVERSATION, Tokenizer.from_pretrained(tmp_path), max_length=512)
 
 
-def test_dpo_string_form(tokenizer):
+def test_dpo_standard_rows_are_tokenized_as_they_are(tokenizer):
+    """TRL's standard format: strings, no chat template (bos before the prompt, eos after each side)."""
     parts = tokenize_dpo({"prompt": "Hello world", "chosen": "Hello there!", "rejected": "Go away"}, tokenizer, 512)
-    user_turn = [{"role": "user", "content": "Hello world"}]
-    assert parts["prompt_ids"] == tokenizer.apply_chat_template(user_turn, add_generation_prompt=True, tokenize=True)
+    assert parts["prompt_ids"] == tokenizer.encode("Hello world")
+    assert tokenizer.decode(parts["prompt_ids"], skip_special_tokens=False) == f"{tokenizer.bos_token}Hello world"
     assert tokenizer.decode(parts["chosen_ids"], skip_special_tokens=False) == f"Hello there!{EOS}"
     assert tokenizer.decode(parts["rejected_ids"], skip_special_tokens=False) == f"Go away{EOS}"
 

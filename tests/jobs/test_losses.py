@@ -49,9 +49,9 @@ def test_balance_terms_from_a_training_forward():
 
 
 def _spec(method: str):
-    from moeray.jobs.spec import JobSpec
+    from moeray.jobs.spec import parse_spec
 
-    return JobSpec.model_validate({"name": "t", "base_model": "unused", "method": method, "output": "unused",
+    return parse_spec({"name": "t", "base_model": "unused", "method": method, "output": "unused",
                                    "data": {"train": "unused.jsonl"}, "checkpoint": {"storage": "unused"}})
 
 
@@ -59,7 +59,7 @@ def test_padding_free_training_losses_equal_the_padded_computation():
     """The trainer runs rows without padding and the head only on labelled positions; the SFT and
     DPO losses equal those of a padded batch through the full head."""
     from moeray.jobs.data import pad_batch
-    from moeray.jobs.trainer import _batch_loss
+    from support import method_loss
 
     model = moeray.model.build(ModelArgs.preset("tiny"), seed=3)
     gen = torch.Generator().manual_seed(0)
@@ -70,7 +70,7 @@ def test_padding_free_training_losses_equal_the_padded_computation():
     with torch.no_grad():
         padded = pad_batch(rows, pad_id=2)
         expected = sft_loss(model(padded["input_ids"]), padded["labels"])
-        loss, metrics = _batch_loss(model, _spec("sft"), rows)
+        loss, metrics = method_loss(model, _spec("sft"), rows)
         torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
         assert metrics["tokens"] == int((padded["labels"][:, 1:] != -100).sum())
 
@@ -79,14 +79,16 @@ def test_padding_free_training_losses_equal_the_padded_computation():
         for pair in pairs:
             pair["rejected_mask"] = [0] * (len(pair["rejected_ids"]) // 2) + [1] * (len(pair["rejected_ids"]) -
                                                                                      len(pair["rejected_ids"]) // 2)
-            pair["ref_chosen"], pair["ref_rejected"] = -40.0, -41.0
+        reference = moeray.model.build(ModelArgs.preset("tiny"), seed=4)
         logps = {}
         for side in ("chosen", "rejected"):
             side_rows = pad_batch([{"input_ids": p[f"{side}_ids"], "labels": p[f"{side}_mask"]} for p in pairs], 2)
-            logps[side] = sequence_logprobs(model(side_rows["input_ids"]), side_rows["input_ids"],
-                                            side_rows["labels"].clamp(min=0))
-        expected, _ = dpo_loss(logps["chosen"], logps["rejected"], torch.full((3,), -40.0), torch.full((3,), -41.0))
-        loss, _ = _batch_loss(model, _spec("dpo"), pairs)
+            for name, which in (("policy", model), ("reference", reference)):
+                logps[name, side] = sequence_logprobs(which(side_rows["input_ids"]), side_rows["input_ids"],
+                                                      side_rows["labels"].clamp(min=0))
+        expected, _ = dpo_loss(logps["policy", "chosen"], logps["policy", "rejected"], logps["reference", "chosen"],
+                               logps["reference", "rejected"])
+        loss, _ = method_loss(model, _spec("dpo"), pairs, reference=reference)
         torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
 
 

@@ -92,3 +92,21 @@ def test_bad_data_is_rejected_before_the_cluster_sees_the_job(ray_dashboard, spe
     assert main(["jobs", "submit", str(tmp_path / "spec.yaml"), "--address", ray_dashboard]) == 2
     assert f"{tmp_path / 'train.jsonl'}:2" in capsys.readouterr().err
     assert len(ray_jobs.list_jobs(ray_dashboard)) == before
+
+
+def test_an_eval_spec_runs_as_a_job(ray_dashboard, spec_file, tmp_path, capsys):
+    """`jobs submit` of an eval spec (one with tasks): the job runs `moeray eval` and writes its report."""
+    (tmp_path / "items.jsonl").write_text("".join(json.dumps({"question": f"{i} + 1", "answer": str(i + 1)}) + "\n"
+                                                  for i in range(3)))
+    spec = {"name": "api-eval", "model": str(spec_file.parent / "base"), "output": str(tmp_path / "report.json"),
+            "tasks": [{"file": str(tmp_path / "items.jsonl"), "kind": "exact_match", "prompt_template": "{question} =",
+                       "max_tokens": 2}]}
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(spec))
+    assert main(["jobs", "submit", str(tmp_path / "eval.yaml"), "--address", ray_dashboard]) == 0
+    submission_id = capsys.readouterr().out.split("submitted ", 1)[1].split()[0]
+    assert ray_jobs.wait(submission_id, ray_dashboard, timeout_s=180).status == "SUCCEEDED"
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["name"] == "api-eval" and len(report["tasks"][0]["items"]) == 3
+    (tmp_path / "items.jsonl").write_text('{"question": "1 + 1"}\n')  # no answer: refused before submitting
+    assert main(["jobs", "submit", str(tmp_path / "eval.yaml"), "--address", ray_dashboard]) == 2
+    assert "items.jsonl:1: missing 'answer'" in capsys.readouterr().err

@@ -6,7 +6,7 @@ import boto3
 import pytest
 
 from moeray.jobs.export import export, trained_model
-from moeray.jobs.spec import JobSpec
+from moeray.jobs.spec import parse_spec
 from moeray.jobs.trainer import prepare, run
 from moeray.storage import StorageError, download_dir, upload_dir
 from moeray import LLM, SamplingParams
@@ -24,7 +24,7 @@ def test_sft_job_reads_and_writes_s3(ray_session, s3_server, tmp_path):
     rows = [{"messages": [{"role": "user", "content": f"n={i}"}, {"role": "assistant", "content": str(i % 5)}]}
             for i in range(24)]
     s3.put_object(Bucket="moeray-jobs", Key="data/train.jsonl", Body="\n".join(json.dumps(r) for r in rows))
-    spec = JobSpec.model_validate({
+    spec = parse_spec({
         "name": "s3-sft", "base_model": "s3://moeray-jobs/models/base", "method": "sft",
         "output": "s3://moeray-jobs/outputs/s3-sft",
         "data": {"train": "s3://moeray-jobs/data/train.jsonl"},
@@ -49,7 +49,7 @@ def test_unreachable_storage_fails_before_training(s3_server, tmp_path):
     write_hf_model_folder(base, "v3", seed=8)
     (tmp_path / "train.jsonl").write_text(json.dumps(
         {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}) + "\n")
-    spec = JobSpec.model_validate({"name": "x", "base_model": str(base), "method": "sft", "output": str(tmp_path / "o"),
+    spec = parse_spec({"name": "x", "base_model": str(base), "method": "sft", "output": str(tmp_path / "o"),
                                    "data": {"train": str(tmp_path / "train.jsonl")},
                                    "checkpoint": {"storage": "s3://no-such-bucket/ckpt"}})
     with pytest.raises(StorageError, match="s3://no-such-bucket/ckpt is not reachable"):

@@ -31,10 +31,10 @@ train:
   per_device_batch_size: 2
   gradient_accumulation_steps: 2
   max_length: 256
-  packing: true
   max_grad_norm: null
   seed: 7
-  beta: 0.2
+sft:
+  packing: true
 moe:
   router_aux_loss_coef: 0.01
   bias_update_rate: 0.001
@@ -72,7 +72,7 @@ def write(tmp_path, text):
 def test_full_spec_round_trips(tmp_path):
     spec = JobSpec.from_yaml(write(tmp_path, FULL_SPEC))
     assert spec.lora.target_modules == ["q_b_proj", "o_proj"] and spec.lora.alpha == 8
-    assert spec.train.max_grad_norm is None and spec.train.packing and spec.train.lr_schedule == "linear"
+    assert spec.train.max_grad_norm is None and spec.sft.packing and spec.train.lr_schedule == "linear"
     assert spec.scaling.resources_per_worker == {"CPU": 2.0} and spec.eval.every_steps == 5
     assert JobSpec.from_yaml(write(tmp_path, spec.to_yaml())) == spec
 
@@ -80,7 +80,7 @@ def test_full_spec_round_trips(tmp_path):
 def test_minimal_spec_gets_defaults(tmp_path):
     spec = JobSpec.from_yaml(write(tmp_path, MINIMAL_SPEC.format(method="dpo")))
     assert spec.lora is None and spec.output_format == "merged"
-    assert spec.train.learning_rate == 1e-4 and spec.train.lr_schedule == "cosine" and spec.train.beta == 0.1
+    assert spec.train.learning_rate == 1e-4 and spec.train.lr_schedule == "cosine" and spec.dpo.beta == 0.1
     assert spec.scaling.num_workers == 1 and spec.checkpoint.every_steps == 50 and spec.checkpoint.keep == 2
     assert JobSpec.from_yaml(write(tmp_path, spec.to_yaml())) == spec
 
@@ -105,7 +105,8 @@ def test_wrong_type_names_file_line_and_key(tmp_path):
 
 def test_out_of_range_and_bad_choice(tmp_path):
     path = write(tmp_path, MINIMAL_SPEC.format(method="ppo"))
-    with pytest.raises(JobSpecError, match=r"spec\.yaml:3: setting 'method': .*'sft' or 'dpo'"):
+    with pytest.raises(JobSpecError, match=r"spec\.yaml:3: setting 'method': 'ppo' is not a method; choose one of "
+                                           r"'pretrain', 'sft', 'dpo', 'grpo'"):
         JobSpec.from_yaml(path)
     path = write(tmp_path, MINIMAL_SPEC.format(method="sft") + "lora:\n  rank: 0\n  target_modules: []\n")
     with pytest.raises(JobSpecError, match=r"spec\.yaml:10: setting 'lora\.rank'.*spec\.yaml:11: setting "
@@ -124,11 +125,23 @@ def test_missing_file(tmp_path):
         JobSpec.from_yaml(tmp_path / "absent.yaml")
 
 
-def test_dpo_with_packing_is_rejected(tmp_path):
-    path = write(tmp_path, MINIMAL_SPEC.format(method="dpo") + "train:\n  packing: true\n")
-    with pytest.raises(JobSpecError, match=r"spec\.yaml:9: setting 'train': packing applies to SFT only"):
+def test_each_method_has_its_own_section(tmp_path):
+    """Options of one method are unknown to another: DPO's beta is not a train setting, and
+    packing belongs to SFT."""
+    path = write(tmp_path, MINIMAL_SPEC.format(method="dpo") + "sft:\n  packing: true\n")
+    with pytest.raises(JobSpecError, match=r"spec\.yaml:9: setting 'sft': unknown setting"):
         JobSpec.from_yaml(path)
-    assert JobSpec.from_yaml(write(tmp_path, MINIMAL_SPEC.format(method="sft") + "train:\n  packing: true\n"))
+    path = write(tmp_path, MINIMAL_SPEC.format(method="sft") + "train:\n  beta: 0.2\n")
+    with pytest.raises(JobSpecError, match=r"spec\.yaml:10: setting 'train\.beta': unknown setting"):
+        JobSpec.from_yaml(path)
+    assert JobSpec.from_yaml(write(tmp_path, MINIMAL_SPEC.format(method="sft") + "sft:\n  packing: true\n")).sft.packing
+    assert JobSpec.from_yaml(write(tmp_path, MINIMAL_SPEC.format(method="dpo") + "dpo:\n  beta: 0.3\n")).dpo.beta == 0.3
+
+
+def test_missing_method_names_the_choices(tmp_path):
+    path = write(tmp_path, MINIMAL_SPEC.format(method="sft").replace("method: sft\n", ""))
+    with pytest.raises(JobSpecError, match=r"spec\.yaml: setting 'method': missing; choose one of"):
+        JobSpec.from_yaml(path)
 
 
 def test_eval_file_and_fraction_exclude_each_other(tmp_path):
@@ -153,7 +166,9 @@ def _models(annotation):
 
 
 def test_every_field_has_a_description():
-    seen, pending, checked = set(), [JobSpec], 0
+    from moeray.jobs.methods import METHODS
+
+    seen, pending, checked = set(), [JobSpec, *(method.spec_class for method in METHODS.values())], 0
     while pending:
         model = pending.pop()
         if model in seen:
@@ -163,5 +178,5 @@ def test_every_field_has_a_description():
             assert field.description, f"{model.__name__}.{name} has no description"
             checked += 1
             pending.extend(_models(field.annotation))
-    assert len(seen) == 8 and checked > 30
+    assert len(seen) == 16 and checked > 50
     assert isinstance(JobSpec.model_fields["lora"].annotation, types.UnionType)

@@ -2,10 +2,6 @@
 
 import json
 import math
-import os
-import signal
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -14,8 +10,10 @@ import torch
 import moeray.model
 from moeray import LLM, SamplingParams
 from moeray.jobs.export import export, trained_model
-from moeray.jobs.trainer import _eval_loss, prepare, run
-from support import make_spec, moeray_greedy, sft_rows, write_hf_model_folder, write_jsonl
+from moeray.jobs.trainer import prepare, run
+from moeray.model.tokenizer import Tokenizer
+from support import (encoded_rows, make_spec, method_loss, moeray_greedy, run_and_kill_workers, sft_rows,
+                     write_hf_model_folder, write_jsonl)
 
 pytestmark = pytest.mark.slow
 
@@ -23,10 +21,10 @@ pytestmark = pytest.mark.slow
 def test_sft_lowers_held_out_loss_and_export_serves_the_same_model(ray_session, tmp_path, base):
     write_jsonl(tmp_path / "train.jsonl", sft_rows())
     spec = make_spec(tmp_path, base)
-    data = prepare(spec)
-    import moeray.model
-    before = _eval_loss(moeray.model.load(base), spec, data.eval)
-    result = run(spec, data)
+    held_out = encoded_rows(spec, sft_rows(), Tokenizer.from_pretrained(base), held_out=True)
+    with torch.no_grad():
+        before = float(method_loss(moeray.model.load(base), spec, held_out)[0])
+    result = run(spec)
     assert result.metrics["step"] == 24
     assert result.metrics["eval_loss"] < before * 0.8
     with result.checkpoint.as_directory() as folder:
@@ -121,45 +119,19 @@ def test_same_job_again_resumes_from_its_last_complete_checkpoint(ray_session, t
     assert steps == list(range(1, 13))  # 1..8, then 9..12: continued, not started over
 
 
-def _train_worker_pids() -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if b"RayTrainWorker" in f.read():
-                        pids.append(int(entry))
-            except OSError:
-                pass
-    return pids
-
-
 def test_killed_worker_resumes_from_last_checkpoint(ray_session, tmp_path, base):
     write_jsonl(tmp_path / "train.jsonl", sft_rows(96))
     spec = make_spec(tmp_path, base, name="job-killed", train={"max_steps": 60},
                      checkpoint={"every_steps": 5}, eval={"every_steps": 100})
     metrics = tmp_path / "ckpt" / "job-killed" / "metrics.jsonl"
-    outcome = {}
-    thread = threading.Thread(target=lambda: outcome.setdefault("result", run(spec)))
-    thread.start()
-    deadline = time.monotonic() + 300
-    killed_at = None
-    while time.monotonic() < deadline and killed_at is None:
-        lines = metrics.read_text().splitlines() if metrics.exists() else []
-        pids = _train_worker_pids()
-        if len(lines) >= 12 and pids:
-            killed_at = len(lines)
-            for pid in pids:
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(0.05)
-    thread.join(timeout=600)
-    assert killed_at is not None and outcome["result"].metrics["step"] == 60
+    result, killed_at = run_and_kill_workers(run, spec, metrics, after_lines=12)
+    assert killed_at is not None and result.metrics["step"] == 60
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
     assert steps[restart] > 1 and (steps[restart] - 1) % 5 == 0  # continued after a checkpoint, not from 0
     assert steps[-1] == 60
     # The final checkpoint's own record is the continued curve: each step once, no gap.
-    with outcome["result"].checkpoint.as_directory() as folder:
+    with result.checkpoint.as_directory() as folder:
         history = [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
         assert [row["step"] for row in history] == list(range(1, 61))
         assert (Path(folder) / "loss.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")

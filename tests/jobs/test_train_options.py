@@ -10,9 +10,10 @@ import moeray.model
 from moeray import LLM, SamplingParams
 from moeray.jobs.export import export, trained_model
 from moeray.jobs.losses import router_aux_loss
-from moeray.jobs.trainer import _batch_loss, prepare, run
+from moeray.jobs.trainer import run
 from moeray.model.moe import MoE
-from support import make_spec, moeray_greedy, sft_rows, write_jsonl
+from moeray.model.tokenizer import Tokenizer
+from support import encoded_rows, make_spec, method_loss, moeray_greedy, sft_rows, write_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -50,18 +51,17 @@ def test_moe_options_reach_the_trainer(ray_session, tmp_path, base):
     spec = make_spec(tmp_path, base, name="job-moe", train={"max_steps": 1},
                      moe={"freeze_router": True, "bias_update_rate": rate, "router_aux_loss_coef": coef},
                      checkpoint={"every_steps": 1}, eval={"every_steps": 100})
-    data = prepare(spec)
-    batch = data.train[:spec.train.per_device_batch_size]  # what one worker's first step sees
+    # What one worker's first step sees: the first rows of the training side of the split.
+    batch = encoded_rows(spec, sft_rows(), Tokenizer.from_pretrained(base))[:spec.train.per_device_batch_size]
     reference = moeray.model.load(base).train()
     with torch.no_grad():
-        plain = float(_batch_loss(reference, spec.model_copy(update={"moe": spec.moe.model_copy(
-            update={"router_aux_loss_coef": 0.0})}), batch)[0])
+        plain = float(method_loss(reference, spec, batch)[0])
         aux = float(router_aux_loss(reference))
     loads = {f"model.layers.{moe.layer_idx}.mlp.gate.e_score_correction_bias":
              torch.bincount(moe.last_routing[1].flatten(), minlength=moe.gate.num_experts).float()
              for moe in reference.modules() if isinstance(moe, MoE)}
 
-    result = run(spec, data)
+    result = run(spec)
     first = json.loads((tmp_path / "ckpt" / "job-moe" / "metrics.jsonl").read_text().splitlines()[0])
     assert first["loss"] == pytest.approx(plain + coef * aux, rel=1e-4) and aux > 0.1
     with result.checkpoint.as_directory() as folder:

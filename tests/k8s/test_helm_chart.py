@@ -164,9 +164,9 @@ def test_fine_tuning_job(render):
     (configmap,) = kinds["ConfigMap"]
     head_volumes = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["volumes"]
     assert {"name": "job-spec", "configMap": {"name": configmap["metadata"]["name"]}} in head_volumes
-    from moeray.jobs.spec import JobSpec
+    from moeray.jobs.spec import parse_spec
 
-    JobSpec.model_validate(yaml.safe_load(configmap["data"]["spec.yaml"]))
+    parse_spec(yaml.safe_load(configmap["data"]["spec.yaml"]))
     (role,) = kinds["Role"]
     assert {r["resources"][0] for r in role["rules"]} == {"rayjobs", "configmaps", "pods", "pods/log"}
 

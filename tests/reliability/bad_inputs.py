@@ -77,7 +77,7 @@ CATALOGUE = [
     BadInput("negative token id", completion(prompt=[1, -3]), 400, "prompt", COMPLETIONS),
     BadInput("mixed prompt list", completion(prompt=[[1, 2], "x"]), 400, "prompt", COMPLETIONS),
     BadInput("empty prompt", completion(prompt=""), 400, "prompt", COMPLETIONS),
-    BadInput("echo", completion(echo=True), 400, "echo", COMPLETIONS),
+    BadInput("echo not a boolean", completion(echo=[1]), 400, "echo", COMPLETIONS),
     BadInput("huge legacy logprobs", completion(logprobs=50), 400, "logprobs", COMPLETIONS),
     BadInput("unknown route", {"model": MODEL, "input": "x"}, 404, "/v1/embeddings", "/v1/embeddings"),
     BadInput("wrong method", None, 405, "/v1/completions", COMPLETIONS, "GET"),
