@@ -104,7 +104,8 @@ def test_an_eval_spec_runs_as_a_job(ray_dashboard, spec_file, tmp_path, capsys):
     (tmp_path / "eval.yaml").write_text(yaml.safe_dump(spec))
     assert main(["jobs", "submit", str(tmp_path / "eval.yaml"), "--address", ray_dashboard]) == 0
     submission_id = capsys.readouterr().out.split("submitted ", 1)[1].split()[0]
-    assert ray_jobs.wait(submission_id, ray_dashboard, timeout_s=180).status == "SUCCEEDED"
+    status = ray_jobs.wait(submission_id, ray_dashboard, timeout_s=180).status
+    assert status == "SUCCEEDED", "".join(ray_jobs.logs(submission_id, ray_dashboard))[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["name"] == "api-eval" and len(report["tasks"][0]["items"]) == 3
     (tmp_path / "items.jsonl").write_text('{"question": "1 + 1"}\n')  # no answer: refused before submitting

@@ -32,10 +32,11 @@ class LocalBackend:
         self._requests = 0
 
     @classmethod
-    def from_checkpoint(cls, model: str, max_model_len: int = 2048) -> LocalBackend:
+    def from_checkpoint(cls, model: str, max_model_len: int | None = None) -> LocalBackend:
         from moeray.engine.llm import LLM
 
-        return cls(LLM(model, max_model_len=max_model_len).engine)
+        options = {} if max_model_len is None else {"max_model_len": max_model_len}
+        return cls(LLM(model, **options).engine)
 
     def generate(self, prompts, n, temperature, max_tokens, stop, seed):
         texts: dict[str, list[str]] = {}

@@ -82,7 +82,8 @@ class EvalJobSpec(_Strict):
     output: str | None = Field(None, description="Where the JSON report goes (a local path or an s3:// URI); "
                                "empty: printed only.")
     seed: int = Field(0, description="Seed of sampled completions.")
-    max_model_len: int = Field(2048, ge=16, description="Context length of the local engine (model targets).")
+    max_model_len: int | None = Field(None, ge=16, description="Context length of the local engine (model "
+                                      "targets); default: the model's own.")
 
     @model_validator(mode="after")
     def _one_target(self) -> EvalJobSpec:
