@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 
 import moeray.model
+from moeray.jobs.checkpointing import STATE_FILE
 from moeray.jobs.lora import apply_lora, merge_lora, save_adapter
 from moeray.jobs.spec import JobSpec
-from moeray.jobs.checkpointing import STATE_FILE
 from moeray.model import save_checkpoint
 from moeray.storage import is_remote, local_copy, upload_dir
 

@@ -91,11 +91,12 @@ class RolloutEngine:
     def generate(self, prompt_ids: list[list[int]], params: list[SamplingParams]) -> list[GenerationResult]:
         """All prompts in flight at once (one engine, continuous batching), each with its params."""
         results: dict[str, GenerationResult] = {}
-        for ids, params in zip(prompt_ids, params, strict=True):
+        for ids, request_params in zip(prompt_ids, params, strict=True):
             request_id = f"rollout-{self._requests}"
             self._requests += 1
-            self.engine.add_request(request_id, ids, params)
-            results[request_id] = GenerationResult(request_id, list(ids), [Completion(i) for i in range(params.n)])
+            self.engine.add_request(request_id, ids, request_params)
+            results[request_id] = GenerationResult(request_id, list(ids),
+                                                   [Completion(i) for i in range(request_params.n)])
         pending = set(results)
         while pending:
             for delta in self.engine.step():
