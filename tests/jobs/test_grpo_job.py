@@ -1,6 +1,7 @@
 """GRPO end to end on Ray Train: the embedded default model learns to open Python functions with a
 body that parses and returns, with rollouts by moeray's engine on the weights of every step; a
-killed worker resumes; the exported model, served, beats the base model on held-out prompts."""
+killed worker resumes; the exported model, served by the Serve app, beats the base model on held-out
+prompts through an eval job against its endpoint."""
 
 import json
 from pathlib import Path
@@ -8,12 +9,12 @@ from pathlib import Path
 import pytest
 
 from moeray.jobs.eval.runner import run_eval
-from moeray.jobs.eval.spec import EvalJobSpec
+from moeray.jobs.eval.spec import EndpointSpec, EvalJobSpec
 from moeray.jobs.export import export
 from moeray.jobs.spec import JobSpec, parse_spec
 from moeray.jobs.trainer import run
 from moeray.platform.default_model import DEFAULT_MODEL_DIR
-from support import run_and_kill_workers
+from support import deploy, run_and_kill_workers
 
 pytestmark = pytest.mark.slow
 
@@ -32,15 +33,17 @@ def example_spec(tmp_path, **changes) -> JobSpec:
     return parse_spec(data)
 
 
-def held_out_pass_rate(model_folder) -> float:
-    """pass@1 on the held-out prompts through the eval job of examples/eval/grpo-functions.yaml."""
+def held_out_pass_rate(target: dict) -> float:
+    """pass@1 on the held-out prompts through the eval job of examples/eval/grpo-functions.yaml,
+    against `target`: {"model": a folder} or {"endpoint": an EndpointSpec}."""
     spec = EvalJobSpec.from_yaml(REPO / "examples" / "eval" / "grpo-functions.yaml")
     task = spec.tasks[0].model_copy(update={"file": str(REPO / spec.tasks[0].file)})
-    report = run_eval(spec.model_copy(update={"model": str(model_folder), "tasks": [task]}), print_table=False)
+    report = run_eval(spec.model_copy(update={"model": None, **target, "tasks": [task]}), print_table=False)
     return report["tasks"][0]["metrics"]["pass@1"]
 
 
-def test_grpo_raises_the_reward_resumes_a_killed_worker_and_the_exported_model_beats_the_base(ray_session,
+@pytest.mark.timeout(1200)  # a Ray Train job of 40 steps, a restart and evals, on a loaded CI machine
+def test_grpo_raises_the_reward_resumes_a_killed_worker_and_the_exported_model_beats_the_base(serve_port,
                                                                                               tmp_path):
     spec = example_spec(tmp_path)
     metrics = tmp_path / "ckpt" / spec.name / "metrics.jsonl"
@@ -48,11 +51,12 @@ def test_grpo_raises_the_reward_resumes_a_killed_worker_and_the_exported_model_b
     # due: the run resumes from the last one Ray Train recorded and still learns.
     spec = spec.model_copy(update={"checkpoint": spec.checkpoint.model_copy(update={"every_steps": 8}),
                                    "eval": spec.eval.model_copy(update={"every_steps": 8})})
-    result, killed_at = run_and_kill_workers(run, spec, metrics, after_lines=18)
+    result, killed_at = run_and_kill_workers(run, spec, metrics, after_lines=18, timeout_s=600)
     assert killed_at is not None and result.metrics["step"] == 40
     lines = [json.loads(line) for line in metrics.read_text().splitlines()]
     restart = next(i for i in range(1, len(lines)) if lines[i]["step"] <= lines[i - 1]["step"])
-    assert lines[restart]["step"] in (9, 17), [row["step"] for row in lines]  # after a checkpoint, not from 0
+    # Resumed after a checkpoint Ray Train had recorded (8 or 16 here, later on a slow machine), not from 0.
+    assert lines[restart]["step"] > 1 and (lines[restart]["step"] - 1) % 8 == 0, [row["step"] for row in lines]
     with result.checkpoint.as_directory() as folder:
         history = [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
         assert (Path(folder) / "loss.png").read_bytes().startswith(b"\x89PNG")
@@ -70,5 +74,13 @@ def test_grpo_raises_the_reward_resumes_a_killed_worker_and_the_exported_model_b
     assert history[-1]["eval_reward"] is not None
     # eval.tasks ran on the weights of steps 8, 16, ... and were logged beside the loss.
     assert history[-1]["eval/grpo-functions-eval/pass@1"] > history[7]["eval/grpo-functions-eval/pass@1"]
-    base_score, trained_score = held_out_pass_rate(DEFAULT_MODEL_DIR), held_out_pass_rate(out)
+    # The exported model served by moeray's Serve app, scored through its OpenAI endpoint.
+    url = deploy({"model": str(out), "served_model_name": "grpo", "app_name": "grpo"}, "/grpo", serve_port, "grpo")
+    try:
+        trained_score = held_out_pass_rate({"endpoint": EndpointSpec(url=f"{url}/v1", model="grpo")})
+    finally:
+        from ray import serve
+
+        serve.delete("grpo")
+    base_score = held_out_pass_rate({"model": str(DEFAULT_MODEL_DIR)})
     assert trained_score > base_score + 0.3, (base_score, trained_score)
