@@ -35,8 +35,7 @@ class LocalBackend:
     def from_checkpoint(cls, model: str, max_model_len: int | None = None) -> LocalBackend:
         from moeray.engine.llm import LLM
 
-        options = {} if max_model_len is None else {"max_model_len": max_model_len}
-        return cls(LLM(model, **options).engine)
+        return cls(LLM(model, max_model_len=max_model_len).engine)  # None: the model's own length
 
     def generate(self, prompts, n, temperature, max_tokens, stop, seed):
         texts: dict[str, list[str]] = {}
