@@ -132,13 +132,16 @@ def kernel_variant_library(request, tmp_path_factory):
         pytest.skip("the portable variant is the x86-64 baseline; other machines build it by default")
     target = tmp_path_factory.mktemp("kernels") / f"decode-{request.param}.so"
     cpu.build(target, KERNEL_VARIANTS[request.param])
-    return cpu.load(target)
+    return target
 
 
 @pytest.fixture
 def kernel_variant(kernel_variant_library, monkeypatch):
-    """Every caller of `moeray.kernels.cpu.library()` gets the variant build for this test."""
+    """Every caller of `moeray.kernels.cpu.library()` and `library_path()` (the native decoder)
+    gets the variant build for this test."""
     from moeray.kernels import cpu
 
-    monkeypatch.setattr(cpu, "library", lambda: kernel_variant_library)
-    return kernel_variant_library
+    library = cpu.load(kernel_variant_library)
+    monkeypatch.setattr(cpu, "library", lambda: library)
+    monkeypatch.setattr(cpu, "library_path", lambda: kernel_variant_library)
+    return library

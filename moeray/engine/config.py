@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from moeray.engine.cache import cache_bytes_per_token, device_memory_bytes
+from moeray.kernels.policy import KernelPolicy
 from moeray.model import ModelArgs
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -27,7 +28,7 @@ class EngineConfigError(ValueError):
 
 @dataclass(frozen=True)
 class EngineConfig:
-    max_model_len: int | None = None  # default: the model's max_position_embeddings, capped at 8192
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
     block_size: int = 16  # tokens per cache block
     num_cache_blocks: int | None = None  # explicit cache size; overrides cache_memory_fraction
     cache_memory_fraction: float = 0.1  # of the device's memory (free GPU memory, or RAM on CPU)
@@ -46,6 +47,7 @@ class EngineConfig:
     fp8: str = "auto"
     # A structured-output grammar that takes longer to compile is refused (HTTP 400).
     grammar_compile_timeout_s: float = 10.0
+    kernels: KernelPolicy = KernelPolicy()  # which native kernels may run
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -68,7 +70,7 @@ class EngineConfig:
         need(self.max_num_seqs >= 1, "max_num_seqs", "must be >= 1")
         need(self.max_num_batched_tokens >= 1, "max_num_batched_tokens", "must be >= 1")
         need(0 < self.cache_memory_fraction <= 0.95, "cache_memory_fraction", "must be in (0, 0.95]")
-        max_len = self.max_model_len or min(args.max_position_embeddings, 8192)
+        max_len = self.max_model_len or args.max_position_embeddings
         need(2 <= max_len <= args.max_position_embeddings, "max_model_len",
              f"must be between 2 and the model's max_position_embeddings ({args.max_position_embeddings})")
         if not self.enable_chunked_prefill:

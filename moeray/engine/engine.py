@@ -86,7 +86,8 @@ class Engine:
                                                    self.config.enable_chunked_prefill), self.block_manager)
         self.cache = LatentCache(self.args, self.config.num_cache_blocks, self.config.block_size,
                                  self.config.torch_dtype, self.config.device)
-        self.runner = ModelRunner(model, self.cache, experts, self.config.overlap_microbatches, self.adapters)
+        self.runner = ModelRunner(model, self.cache, experts, self.config.overlap_microbatches, self.adapters,
+                                  native=self._prepare_native(model, experts))
         self.sampler = Sampler(self.config.seed)
         self.requests: dict[str, _Request] = {}
         self._generators: dict[int, torch.Generator | None] = {}
@@ -95,6 +96,19 @@ class Engine:
         self._arrivals = itertools.count()
         self._pending_copies: list[tuple[int, int]] = []
         self._prompt_tokens_total = self._generation_tokens_total = 0
+
+    def _prepare_native(self, model: DeepseekForCausalLM, experts: ExpertBackend | None):
+        """The packed native decoder for this engine's decode steps, where the policy allows it."""
+        if experts is not None or not self.config.kernels.native_decoder or torch.device(self.config.device).type != "cpu":
+            return None
+        from moeray.kernels.cpu import decoder
+
+        return decoder.prepare(model, self.cache)
+
+    def refresh_weights(self) -> None:
+        """The model's weights changed in place (a trainer's sync): re-pack what the native decoder reads."""
+        if self.runner.native is not None:
+            self.runner.native.refresh(self.model)
 
     # ---- requests ---------------------------------------------------------------------------
     def tokenize_prompt(self, prompt: str | list[int], param: str = "prompt",

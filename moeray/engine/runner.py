@@ -4,9 +4,10 @@ Contract: `ModelRunner.execute(chunks)` takes the scheduler's chunks (decodes fi
 prefill chunks), builds token ids [T], positions [T], the slot mapping [T] and the per-sequence
 block tables, runs every layer once over all T tokens (so each MoE layer routes the whole step
 at once, through the given expert backend), and returns logits [N, V] (float32) for the N
-chunks that reach the end of their sequence, in chunk order. A step of a few single-token chunks
-on CPU runs as one native call from token ids to logits instead (`NativeDecoder`, the same
-results up to float rounding). With remote experts that can be submitted asynchronously, the
+chunks that reach the end of their sequence, in chunk order. Given a `NativeDecoder` (built by
+the engine, see `moeray.kernels.cpu.decoder.prepare`), a step's single-token chunks of the base
+model, however many, run as one native call from token ids to logits (the same results up to
+float rounding), and only its prefill chunks take the torch path. With remote experts that can be submitted asynchronously, the
 step runs as two micro-batches so attention overlaps expert work.
 Sequences served by LoRA adapters run through their adapter's model (which shares all other
 weights and the latent cache with the base model), one forward per adapter present in the step.
@@ -16,26 +17,23 @@ from __future__ import annotations
 
 import torch
 
-from moeray import kernels
 from moeray.engine.attention import AttentionMetadata, PrefillSpan, StepAttention
 from moeray.engine.cache import LatentCache
-from moeray.engine.native_decode import NativeDecoder
 from moeray.engine.scheduler import ScheduledChunk
+from moeray.kernels.cpu.decoder import NativeDecoder
 from moeray.model.moe import ExpertBackend
 from moeray.model.transformer import DeepseekForCausalLM
 
 
 class ModelRunner:
     def __init__(self, model: DeepseekForCausalLM, cache: LatentCache, experts: ExpertBackend | None = None,
-                 overlap_microbatches: bool = True, adapters: dict[str, DeepseekForCausalLM] | None = None):
+                 overlap_microbatches: bool = True, adapters: dict[str, DeepseekForCausalLM] | None = None,
+                 native: NativeDecoder | None = None):
         self.model, self.cache, self.experts = model, cache, experts
         self.overlap_microbatches = overlap_microbatches
         self.models: dict[str | None, DeepseekForCausalLM] = {None: model, **(adapters or {})}
-        for variant in self.models.values():
-            kernels.prepare_for_decode(variant)
         self.device = next(model.parameters()).device
-        # A few decodes on CPU (no remote experts) run as one native call; None where it does not apply.
-        self.native = NativeDecoder.build(model, cache) if experts is None else None
+        self.native = native
 
     def _slots(self, block_table: list[int], start: int, end: int) -> list[int]:
         bs = self.cache.block_size
@@ -101,9 +99,19 @@ class ModelRunner:
     def _execute(self, model: DeepseekForCausalLM, chunks: list[ScheduledChunk]) -> torch.Tensor:
         if self.overlaps and len(chunks) >= 2:
             return self._execute_overlapped(model, chunks)
-        if (self.native is not None and model is self.model and self.native.takes(len(chunks))
-                and all(chunk.num_tokens == 1 for chunk in chunks)):
-            return self._execute_native(chunks)
+        if self.native is not None and model is self.model:
+            decodes = [chunk for chunk in chunks if chunk.num_tokens == 1]
+            if len(decodes) == len(chunks):
+                return self._execute_native(chunks)
+            if decodes:  # the decodes natively, the prefill chunks through torch, logits in chunk order
+                rest = [chunk for chunk in chunks if chunk.num_tokens != 1]
+                rows = dict(zip([id(c) for c in decodes if c.samples], self._execute_native(decodes)))
+                rows.update(zip([id(c) for c in rest if c.samples], self._execute_torch(model, rest)))
+                sampling = [rows[id(chunk)] for chunk in chunks if chunk.samples]
+                return torch.stack(sampling) if sampling else torch.empty(0, model.args.vocab_size)
+        return self._execute_torch(model, chunks)
+
+    def _execute_torch(self, model: DeepseekForCausalLM, chunks: list[ScheduledChunk]) -> torch.Tensor:
         token_ids, positions, meta, logit_rows = self.prepare(chunks)
         hidden = model.forward_tokens(token_ids, positions, StepAttention(self.cache, meta), self.experts)
         return model.logits(hidden[logit_rows]).float()
@@ -112,8 +120,8 @@ class ModelRunner:
         # Single-token chunks attend to their whole prefix, so each is a decode here, even the
         # last token of a prompt whose other tokens came from the prefix cache.
         logits = self.native.step([chunk.seq.token_ids[chunk.start] for chunk in chunks],
-                                  [chunk.start for chunk in chunks],
-                                  [self._slots(chunk.seq.block_table, 0, chunk.start + 1) for chunk in chunks])
+                                  [chunk.start for chunk in chunks], list(range(len(chunks))),
+                                  [chunk.seq.block_table for chunk in chunks], self.cache.block_size)
         sampling = [row for row, chunk in enumerate(chunks) if chunk.samples]
         return logits if len(sampling) == len(chunks) else logits[sampling]
 

@@ -4,8 +4,8 @@ Layout (why): each training worker owns one `RolloutEngine`, an `Engine` over it
 the policy in the same process. After every optimiser step `sync(policy)` copies the weights
 that can have changed (the trainable ones, with LoRA adapters merged in: W + alpha/r * B @ A;
 the routers' correction biases) into the engine's tensors in place, a memory copy with no
-serialisation, no object store and no collective. The copy is in place because the engine's
-native decoder reads the parameters' storage directly. A pool of rollout actors fed through
+serialisation, no object store and no collective. The engine's native decoder reads packed copies of
+the weights, so `sync` re-packs them (`Engine.refresh_weights`), also a plain copy. A pool of rollout actors fed through
 the object store would free the trainers' memory for a large model, at the price of shipping
 the weights every step; at the sizes this runs on (CPU workers, small models) the colocated
 copy is faster and simpler.
@@ -86,6 +86,7 @@ class RolloutEngine:
                              "structure differs from the model it was copied from")
         for name, source in sources.items():
             self._targets[name].copy_(source())
+        self.engine.refresh_weights()
         return time.perf_counter() - started
 
     def generate(self, prompt_ids: list[list[int]], params: list[SamplingParams]) -> list[GenerationResult]:

@@ -6,13 +6,8 @@ them); the choice of implementation never changes results beyond float rounding.
   weight-streaming matrix-vector kernel (row- or column-major weights); otherwise
   `torch.nn.functional.linear`.
 - `batched_linear(x, weight)`: the same per attention head, [B, M, in] x [B, out, in]^T.
-- `pack_weights(model)`: moves the float32 CPU parameters into one huge-page arena (the native
-  decoder's weights; same values, shapes and strides).
-- `prepare_for_decode(model)`: on CPU, stores the Linear weights marked `column_major_decode`
-  (an MLP's down_proj, which the native decoder reads in slices of its inputs) column-major (same
-  shape and values, other strides); every other weight stays row-major, which the streaming
-  kernel reads as one sequential stream whatever the row length. `Fp8Linear` layers are left
-  alone (they are not `nn.Linear`, and their FP8 layout is the checkpoint's).
+  (The engine's whole decode steps on CPU run in the native decoder, `moeray.kernels.cpu.decoder`,
+  which packs its own copy of the weights; the kernels here serve the torch path.)
 - `fused_expert_pairs(x, token_of_pair, expert_of_pair, weight_of_pair, gate_up, down, scales)`:
   weighted SwiGLU experts; on CUDA (see `use_triton`) without autograd, the Triton fused MoE
   (with `scales`, FP8 experts dequantised in the kernel, for scale blocks whose column count is a
@@ -128,50 +123,6 @@ def batched_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
                                     out.stride(1), x.shape[1], x.shape[0])
             return out
     return torch.matmul(x, weight.transpose(1, 2))
-
-
-def prepare_for_decode(model: torch.nn.Module) -> None:
-    """Re-lay the CPU float32 Linear weights marked `column_major_decode` column-major (values,
-    names and shapes unchanged)."""
-    if not _enabled or cpu.library() is None:
-        return
-    with torch.no_grad():
-        for module in model.modules():
-            weight = getattr(module, "weight", None)
-            if (isinstance(module, torch.nn.Linear) and getattr(module, "column_major_decode", False)
-                    and weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.stride(1) == 1):
-                module.weight.data = weight.t().contiguous().t()
-
-
-def pack_weights(model: torch.nn.Module) -> None:
-    """Move the model's float32 CPU parameters, in module order, into one huge-page arena
-    (`cpu.huge_page_floats`); values, shapes and strides are unchanged and shared parameters
-    stay shared, so every path (and every LoRA variant holding the same parameters) reads the
-    moved tensors. Each old storage is freed as its parameter moves."""
-    params = list({id(p): p for p in model.parameters()
-                   if p.device.type == "cpu" and p.dtype == torch.float32 and _dense(p)}.values())
-    span = [(p.numel() + 15) // 16 * 16 for p in params]  # 64-byte aligned starts
-    arena = cpu.huge_page_floats(sum(span))
-    offset = 0
-    with torch.no_grad():
-        for param, size in zip(params, span):
-            order = sorted(range(param.dim()), key=lambda d: -param.stride(d))  # outermost first
-            moved = arena[offset:offset + param.numel()].view([param.shape[d] for d in order])
-            moved = moved.permute([order.index(d) for d in range(param.dim())])  # param's strides
-            moved.copy_(param)
-            param.data = moved
-            offset += size
-
-
-def _dense(tensor: torch.Tensor) -> bool:
-    """Its elements fill its storage span without gaps (any order of dimensions)."""
-    order = sorted(range(tensor.dim()), key=lambda d: -tensor.stride(d))
-    expected = 1
-    for d in reversed(order):
-        if tensor.shape[d] != 1 and tensor.stride(d) != expected:
-            return False
-        expected *= tensor.shape[d]
-    return True
 
 
 MAX_CPU_DECODE_SEQS = 8  # beyond this the batched torch path reuses each head's weights better

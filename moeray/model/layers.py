@@ -42,9 +42,6 @@ class MLP(nn.Module):
         self.gate_proj = Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
-        # The native decoder splits the FFN into slices of intermediate rows, each reading its
-        # slice of down_proj's inputs: contiguous when the weight is stored column-major.
-        self.down_proj.column_major_decode = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

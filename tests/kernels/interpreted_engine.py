@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 import moeray.model
 from moeray import LLM, SamplingParams, kernels
 from moeray.kernels.fp8 import quantize_blocks
+from moeray.kernels.policy import KernelPolicy
 from moeray.kernels.triton import fp8_gemm, fused_moe
 from moeray.model.checkpoint import save_checkpoint
 from support import write_hf_model_folder, write_tiny_tokenizer
@@ -21,8 +22,10 @@ def test_greedy_tokens_equal_with_triton_paths(device, tmp_path, monkeypatch):
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 500, (n,), generator=gen).tolist() for n in (1, 7, 19)]
     greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-    # No prefix caching: both runs then compute the same prefill chunks.
-    llm = LLM(tmp_path, device=device, block_size=4, max_num_batched_tokens=16, enable_prefix_caching=False)
+    # No prefix caching: both runs then compute the same prefill chunks. Under the interpreter the
+    # tensors are on the CPU, where decodes would go to the native decoder: keep them on torch's path.
+    llm = LLM(tmp_path, device=device, block_size=4, max_num_batched_tokens=16, enable_prefix_caching=False,
+              kernels=KernelPolicy(native_decoder=False))
 
     monkeypatch.setattr(kernels, "use_triton", lambda _: False)
     want = [r.outputs[0].token_ids for r in llm.generate(prompts, greedy)]

@@ -113,28 +113,3 @@ def test_other_builds_of_the_kernels_equal_torch(kernel_variant):
     data = torch.arange(1000, dtype=torch.float32)
     for wide in (0, 1):
         assert kernel_variant.moeray_stream_sum(data.data_ptr(), data.numel(), wide) == data.sum().item()
-
-
-def test_packed_weights_keep_their_values_strides_and_sharing_in_one_arena():
-    import moeray.model
-    from moeray.model import ModelArgs
-
-    model = moeray.model.build(ModelArgs(), seed=0)
-    kernels.prepare_for_decode(model)  # some weights column-major: their strides must survive
-    model.twin_head = model.lm_head.weight  # one more holder of a parameter that moves
-    before = {name: (p.detach().clone(), p.stride()) for name, p in model.named_parameters()}
-    tokens = torch.randint(2, 1000, (2, 7), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        expected = model(tokens)
-
-    kernels.pack_weights(model)
-
-    params = dict(model.named_parameters())
-    for name, (value, stride) in before.items():
-        assert torch.equal(params[name], value) and params[name].stride() == stride, name
-    assert model.twin_head is model.lm_head.weight
-    starts = [p.data_ptr() for p in params.values()]
-    ends = [p.data_ptr() + p.numel() * 4 for p in params.values()]
-    assert max(ends) - min(starts) <= sum((p.numel() + 15) // 16 * 64 for p in params.values())
-    with torch.no_grad():
-        assert torch.equal(model(tokens), expected)

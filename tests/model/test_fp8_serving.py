@@ -77,14 +77,6 @@ def test_auto_keeps_fp8_only_on_cuda(fp8_folder):
         moeray.model.load(folder, fp8="yes")
 
 
-def test_prepare_for_decode_leaves_fp8_layers_alone(models):
-    kept, _ = models
-    layer = kept.model.layers[0].mlp.down_proj  # marked column-major for decode, but FP8
-    before = (layer.weight.data_ptr(), layer.weight.stride())
-    kernels.prepare_for_decode(kept)
-    assert (layer.weight.data_ptr(), layer.weight.stride()) == before
-
-
 def test_engine_greedy_output_equals_dequantized_model(fp8_folder):
     folder, _ = fp8_folder
     gen = torch.Generator().manual_seed(1)

@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
 SOURCES = [HERE / "decode.c", HERE / "decoder.c"]
-HEADERS = [HERE / "common.h"]
+HEADERS = [HERE / "common.h", HERE / "panels.h", HERE / "decoder.h"]
 _failure: str | None = None
 
 
@@ -57,6 +57,13 @@ def build(target: Path, flags: tuple[str, ...] = ()) -> None:
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
+    path = library_path()
+    return None if path is None else load(path)
+
+
+@functools.cache
+def library_path() -> Path | None:
+    """The built shared library (built on first use), or None where it cannot be built."""
     global _failure
     if os.environ.get("MOERAY_DISABLE_CPU_KERNELS") == "1":
         _failure = "disabled by MOERAY_DISABLE_CPU_KERNELS=1"
@@ -67,7 +74,8 @@ def library() -> ctypes.CDLL | None:
     try:
         if not target.exists():
             build(target)
-        return load(target)
+        load(target)  # a library that does not load is no library
+        return target
     except (OSError, RuntimeError) as err:
         _failure = str(err)
         logger.warning("moeray CPU decode kernels unavailable, using torch: %s", err)
@@ -90,8 +98,6 @@ def load(path: Path) -> ctypes.CDLL:
     lib.moeray_moe_pairs.restype = None
     lib.moeray_mla_decode.argtypes = [p, p, p, p, p, i, p, p, i, i, i, i, i, i, ctypes.c_float]
     lib.moeray_mla_decode.restype = None
-    lib.moeray_decode_stack.argtypes = [p, i, p, i, p, p, p, i, p, p]
-    lib.moeray_decode_stack.restype = None
     lib.moeray_stream_sum.argtypes = [p, i, ctypes.c_int]
     lib.moeray_stream_sum.restype = ctypes.c_double
     return lib

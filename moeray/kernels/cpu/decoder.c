@@ -1,69 +1,39 @@
 /*
- * The whole decoder stack for a few decode tokens (one new token per sequence) in one call: what
- * DeepseekForCausalLM.forward_tokens computes with StepAttention's decode path over the paged
- * latent cache, for float32 weights on CPU. At batch 1 a step is weight-bound, and on the torch
- * path a layer spends as long in ~40 small ops and ~10 kernel calls (each waking the thread pool)
- * as in reading its weights; here all layers run in one OpenMP region.
+ * The whole decoder stack for any number of tokens in one call (decoder.h has the layout and the
+ * entry point): what DeepseekForCausalLM.forward_tokens computes with StepAttention over the
+ * paged latent cache, from token ids to logits, for packed float32 or bfloat16 weights on CPU.
+ * The engine's decode steps, 1 to max_num_seqs sequences, all run here; nothing of a step runs
+ * in Python (each small torch op costs tens of microseconds, and a batch-1 step is a few ms).
  *
- * Per layer, for each token (x: its residual stream):
+ * Per layer, for each token t (x: its residual stream):
  *   h = rmsnorm(x);  q = q_b(rmsnorm(q_a h)) (or q_proj h);  [latent, k_pe] = kv_a h
- *   latent = rmsnorm(latent);  rope on q_pe and k_pe;  cache[slot] = [latent, k_pe]
- *   x += o_proj(absorbed MLA of q over the token's cached keys)
+ *   latent = rmsnorm(latent);  rope on q_pe and k_pe;  cache[slot of t] = [latent, k_pe]
+ *   x += o_proj(absorbed MLA of q over its sequence's cached keys up to t)
  *   h = rmsnorm(x);  x += FFN(h)  (a dense SwiGLU MLP, or the top-k routed experts plus the
  *   shared experts)
- * starting from x = the token's embedding row, with rope's cos and sin computed from its position,
- * and at the end logits = lm_head(rmsnorm(x)) with the model's final norm: the whole step from
- * token ids to logits, so nothing of it runs in Python (after a step has streamed every weight,
- * the interpreter's own data is cold, and each small torch op costs tens of microseconds).
+ * from x = the token's embedding row, and at the end logits = lm_head(rmsnorm(x)).
  *
- * Every piece of shared work writes its own output (a GEMV's row block or inner slice, one head
- * or group of heads, one expert or slice of one FFN), partial sums are added in a fixed order,
- * and the per-token work in between every thread repeats on its own copies: so the result does
- * not depend on the thread count.
+ * Work is shared by weight: every product runs over all tokens a panel at a time (panels.h), the
+ * absorbed attention's per-head products over all tokens a head at a time, and the routed
+ * experts over the tokens routed to each, so each weight is read once per step however many
+ * tokens there are. Per-token work (norms, rope, routing, residual adds) is shared by token.
+ * Every output has one summation order, fixed by the shapes alone, so a token's logits depend
+ * neither on the other tokens of the step nor on the thread count.
  */
 #include <math.h>
 #include <omp.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "common.h"
+#include "decoder.h"
+#include "panels.h"
 
 enum { TOPK_GREEDY = 0, TOPK_GROUP_LIMITED_GREEDY = 1, TOPK_NOAUX_TC = 2 };
-#define FFN_SLICE 128  /* intermediate rows per FFN job */
-#define MAX_FFN_SLICES 16
+#define HEAD_GROUP ROWS_PER_BLOCK /* heads of one token whose attention reads each key once */
 
-typedef struct {
-    /* attention; without q LoRA, q_b is q_proj and q_a.w / q_a_norm are NULL */
-    const float *input_norm, *q_a_norm, *kv_a_norm, *post_norm;
-    Matrix q_a, q_b, kv_a, o_proj;
-    const float* kv_b;  /* [H * (dn + dv), r] row-major */
-    float* cache;       /* this layer's [slots, r + dr] */
-    /* a dense SwiGLU MLP, or the MoE layer's shared experts (gate.w NULL: none) */
-    Matrix gate, up, down;
-    /* routed experts; router NULL: a dense layer */
-    const float *router, *router_bias;            /* [E, D] row-major, [E] or NULL */
-    const float *experts_gate_up, *experts_down;  /* [E, 2I, D]; down^T as [E, I, D] */
-    long num_experts, expert_dim, top_k, n_group, topk_group, scoring_sigmoid, topk_method, norm_topk_prob;
-    float routed_scaling_factor;
-    long* routed_counts; /* [E], incremented for every routed token */
-} Layer;
-
-typedef struct {
-    long hidden, heads, nope_dim, rope_dim, v_dim, kv_rank, q_rank, rope_interleave;
-    float eps, softmax_scale;
-    const float* final_norm;
-    const float* embed;     /* [V, D] row-major */
-    const float* inv_freq;  /* [dr / 2]: rope's angle per position */
-    float rope_scale;       /* rope's attention factor, on cos and sin */
-    Matrix lm_head;         /* [V, D] */
-} Dims;
-
-/* One slice [begin, end) of the intermediate rows of a SwiGLU FFN, for one token, times a weight. */
-typedef struct {
-    Matrix gate, up, down;
-    long begin, end, token;
-    float weight;
-} FfnJob;
+long moeray_decoder_bf16_dot(void) { return HAS_BF16_DOT; }
 
 static void rmsnorm(const float* x, const float* weight, float* out, long n, float eps) {
     double squares = 0.0;
@@ -99,7 +69,7 @@ static long take_max(const float* values, char* taken, long n) {
 }
 
 /* model.moe.TopkGate for one token: logits [E] -> expert ids and weights [top_k]. */
-static void route(const Layer* L, const float* logits, long* ids, float* weights) {
+static void route(const DecoderLayer* L, const float* logits, long* ids, float* weights) {
     const long E = L->num_experts;
     float scores[E], choice[E];
     char taken[E];
@@ -143,15 +113,14 @@ static void route(const Layer* L, const float* logits, long* ids, float* weights
     }
 }
 
-#define HEAD_GROUP ROWS_PER_BLOCK /* heads of one token whose attention reads each key once */
 
 /*
- * mla_attend_latent for g <= HEAD_GROUP heads of one token at once: each key is read once for
- * all of them (the per-head form reads every key once per head, from L2, and its dot products
- * and weighted sums are latency-bound). q_lat [g, r] and o_lat [g, r] are contiguous per head;
- * q_pe of head i at q_pe + i * pe_stride; probs: scratch of HEAD_GROUP * n floats.
+ * The absorbed attention of g <= HEAD_GROUP heads of one token over its n cached keys (rows
+ * keys[s] of cache [slots, r + dr]): each key is read once for all of them. q_lat [g, r] and
+ * o_lat [g, r] are contiguous per head; q_pe of head i at q_pe + i * pe_stride; probs: scratch of
+ * HEAD_GROUP * n floats.
  */
-static void attend_head_group(long g, const float* q_lat, const float* q_pe, long pe_stride, const float* cache,
+static void attend_group_f32(long g, const float* q_lat, const float* q_pe, long pe_stride, const float* cache,
                               const long* keys, long n, long dr, long r, float scale, float* probs, float* o_lat) {
     const float *lat_rows[HEAD_GROUP], *pe_rows[HEAD_GROUP];
     for (long i = 0; i < HEAD_GROUP; i++) {  /* unused lanes repeat head 0; their results are dropped */
@@ -198,225 +167,298 @@ static void attend_head_group(long g, const float* q_lat, const float* q_pe, lon
         }
 }
 
-/* out[r - begin] = (W x)[r] for rows r in [begin, end) of W, either layout. */
-static void gemv_row_range(const Matrix* W, const float* x, long begin, long end, float* out) {
-    if (W->column_major) gemv_cols(W->w + begin, W->ld, x, W->cols, out, 0, end - begin);
-    else gemv_rows(W->w + begin * W->ld, W->ld, x, W->cols, out, 0, end - begin);
-}
 
-/* y [D] = down[:, begin:end] (silu(gate[begin:end] x) * up[begin:end] x); act, up_out: scratch. */
-static void ffn_slice(const FfnJob* job, const float* x, float* y, float* act, float* up_out) {
-    const long n = job->end - job->begin, D = job->down.rows, ld = job->down.ld;
-    gemv_row_range(&job->gate, x, job->begin, job->end, act);
-    gemv_row_range(&job->up, x, job->begin, job->end, up_out);
-    for (long i = 0; i < n; i++) act[i] = act[i] / (1.0f + expf(-act[i])) * up_out[i];
-    if (job->down.column_major) {
-        for (long d = 0; d < D; d++) y[d] = 0.0f;
-        axpy_rows(job->down.w + job->begin * ld, ld, act, 0, n, y, D);
-    } else {
-        gemv_rows(job->down.w + job->begin, ld, act, n, y, 0, D);
+/* The same for a bfloat16 cache: each key row is widened once per use into `row` [r + dr]. */
+static void attend_group_bf16(long g, const float* q_lat, const float* q_pe, long pe_stride, const uint16_t* cache,
+                              const long* keys, long n, long dr, long r, float scale, float* probs, float* row,
+                              float* o_lat) {
+    const float *lat_rows[HEAD_GROUP], *pe_rows[HEAD_GROUP];
+    for (long i = 0; i < HEAD_GROUP; i++) {
+        lat_rows[i] = q_lat + (i < g ? i : 0) * r;
+        pe_rows[i] = q_pe + (i < g ? i : 0) * pe_stride;
     }
-}
-
-static long clamp_slices(long slices) {
-    return slices < 1 ? 1 : slices > MAX_FFN_SLICES ? MAX_FFN_SLICES : slices;
-}
-
-/* A dense MLP or the shared experts: slices of about FFN_SLICE rows. */
-static long ffn_slices(long width) {
-    return clamp_slices(width / FFN_SLICE);
-}
-
-/* A routed expert: whole once the step has ROUTED_JOBS (token, expert) pairs, else cut so that
- * there are about that many jobs. Whole experts read three 1 MB streams (on the small preset)
- * instead of six of 512 KB, 4% faster in the fast-bandwidth periods, and 8 of them (plus the
- * shared experts' slices, queued last) still spread evenly over a few threads. A constant, not
- * the thread count, so that the slicing, and so the sums, do not depend on the thread count. */
-#define ROUTED_JOBS 8
-static long routed_slices(long width, long pairs) {
-    const long slices = clamp_slices((ROUTED_JOBS + pairs - 1) / pairs);
-    return slices < width ? slices : width;
-}
-
-/* Appends the jobs of one FFN of `width` intermediate rows for `token`, in `slices` slices;
- * returns the new count. */
-static long add_ffn_jobs(FfnJob* jobs, long count, Matrix gate, Matrix up, Matrix down, long width, long token,
-                         float weight, long slices) {
-    const long step = (width + slices - 1) / slices;
-    for (long begin = 0; begin < width; begin += step) {
-        FfnJob job = {gate, up, down, begin, begin + step < width ? begin + step : width, token, weight};
-        jobs[count++] = job;
+    for (long s = 0; s < n; s++) {
+        const uint16_t* key = cache + keys[s] * (r + dr);
+        for (long c = 0; c < r + dr; c++) row[c] = bf16_to_f32(key[c]);
+        float latent_part[HEAD_GROUP], rope_part[HEAD_GROUP];
+        dot8(lat_rows, row, r, latent_part);
+        dot8(pe_rows, row + r, dr, rope_part);
+        for (long i = 0; i < g; i++) probs[i * n + s] = (latent_part[i] + rope_part[i]) * scale;
     }
-    return count;
-}
-
-static long max_ffn_jobs(const Layer* L, long B) {
-    long per_token = L->gate.w ? MAX_FFN_SLICES : 0;
-    if (L->router) per_token += L->top_k * MAX_FFN_SLICES;
-    return B * per_token;
-}
-
-static long widest_ffn_slice(const Layer* L) {
-    long widest = 1;
-    if (L->gate.w) widest = (L->gate.rows + ffn_slices(L->gate.rows) - 1) / ffn_slices(L->gate.rows);
-    if (L->router) widest = L->expert_dim > widest ? L->expert_dim : widest;  /* a whole expert */
-    return widest;
-}
-
-/*
- * logits [B, V] for B decode tokens: token_ids [B] at positions [B]; key_slots [B, slots_stride]:
- * the first lengths[b] are the cache slots of token b's keys, its own last (where its key is
- * written).
- */
-void moeray_decode_stack(const Layer* layers, long num_layers, const Dims* dims, long B, const long* token_ids,
-                         const long* positions, const long* key_slots, long slots_stride, const long* lengths,
-                         float* logits) {
-    const long D = dims->hidden, H = dims->heads, dn = dims->nope_dim, dr = dims->rope_dim, dv = dims->v_dim;
-    const long r = dims->kv_rank, qr = dims->q_rank, qk = dn + dr, kv_width = r + dr;
-    const float eps = dims->eps;
-    const long groups = (H + HEAD_GROUP - 1) / HEAD_GROUP;  /* head groups per token in the attention */
-
-    long widest = D > H * qk ? D : H * qk, most_jobs = 1, most_experts = 1, longest = 1, slice_width = 1;
-    if (dims->lm_head.column_major && dims->lm_head.rows > widest) widest = dims->lm_head.rows;
-    for (long l = 0; l < num_layers; l++) {
-        const Layer* L = layers + l;
-        const Matrix* matrices[] = {&L->q_a, &L->q_b, &L->kv_a, &L->o_proj};
-        for (int m = 0; m < 4; m++) widest = matrices[m]->rows > widest ? matrices[m]->rows : widest;
-        most_jobs = max_ffn_jobs(L, B) > most_jobs ? max_ffn_jobs(L, B) : most_jobs;
-        most_experts = L->num_experts > most_experts ? L->num_experts : most_experts;
-        slice_width = widest_ffn_slice(L) > slice_width ? widest_ffn_slice(L) : slice_width;
+    for (long i = 0; i < g; i++) {
+        float* p = probs + i * n, top = -INFINITY, total = 0.0f;
+        for (long s = 0; s < n; s++) top = p[s] > top ? p[s] : top;
+        for (long s = 0; s < n; s++) total += (p[s] = expf(p[s] - top));
+        for (long s = 0; s < n; s++) p[s] /= total;
     }
-    for (long b = 0; b < B; b++) longest = lengths[b] > longest ? lengths[b] : longest;
-
-    float* cos = malloc(sizeof(float) * B * (dr / 2));
-    float* sin = malloc(sizeof(float) * B * (dr / 2));
-    for (long b = 0; b < B; b++) {
-        for (long i = 0; i < dr / 2; i++) {
-            const float angle = (float)positions[b] * dims->inv_freq[i];
-            cos[b * (dr / 2) + i] = cosf(angle) * dims->rope_scale;
-            sin[b * (dr / 2) + i] = sinf(angle) * dims->rope_scale;
+    memset(o_lat, 0, sizeof(float) * g * r);
+    for (long s = 0; s < n; s++) {
+        const uint16_t* key = cache + keys[s] * (r + dr);
+        for (long c = 0; c < r; c++) row[c] = bf16_to_f32(key[c]);
+        for (long i = 0; i < g; i++) {
+            const float p = probs[i * n + s];
+            float* o = o_lat + i * r;
+            #pragma omp simd
+            for (long c = 0; c < r; c++) o[c] += p * row[c];
         }
     }
-    float* q_a_out = malloc(sizeof(float) * B * (qr > 0 ? qr : 1));
-    float* kv_out = malloc(sizeof(float) * B * kv_width);
-    float* q = malloc(sizeof(float) * B * H * qk);
-    float* q_lat = malloc(sizeof(float) * B * H * r);  /* per (token, head): W_uk^T q_nope */
-    float* o_lat = malloc(sizeof(float) * B * H * r);  /* per (token, head): attention-weighted latents */
-    float* attn = malloc(sizeof(float) * B * H * dv);
-    float* o = malloc(sizeof(float) * B * D);
-    float* router_logits = malloc(sizeof(float) * B * most_experts);
-    float* partial = malloc(sizeof(float) * INNER_SLICES * B * widest);
-    float* job_out = malloc(sizeof(float) * most_jobs * D);
+}
 
-    /* The products are shared out over the threads; the small per-token work between them (norms,
-     * rope, the residual adds, routing) every thread does for itself on its own copies of the
-     * vectors, identically: cheaper than one thread doing it while the others wait at a barrier. */
+/* One feed-forward network applied to a list of tokens: a routed expert, the shared experts or a
+ * dense MLP. Its tokens' activations live at act[offset ...] ([count, I]); its outputs go to
+ * rows out_index[...] of `out`. */
+typedef struct {
+    const Panels *gate, *up, *down;
+    long matrix;            /* which matrix of the stack (the expert id; 0 for shared or dense) */
+    long first, count;      /* its tokens: token_list[first .. first + count) */
+    long act_offset;
+    float* out;             /* [*, D] */
+    const long* out_index;  /* rows of `out`, one per token of the job */
+} FfnJob;
+
+typedef struct {
+    long job, panel;
+} FfnItem;
+
+static long max_l(long a, long b) { return a > b ? a : b; }
+
+static long widest_input(const Decoder* d) {
+    long widest = d->lm_head.cols;
+    for (long l = 0; l < d->num_layers; l++) {
+        const DecoderLayer* L = d->layers + l;
+        const Panels* all[] = {&L->q_a, &L->q_b, &L->kv_a, &L->o_proj, &L->w_uk, &L->w_uv, &L->gate,
+                               &L->down, &L->router, &L->experts_gate, &L->experts_down};
+        for (unsigned i = 0; i < sizeof(all) / sizeof(all[0]); i++)
+            if (all[i]->data) widest = max_l(widest, all[i]->cols);
+    }
+    return widest + 2;
+}
+
+static void write_cache(const DecoderLayer* L, long slot, const float* entry, long width) {
+    if (L->cache_bf16) {
+        uint16_t* dst = (uint16_t*)L->cache + slot * width;
+        for (long c = 0; c < width; c++) dst[c] = f32_to_bf16(entry[c]);
+    } else {
+        memcpy((float*)L->cache + slot * width, entry, sizeof(float) * width);
+    }
+}
+
+void moeray_decoder_step(const Decoder* d, long T, const long* token_ids, const long* positions,
+                         const long* token_seq, const long* block_tables, long table_stride, long block_size,
+                         float* logits) {
+    const long D = d->hidden, H = d->heads, dn = d->nope_dim, dr = d->rope_dim, dv = d->v_dim;
+    const long r = d->kv_rank, qr = d->q_rank, qk = dn + dr, kvw = r + dr, half = dr / 2;
+    const float eps = d->eps;
+    const long groups = (H + HEAD_GROUP - 1) / HEAD_GROUP;
+
+    long longest = 1, most_experts = 1, most_top_k = 1, widest_expert = 1, widest_dense = 1, most_panels = 1;
+    for (long t = 0; t < T; t++) longest = max_l(longest, positions[t] + 1);
+    for (long l = 0; l < d->num_layers; l++) {
+        const DecoderLayer* L = d->layers + l;
+        if (L->router.data) {
+            most_experts = max_l(most_experts, L->num_experts);
+            most_top_k = max_l(most_top_k, L->top_k);
+            widest_expert = max_l(widest_expert, L->experts_gate.rows);
+            most_panels = max_l(most_panels, max_l(panel_count(&L->experts_gate), panel_count(&L->experts_down)));
+        }
+        if (L->gate.data) {
+            widest_dense = max_l(widest_dense, L->gate.rows);
+            most_panels = max_l(most_panels, max_l(panel_count(&L->gate), panel_count(&L->down)));
+        }
+    }
+    const long most_jobs = most_experts + 1, most_pairs = T * most_top_k;
+
+    float* cos = malloc(sizeof(float) * T * half);
+    float* sin = malloc(sizeof(float) * T * half);
+    float* x = malloc(sizeof(float) * T * D);   /* the residual stream */
+    float* h = malloc(sizeof(float) * T * D);   /* its normalised form, the products' input */
+    float* q_a_out = malloc(sizeof(float) * T * max_l(qr, 1));
+    float* q_a = malloc(sizeof(float) * T * max_l(qr, 1));
+    float* kv_out = malloc(sizeof(float) * T * kvw);
+    float* q = malloc(sizeof(float) * T * H * qk);
+    float* q_lat = malloc(sizeof(float) * T * H * r);  /* per (token, head): W_uk^T q_nope */
+    float* o_lat = malloc(sizeof(float) * T * H * r);  /* per (token, head): attention-weighted latents */
+    float* attn = malloc(sizeof(float) * T * H * dv);
+    float* o = malloc(sizeof(float) * T * D);
+    float* router_logits = malloc(sizeof(float) * T * most_experts);
+    long* expert_ids = malloc(sizeof(long) * most_pairs);
+    float* expert_weights = malloc(sizeof(float) * most_pairs);
+    long* token_list = malloc(sizeof(long) * (most_pairs + T));  /* each job's tokens, job after job */
+    long* out_rows = malloc(sizeof(long) * (most_pairs + T));    /* and the output row of each */
+    float* act = malloc(sizeof(float) * (most_pairs * widest_expert + T * widest_dense));
+    float* up_act = malloc(sizeof(float) * (most_pairs * widest_expert + T * widest_dense));
+    float* pair_out = malloc(sizeof(float) * most_pairs * D);  /* routed outputs, row t * top_k + k */
+    float* ffn_out = malloc(sizeof(float) * T * D);            /* shared experts' or dense MLP's */
+    FfnJob* jobs = malloc(sizeof(FfnJob) * most_jobs);
+    FfnItem* items = malloc(sizeof(FfnItem) * most_jobs * most_panels);
+    long* counts = malloc(sizeof(long) * (most_experts + 1));
+    long num_jobs = 0, num_up_items = 0, num_down_items = 0;
+    FfnItem* down_items = malloc(sizeof(FfnItem) * most_jobs * most_panels);
+    const long widest = widest_input(d);
+
     #pragma omp parallel
     {
-        const int leader = omp_get_thread_num() == 0;  /* the one that writes shared state */
-        float* x = malloc(sizeof(float) * B * D);  /* the residual stream */
-        float* h = malloc(sizeof(float) * B * D);  /* its normalised form, the products' input */
-        float* q_a = malloc(sizeof(float) * B * (qr > 0 ? qr : 1));
-        float* kv = malloc(sizeof(float) * B * kv_width);
-        FfnJob* jobs = malloc(sizeof(FfnJob) * most_jobs);
+        TileScratch scratch = {malloc(sizeof(float) * TILE_MAX * widest), widest};
         float* probs = malloc(sizeof(float) * HEAD_GROUP * longest);
-        float* act = malloc(sizeof(float) * slice_width);
-        float* up_out = malloc(sizeof(float) * slice_width);
-        for (long b = 0; b < B; b++) memcpy(x + b * D, dims->embed + token_ids[b] * D, sizeof(float) * D);
-        for (long l = 0; l < num_layers; l++) {
-            const Layer* L = layers + l;
-            /* ---- attention ---- */
-            for (long b = 0; b < B; b++) rmsnorm(x + b * D, L->input_norm, h + b * D, D, eps);
-            if (qr) par_gemv(&L->q_a, h, D, q_a_out, qr, B, partial);
-            par_gemv(&L->kv_a, h, D, kv_out, kv_width, B, partial);
-            for (long b = 0; b < B; b++) {
-                float* entry = kv + b * kv_width;  /* [latent | k_pe] */
-                if (qr) rmsnorm(q_a_out + b * qr, L->q_a_norm, q_a + b * qr, qr, eps);
-                rmsnorm(kv_out + b * kv_width, L->kv_a_norm, entry, r, eps);
-                memcpy(entry + r, kv_out + b * kv_width + r, sizeof(float) * dr);
-                rope(entry + r, cos + b * (dr / 2), sin + b * (dr / 2), dr, dims->rope_interleave);
-                const long slot = key_slots[b * slots_stride + lengths[b] - 1];
-                if (leader) memcpy(L->cache + slot * kv_width, entry, sizeof(float) * kv_width);
+        long* slots = malloc(sizeof(long) * longest);
+        float* key_row = malloc(sizeof(float) * kvw);
+
+        #pragma omp for schedule(static)
+        for (long t = 0; t < T; t++) {
+            for (long i = 0; i < half; i++) {
+                const float angle = (float)positions[t] * d->inv_freq[i];
+                cos[t * half + i] = cosf(angle) * d->rope_scale;
+                sin[t * half + i] = sinf(angle) * d->rope_scale;
             }
-            /* (the barrier that ends this product also publishes the leader's cache write) */
-            par_gemv(&L->q_b, qr ? q_a : h, qr ? qr : D, q, H * qk, B, partial);
-            /* The absorbed MLA, one step at a time for all (token, head) jobs: the weight-streaming
-             * steps are not interleaved with the cache-bound one. */
-            #pragma omp for schedule(static)
-            for (long job = 0; job < B * H; job++) {
-                float* q_head = q + job * qk;  /* [q_nope | q_pe] */
-                rope(q_head + dn, cos + job / H * (dr / 2), sin + job / H * (dr / 2), dr, dims->rope_interleave);
-                mla_query_latent(q_head, L->kv_b + job % H * (dn + dv) * r, dn, r, q_lat + job * r);
-            }
-            #pragma omp for schedule(static)
-            for (long job = 0; job < B * groups; job++) {
-                const long b = job / groups, head = job % groups * HEAD_GROUP;
-                const long g = H - head < HEAD_GROUP ? H - head : HEAD_GROUP;
-                attend_head_group(g, q_lat + (b * H + head) * r, q + (b * H + head) * qk + dn, qk, L->cache,
-                                  key_slots + b * slots_stride, lengths[b], dr, r, dims->softmax_scale, probs,
-                                  o_lat + (b * H + head) * r);
-            }
-            #pragma omp for schedule(static)
-            for (long job = 0; job < B * H; job++)
-                mla_value_out(L->kv_b + job % H * (dn + dv) * r, o_lat + job * r, dn, dv, r, attn + job * dv);
-            par_gemv(&L->o_proj, attn, H * dv, o, D, B, partial);
-            for (long b = 0; b < B; b++) {
-                for (long i = 0; i < D; i++) x[b * D + i] += o[b * D + i];
-                rmsnorm(x + b * D, L->post_norm, h + b * D, D, eps);
-            }
-            /* ---- feed-forward ---- */
-            if (L->router) {
-                const Matrix router = {L->router, L->num_experts, D, D, 0};
-                par_gemv(&router, h, D, router_logits, L->num_experts, B, partial);
-            }
-            long num_jobs = 0;
-            for (long b = 0; L->router && b < B; b++) {  /* the routed experts' jobs, the larger, first */
-                const long E = L->num_experts, I = L->expert_dim;
-                long ids[L->top_k];
-                float weights[L->top_k];
-                route(L, router_logits + b * E, ids, weights);
-                for (long k = 0; k < L->top_k; k++) {
-                    const float* gate_up = L->experts_gate_up + ids[k] * 2 * I * D;
-                    const Matrix gate = {gate_up, I, D, D, 0}, up = {gate_up + I * D, I, D, D, 0};
-                    const Matrix down = {L->experts_down + ids[k] * I * D, D, I, D, 1};
-                    num_jobs = add_ffn_jobs(jobs, num_jobs, gate, up, down, I, b, weights[k],
-                                            routed_slices(I, B * L->top_k));
-                    if (leader) L->routed_counts[ids[k]] += 1;
-                }
-            }
-            for (long b = 0; L->gate.w && b < B; b++)
-                num_jobs = add_ffn_jobs(jobs, num_jobs, L->gate, L->up, L->down, L->gate.rows, b, 1.0f,
-                                        ffn_slices(L->gate.rows));
-            #pragma omp for schedule(dynamic, 1)
-            for (long j = 0; j < num_jobs; j++)
-                ffn_slice(jobs + j, h + jobs[j].token * D, job_out + j * D, act, up_out);
-            for (long j = 0; j < num_jobs; j++) {
-                float* dst = x + jobs[j].token * D;
-                const float* src = job_out + j * D, weight = jobs[j].weight;
-                for (long i = 0; i < D; i++) dst[i] += weight * src[i];
+            if (d->embed_bf16) {
+                const uint16_t* row = (const uint16_t*)d->embed + token_ids[t] * D;
+                for (long i = 0; i < D; i++) x[t * D + i] = bf16_to_f32(row[i]);
+            } else {
+                memcpy(x + t * D, (const float*)d->embed + token_ids[t] * D, sizeof(float) * D);
             }
         }
-        for (long b = 0; b < B; b++) rmsnorm(x + b * D, dims->final_norm, h + b * D, D, eps);
-        par_gemv(&dims->lm_head, h, D, logits, dims->lm_head.rows, B, partial);
-        free(x);
-        free(h);
-        free(q_a);
-        free(kv);
-        free(jobs);
+        for (long l = 0; l < d->num_layers; l++) {
+            const DecoderLayer* L = d->layers + l;
+            /* ---- attention ---- */
+            #pragma omp for schedule(static)
+            for (long t = 0; t < T; t++) rmsnorm(x + t * D, L->input_norm, h + t * D, D, eps);
+            if (qr) par_panels(&L->q_a, T, h, D, q_a_out, qr, &scratch);
+            par_panels(&L->kv_a, T, h, D, kv_out, kvw, &scratch);
+            #pragma omp for schedule(static)
+            for (long t = 0; t < T; t++) {
+                float entry[kvw];  /* [latent | k_pe] */
+                if (qr) rmsnorm(q_a_out + t * qr, L->q_a_norm, q_a + t * qr, qr, eps);
+                rmsnorm(kv_out + t * kvw, L->kv_a_norm, entry, r, eps);
+                memcpy(entry + r, kv_out + t * kvw + r, sizeof(float) * dr);
+                rope(entry + r, cos + t * half, sin + t * half, dr, d->rope_interleave);
+                const long p = positions[t];
+                write_cache(L, block_tables[token_seq[t] * table_stride + p / block_size] * block_size + p % block_size,
+                            entry, kvw);
+            }
+            par_panels(&L->q_b, T, qr ? q_a : h, qr ? qr : D, q, H * qk, &scratch);
+            #pragma omp for schedule(static)
+            for (long job = 0; job < T * H; job++)
+                rope(q + job * qk + dn, cos + job / H * half, sin + job / H * half, dr, d->rope_interleave);
+            /* q_lat[t, head] = W_uk[head]^T q_nope[t, head], a head at a time over all tokens */
+            const long uk_panels = panel_count(&L->w_uk), uv_panels = panel_count(&L->w_uv);
+            #pragma omp for schedule(static)
+            for (long item = 0; item < H * uk_panels; item++) {
+                const long head = item / uk_panels;
+                panel_product(&L->w_uk, head, item % uk_panels, T, q + head * qk, H * qk, NULL, q_lat + head * r,
+                              H * r, NULL, &scratch);
+            }
+            #pragma omp for schedule(dynamic, 1)
+            for (long job = 0; job < T * groups; job++) {
+                const long t = job / groups, head = job % groups * HEAD_GROUP, n = positions[t] + 1;
+                const long g = H - head < HEAD_GROUP ? H - head : HEAD_GROUP;
+                const long* table = block_tables + token_seq[t] * table_stride;
+                for (long s = 0; s < n; s++) slots[s] = table[s / block_size] * block_size + s % block_size;
+                const float* qt = q + (t * H + head) * qk;
+                if (L->cache_bf16)
+                    attend_group_bf16(g, q_lat + (t * H + head) * r, qt + dn, qk, (const uint16_t*)L->cache, slots,
+                                      n, dr, r, d->softmax_scale, probs, key_row, o_lat + (t * H + head) * r);
+                else
+                    attend_group_f32(g, q_lat + (t * H + head) * r, qt + dn, qk, (const float*)L->cache, slots, n,
+                                     dr, r, d->softmax_scale, probs, o_lat + (t * H + head) * r);
+            }
+            #pragma omp for schedule(static)
+            for (long item = 0; item < H * uv_panels; item++) {
+                const long head = item / uv_panels;
+                panel_product(&L->w_uv, head, item % uv_panels, T, o_lat + head * r, H * r, NULL, attn + head * dv,
+                              H * dv, NULL, &scratch);
+            }
+            par_panels(&L->o_proj, T, attn, H * dv, o, D, &scratch);
+            #pragma omp for schedule(static)
+            for (long t = 0; t < T; t++) {
+                for (long i = 0; i < D; i++) x[t * D + i] += o[t * D + i];
+                rmsnorm(x + t * D, L->post_norm, h + t * D, D, eps);
+            }
+            /* ---- feed-forward ---- */
+            const long E = L->num_experts, K = L->top_k;
+            if (L->router.data) {
+                par_panels(&L->router, T, h, D, router_logits, E, &scratch);
+                #pragma omp for schedule(static)
+                for (long t = 0; t < T; t++) route(L, router_logits + t * E, expert_ids + t * K, expert_weights + t * K);
+            }
+            #pragma omp single
+            {
+                /* Jobs: each routed expert with its tokens in token order (a counting sort), then the
+                 * shared experts or the dense MLP over all tokens; work items: (job, panel). */
+                long next = 0, act_used = 0;
+                num_jobs = num_up_items = num_down_items = 0;
+                if (L->router.data) {
+                    memset(counts, 0, sizeof(long) * (E + 1));
+                    for (long pair = 0; pair < T * K; pair++) counts[expert_ids[pair] + 1] += 1;
+                    for (long e = 0; e < E; e++) counts[e + 1] += counts[e];  /* counts[e]: first of expert e */
+                    for (long e = 0; e < E; e++) {
+                        const long n = counts[e + 1] - counts[e];
+                        if (!n) continue;
+                        FfnJob job = {&L->experts_gate, &L->experts_up, &L->experts_down, e, counts[e], n, act_used,
+                                      pair_out, out_rows + counts[e]};
+                        jobs[num_jobs++] = job;
+                        act_used += n * L->experts_gate.rows;
+                        L->routed_counts[e] += n;
+                    }
+                    for (long pair = 0; pair < T * K; pair++) {  /* pairs in (token, k) order: stable per expert */
+                        const long slot = counts[expert_ids[pair]]++;
+                        token_list[slot] = pair / K;
+                        out_rows[slot] = pair;
+                    }
+                    next = T * K;
+                }
+                if (L->gate.data) {
+                    for (long t = 0; t < T; t++) token_list[next + t] = out_rows[next + t] = t;
+                    FfnJob job = {&L->gate, &L->up, &L->down, 0, next, T, act_used, ffn_out, out_rows + next};
+                    jobs[num_jobs++] = job;
+                }
+                for (long j = 0; j < num_jobs; j++) {
+                    for (long p = 0; p < panel_count(jobs[j].gate); p++) items[num_up_items++] = (FfnItem){j, p};
+                    for (long p = 0; p < panel_count(jobs[j].down); p++) down_items[num_down_items++] = (FfnItem){j, p};
+                }
+            }
+            #pragma omp for schedule(dynamic, 1)
+            for (long i = 0; i < num_up_items; i++) {
+                const FfnJob* job = jobs + items[i].job;
+                const long I = job->gate->rows, p = items[i].panel;
+                const long* tokens = token_list + job->first;
+                float* a = act + job->act_offset;
+                float* u = up_act + job->act_offset;
+                panel_product(job->gate, job->matrix, p, job->count, h, D, tokens, a, I, NULL, &scratch);
+                panel_product(job->up, job->matrix, p, job->count, h, D, tokens, u, I, NULL, &scratch);
+                const long end = (p + 1) * LANES < I ? (p + 1) * LANES : I;
+                for (long n = 0; n < job->count; n++)
+                    for (long c = p * LANES; c < end; c++) {
+                        const float g = a[n * I + c];
+                        a[n * I + c] = g / (1.0f + expf(-g)) * u[n * I + c];
+                    }
+            }
+            #pragma omp for schedule(dynamic, 1)
+            for (long i = 0; i < num_down_items; i++) {
+                const FfnJob* job = jobs + down_items[i].job;
+                panel_product(job->down, job->matrix, down_items[i].panel, job->count, act + job->act_offset,
+                              job->gate->rows, NULL, job->out, D, job->out_index, &scratch);
+            }
+            #pragma omp for schedule(static)
+            for (long t = 0; t < T; t++) {
+                float* dst = x + t * D;
+                for (long k = 0; L->router.data && k < K; k++) {
+                    const float* src = pair_out + (t * K + k) * D, weight = expert_weights[t * K + k];
+                    for (long i = 0; i < D; i++) dst[i] += weight * src[i];
+                }
+                if (L->gate.data)
+                    for (long i = 0; i < D; i++) dst[i] += ffn_out[t * D + i];
+            }
+        }
+        #pragma omp for schedule(static)
+        for (long t = 0; t < T; t++) rmsnorm(x + t * D, d->final_norm, h + t * D, D, eps);
+        par_panels(&d->lm_head, T, h, D, logits, d->lm_head.rows, &scratch);
+        free(scratch.inputs);
         free(probs);
-        free(act);
-        free(up_out);
+        free(slots);
+        free(key_row);
     }
-    free(cos);
-    free(sin);
-    free(q_a_out);
-    free(kv_out);
-    free(q);
-    free(q_lat);
-    free(o_lat);
-    free(attn);
-    free(o);
-    free(router_logits);
-    free(partial);
-    free(job_out);
+    void* buffers[] = {cos, sin, x, h, q_a_out, q_a, kv_out, q, q_lat, o_lat, attn, o, router_logits, expert_ids,
+                       expert_weights, token_list, out_rows, act, up_act, pair_out, ffn_out, jobs, items, counts,
+                       down_items};
+    for (unsigned i = 0; i < sizeof(buffers) / sizeof(buffers[0]); i++) free(buffers[i]);
 }
