@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from common import report
+from moeray.kernels.policy import KernelPolicy, using
 from moeray import kernels
 from moeray.kernels.fp8 import dequantize_blocks
 from moeray.model.moe import expert_pairs_forward
@@ -77,11 +78,8 @@ def peak_matmul_flops(device, n: int = 8192) -> float:
 def torch_reference(fn):
     """fn run with the Triton kernels switched off: the path a CPU (or MOERAY_KERNELS=torch) takes."""
     def run():
-        kernels.set_enabled(False)
-        try:
+        with using(KernelPolicy.torch_only()):
             return fn()
-        finally:
-            kernels.set_enabled(True)
     return run
 
 

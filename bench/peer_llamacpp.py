@@ -22,6 +22,7 @@ moeray runs with prefix caching off (repeated prompts would make prefill look fr
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import random
 import statistics
@@ -32,9 +33,13 @@ import time
 from pathlib import Path
 
 import torch
-from common import CACHE, report, small_checkpoint
 
+import moeray.model
+from common import CACHE, report, small_checkpoint
 from moeray import LLM, SamplingParams
+from moeray.engine.cache import LatentCache
+from moeray.kernels import cpu
+from moeray.kernels.cpu import decoder
 
 PEER = CACHE / "llamacpp"
 THREADS = 2
@@ -139,6 +144,30 @@ def engine(checkpoint: Path, dtype: str, batch: int) -> LLM:
                max_num_batched_tokens=max(2048, batch * PROMPT), num_cache_blocks=batch * 16 + 64)
 
 
+def bf16_against_fp32(checkpoint: Path, sequences: int = 8, length: int = 96) -> dict:
+    """Greedy agreement and the largest logit difference of the native bf16 decoder against the
+    native fp32 one, teacher-forced on the same random tokens (every position a decode step)."""
+    rng = random.Random(0)
+    tokens = [[rng.randrange(2, 2000) for _ in range(length)] for _ in range(sequences)]
+    tables = [list(range(b * 16, b * 16 + 16)) for b in range(sequences)]
+    logits = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = moeray.model.load(checkpoint, dtype=dtype)
+        cache = LatentCache(model.args, sequences * 16, 16, dtype)
+        native = decoder.prepare(model, cache)
+        if native is None:
+            raise RuntimeError(f"the native decoder does not take the {dtype} model: {cpu.unavailable_reason()}")
+        steps = [native.step([row[p] for row in tokens], [p] * sequences, list(range(sequences)), tables, 16)
+                 for p in range(length)]
+        logits[dtype] = torch.stack(steps)  # [length, sequences, V]
+        del native, cache, model
+        gc.collect()
+    full, half = logits[torch.float32], logits[torch.bfloat16]
+    return {"greedy_agreement": round((full.argmax(-1) == half.argmax(-1)).float().mean().item(), 4),
+            "max_logit_diff": round((full - half).abs().max().item(), 4),
+            "logit_scale": round(full.abs().max().item(), 3)}
+
+
 def median_ratio(ours: list[float], theirs: list[float]) -> tuple[float, float, float]:
     return statistics.median(ours), statistics.median(theirs), statistics.median(a / b for a, b in zip(ours, theirs))
 
@@ -153,7 +182,7 @@ def main() -> None:
     root, checkpoint = llama_cpp_root(), small_checkpoint()
     batches = [int(b) for b in options.batches.split(",")]
     dtypes = [("float32", "f32")] + ([("bfloat16", "bf16")] if options.bf16 else [])
-    results, rows = {}, []
+    results, rows, rates = {}, [], {}
     for dtype, outtype in dtypes:
         model = gguf(root, checkpoint, outtype)
         samples: dict[str, tuple[list[float], list[float]]] = {}
@@ -166,6 +195,7 @@ def main() -> None:
         llms = {batch: engine(checkpoint, dtype, batch) for batch in [1, *batches]}
         for round_ in range(options.rounds):  # alternate: moeray, then llama.cpp, per measure
             ours = moeray_batch1(llms[1])
+            rates.setdefault(dtype, []).append(ours)
             add("decode batch 1", ours, llama_bench(root, model, "-p", "0", "-n", str(NEW)))
             for batch in batches:
                 prefill, decode = moeray_batched(llms[batch], batch, round_)
@@ -180,6 +210,17 @@ def main() -> None:
                             "ratios": [round(a / b, 3) for a, b in zip(ours, theirs)]}
             rows.append((key + " (tok/s)", f"{mine:.1f}", f"{peer:.1f}", f"{ratio:.2f}x"))
         del llms
+        gc.collect()
+    print(json.dumps({"partial": results}), file=sys.stderr, flush=True)
+    if options.bf16:
+        own = [a / b for a, b in zip(rates["bfloat16"], rates["float32"])]
+        results["bf16 / fp32 batch-1 decode (moeray)"] = {"ratio": round(statistics.median(own), 3),
+                                                          "ratios": [round(r, 3) for r in own]}
+        rows.append(("moeray bf16 / fp32 decode batch 1", f"{statistics.median(own):.2f}x", "", ""))
+        results["bf16 against fp32"] = agreement = bf16_against_fp32(checkpoint)
+        rows.append(("bf16 greedy agreement with fp32", f"{agreement['greedy_agreement']:.1%}", "", ""))
+        rows.append(("bf16 max logit difference", f"{agreement['max_logit_diff']} (logits up to "
+                                                  f"{agreement['logit_scale']})", "", ""))
     report("peer_llamacpp", {"threads": THREADS, "rounds": options.rounds, "results": results}, rows)
 
 

@@ -31,6 +31,7 @@ from moeray.engine.runner import ModelRunner
 from moeray.engine.sampler import Sampler, SamplingRow, TokenLogprobs
 from moeray.engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
 from moeray.engine.sequence import Sequence
+from moeray.kernels.policy import using
 from moeray.model.mla import VarlenCausalAttention
 from moeray.model.moe import ExpertBackend
 from moeray.model.tokenizer import Tokenizer
@@ -87,7 +88,7 @@ class Engine:
         self.cache = LatentCache(self.args, self.config.num_cache_blocks, self.config.block_size,
                                  self.config.torch_dtype, self.config.device)
         self.runner = ModelRunner(model, self.cache, experts, self.config.overlap_microbatches, self.adapters,
-                                  native=self._prepare_native(model, experts))
+                                  native=self._prepare_native(model, experts), kernels=self.config.kernels)
         self.sampler = Sampler(self.config.seed)
         self.requests: dict[str, _Request] = {}
         self._generators: dict[int, torch.Generator | None] = {}
@@ -327,7 +328,8 @@ class Engine:
         ids = torch.tensor(prompt_ids, device=device)
         positions = torch.arange(len(prompt_ids), device=device)
         model = self.runner.models[adapter]
-        hidden = model.forward_tokens(ids, positions, VarlenCausalAttention([len(prompt_ids)]), self.runner.experts)
+        with using(self.config.kernels):
+            hidden = model.forward_tokens(ids, positions, VarlenCausalAttention([len(prompt_ids)]), self.runner.experts)
         logprobs = torch.log_softmax(model.logits(hidden[:-1]).float(), dim=-1)  # [S-1, V]
         chosen = logprobs.gather(1, ids[1:, None]).squeeze(1).tolist()
         entries: list[TokenLogprobs | None] = [None]

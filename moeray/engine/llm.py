@@ -12,14 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence as Seq
 
-import moeray.model
+from moeray.engine.build import build_engine
 from moeray.engine.config import EngineConfig
-from moeray.engine.engine import Engine, RequestOutput
+from moeray.engine.engine import RequestOutput
 from moeray.engine.params import InvalidRequestError, SamplingParams
 from moeray.engine.sampler import TokenLogprobs
 from moeray.model.moe import ExpertBackend
-from moeray.model.tokenizer import Tokenizer
-from moeray.storage import local_copy
 
 
 @dataclass
@@ -49,44 +47,16 @@ class GenerationResult:
             completion.finish_reason = part.finish_reason or completion.finish_reason
 
 
-def check_tokenizer_matches(tokenizer: Tokenizer, args: moeray.model.ModelArgs, where: str) -> None:
-    if tokenizer.vocab_size > args.vocab_size:
-        raise ValueError(f"the tokenizer in {where} has {tokenizer.vocab_size} tokens but the model's "
-                         f"vocab_size is {args.vocab_size}: tokenizer and model do not match")
-
-
-def start_experts(model: str | Path, expert_shards: int, redundant_experts: int, transport: str, **options):
-    """The sharded expert backend (experts in Ray actors), or None for experts in this process."""
-    if not expert_shards:
-        if redundant_experts:
-            raise ValueError("redundant_experts needs expert_shards > 0")
-        return None
-    from moeray.actors import TRANSPORTS
-    from moeray.actors.dispatch import start_expert_parallel
-
-    if transport not in TRANSPORTS:
-        raise ValueError(f"transport {transport!r} is not available; choose one of {TRANSPORTS}")
-    return start_expert_parallel(str(model), expert_shards, redundant_experts, transport=transport, **options)[1]
-
-
 class LLM:
-    """Offline engine over a checkpoint folder or s3:// URI. `expert_shards=N` puts the routed
-    experts in N ExpertShard actors (Ray), each of which reads only its own experts."""
+    """Offline engine over a checkpoint folder or s3:// URI. `experts` takes an `ExpertBackend`
+    for routed experts that live elsewhere (for Ray actors: `moeray.actors.dispatch.
+    start_expert_parallel(model, shards)[1]`); engine options are `EngineConfig`'s fields."""
 
     def __init__(self, model: str | Path, tokenizer: str | Path | None = None, dtype: str = "float32",
-                 device: str = "cpu", experts: ExpertBackend | None = None, expert_shards: int = 0,
-                 redundant_experts: int = 0, transport: str = "ray", **engine_options: Any):
-        config = EngineConfig(dtype=dtype, device=device, **engine_options)
-        if experts is None:
-            experts = start_experts(model, expert_shards, redundant_experts, transport, dtype=dtype, fp8=config.fp8,
-                                    device=device)
-        loaded = moeray.model.load(model, dtype=config.torch_dtype, device=device, local_experts=experts is None,
-                                   fp8=config.fp8)
-        # A model under an s3:// URI streams its tensors remotely; only its tokenizer files are copied.
-        tok = Tokenizer.from_pretrained(local_copy(str(tokenizer or model), skip_suffixes=(".safetensors",)))
-        check_tokenizer_matches(tok, loaded.args, str(tokenizer or model))
-        self.engine = Engine(loaded, tok, config, experts)
-        self.tokenizer = tok
+                 device: str = "cpu", experts: ExpertBackend | None = None, **engine_options: Any):
+        self.engine = build_engine(model, EngineConfig(dtype=dtype, device=device, **engine_options), experts,
+                                   tokenizer)
+        self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
 
     @staticmethod

@@ -21,6 +21,7 @@ from moeray.engine.attention import AttentionMetadata, PrefillSpan, StepAttentio
 from moeray.engine.cache import LatentCache
 from moeray.engine.scheduler import ScheduledChunk
 from moeray.kernels.cpu.decoder import NativeDecoder
+from moeray.kernels.policy import KernelPolicy, using
 from moeray.model.moe import ExpertBackend
 from moeray.model.transformer import DeepseekForCausalLM
 
@@ -28,12 +29,13 @@ from moeray.model.transformer import DeepseekForCausalLM
 class ModelRunner:
     def __init__(self, model: DeepseekForCausalLM, cache: LatentCache, experts: ExpertBackend | None = None,
                  overlap_microbatches: bool = True, adapters: dict[str, DeepseekForCausalLM] | None = None,
-                 native: NativeDecoder | None = None):
+                 native: NativeDecoder | None = None, kernels: KernelPolicy = KernelPolicy()):
         self.model, self.cache, self.experts = model, cache, experts
         self.overlap_microbatches = overlap_microbatches
         self.models: dict[str | None, DeepseekForCausalLM] = {None: model, **(adapters or {})}
         self.device = next(model.parameters()).device
         self.native = native
+        self.kernels = kernels  # the policy every step runs under
 
     def _slots(self, block_table: list[int], start: int, end: int) -> list[int]:
         bs = self.cache.block_size
@@ -77,8 +79,11 @@ class ModelRunner:
         """Remote experts that can be submitted asynchronously: run two micro-batches."""
         return self.overlap_microbatches and hasattr(self.experts, "submit")
 
-    @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk], block_copies: list[tuple[int, int]] = ()) -> torch.Tensor:
+        with using(self.kernels), torch.inference_mode():
+            return self._execute_step(chunks, block_copies)
+
+    def _execute_step(self, chunks: list[ScheduledChunk], block_copies) -> torch.Tensor:
         self.cache.copy_blocks(list(block_copies))
         adapters = {chunk.seq.adapter for chunk in chunks}
         if len(adapters) == 1:

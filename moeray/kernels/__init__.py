@@ -23,8 +23,9 @@ them); the choice of implementation never changes results beyond float rounding.
 `use_triton(device)`: True when `device` is CUDA, triton is importable, the kernels are enabled
 and the environment does not say `MOERAY_KERNELS=torch` (accepted values: `auto`, the default,
 and `torch`; anything else is an error naming the variable). CPU tensors never take a Triton
-path, and triton is imported only when one is taken. `set_enabled(False)` forces the torch
-reference everywhere (tests, debugging).
+path, and triton is imported only when one is taken. The active `KernelPolicy`
+(`moeray.kernels.policy.using(...)`; the engine applies its config's) can switch the C and the
+Triton kernels off: `using(KernelPolicy.torch_only())` forces the torch reference everywhere.
 """
 
 from __future__ import annotations
@@ -36,23 +37,15 @@ import os
 import torch
 import torch.nn.functional as F
 
-from moeray.kernels import cpu
+from moeray.kernels import cpu, policy
 from moeray.kernels.fp8 import ExpertScales, fp8_block_linear_reference
 
 MAX_DECODE_TOKENS = 4  # beyond this GEMM reuses each weight enough that MKL/oneDNN wins
 MAX_FUSED_PAIRS = 32
 
-_enabled = True
-
-
-def set_enabled(enabled: bool) -> None:
-    global _enabled
-    _enabled = enabled
-
-
 def cpu_kernels_enabled() -> bool:
-    """The C kernels may run: not switched off by `set_enabled(False)` and built (or buildable)."""
-    return _enabled and cpu.library() is not None
+    """The C kernels may run: allowed by the active policy and built (or buildable)."""
+    return policy.active().cpu_ops and cpu.library() is not None
 
 
 KERNELS_ENV = "MOERAY_KERNELS"
@@ -76,7 +69,7 @@ def use_triton(device: torch.device | str) -> bool:
     # The device test comes first: a CPU call costs one comparison and reads no environment.
     if (device.type if isinstance(device, torch.device) else torch.device(device).type) != "cuda":
         return False
-    return _enabled and kernels_setting() != "torch" and triton_importable()
+    return policy.active().triton and kernels_setting() != "torch" and triton_importable()
 
 
 def _needs_grad(*tensors: torch.Tensor) -> bool:
@@ -85,7 +78,7 @@ def _needs_grad(*tensors: torch.Tensor) -> bool:
 
 
 def _cpu_fp32(*tensors: torch.Tensor) -> bool:
-    return _enabled and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+    return policy.active().cpu_ops and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
 
 
 def _layout(weight: torch.Tensor) -> tuple[int, int] | None:

@@ -21,7 +21,7 @@ class ServeConfigError(ValueError):
 
 def check_serving(settings: ServeSettings) -> None:
     from moeray.engine.config import EngineConfigError
-    from moeray.engine.llm import check_tokenizer_matches
+    from moeray.engine.build import check_tokenizer_matches
     from moeray.model.checkpoint import read_model_args
     from moeray.model.tokenizer import Tokenizer
     from moeray.platform.default_model import resolve_model

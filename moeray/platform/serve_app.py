@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 from ray import serve
@@ -51,12 +50,9 @@ def log_into_serve() -> None:
 
 def load_replica_service(settings: ServeSettings) -> ReplicaService:
     from moeray.engine import Engine
-    from moeray.engine.llm import check_tokenizer_matches
+    from moeray.engine.build import build_engine
     from moeray.jobs.lora import merged_variant
-    from moeray.model import load
-    from moeray.model.tokenizer import Tokenizer
     from moeray.platform.default_model import resolve_model
-
     from moeray.storage import local_copy
 
     folder = resolve_model(settings.model)
@@ -74,18 +70,12 @@ def load_replica_service(settings: ServeSettings) -> ReplicaService:
             transport=ep.transport, fp8=engine_config.fp8, device=engine_config.device)
         experts.timeout_s = ep.timeout_s
 
+    def adapters(model):
+        return {name: merged_variant(model, local_copy(uri)) for name, uri in settings.lora_adapters.items()}
+
     def build() -> Engine:
         # Runs on the engine thread, so loading and stepping share one OpenMP team (see AsyncEngine).
-        model = load(folder, dtype=engine_config.torch_dtype, device=engine_config.device,
-                     local_experts=experts is None, fp8=engine_config.fp8)
-        # Weights stream from the checkpoint's location; only the small tokenizer files are copied here.
-        tokenizer = Tokenizer.from_pretrained(local_copy(str(folder), skip_suffixes=(".safetensors",)))
-        check_tokenizer_matches(tokenizer, model.args, str(folder))
-        if settings.chat_template:
-            tokenizer = tokenizer.with_chat_template(Path(settings.chat_template).read_text(encoding="utf-8"),
-                                                     settings.chat_template)
-        adapters = {name: merged_variant(model, local_copy(uri)) for name, uri in settings.lora_adapters.items()}
-        return Engine(model, tokenizer, engine_config, experts, adapters)
+        return build_engine(folder, engine_config, experts, chat_template=settings.chat_template, adapters=adapters)
 
     return ReplicaService(build, reasoning_parser=settings.reasoning_parser)
 

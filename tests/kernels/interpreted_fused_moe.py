@@ -7,7 +7,7 @@ scale blocks on every edge and scale blocks that do not divide the intermediate 
 import pytest
 import torch
 
-from moeray import kernels
+from moeray.kernels.policy import KernelPolicy, using
 from moeray.kernels.fp8 import ExpertScales
 from moeray.kernels.triton.fused_moe import fused_expert_pairs, moe_align, scale_block_supported
 from moeray.model.moe import expert_pairs_forward
@@ -15,9 +15,8 @@ from moeray.model.moe import expert_pairs_forward
 
 @pytest.fixture
 def torch_reference():
-    kernels.set_enabled(False)
-    yield expert_pairs_forward
-    kernels.set_enabled(True)
+    with using(KernelPolicy.torch_only()):
+        yield expert_pairs_forward
 
 
 def _experts(num_experts: int, hidden: int, intermediate: int, dtype: torch.dtype, device: str, seed: int):

@@ -6,6 +6,7 @@ import random
 import pytest
 import torch
 
+from moeray.kernels.policy import KernelPolicy, using
 import moeray.model
 from moeray import kernels
 from moeray.engine.attention import AttentionMetadata, StepAttention
@@ -45,7 +46,11 @@ def build(flavour: str, seed: int = 0, dtype: torch.dtype = torch.float32):
             bias = getattr(layer.mlp, "gate", None) and layer.mlp.gate.e_score_correction_bias
             if bias is not None:
                 bias.normal_(0, 0.05, generator=torch.Generator().manual_seed(seed))
-    return model.to(dtype), args
+    model = model.to(dtype)
+    for layer in model.model.layers:  # routers stay float32 in a bfloat16 model, as moeray.model.load keeps them
+        if hasattr(layer.mlp, "gate"):
+            layer.mlp.gate.float()
+    return model, args
 
 
 def decode_step(args: ModelArgs, lengths: list[int], seed: int = 0, dtype: torch.dtype = torch.float32):
@@ -76,12 +81,8 @@ def routed_counts(model) -> list[list[int]]:
 
 
 def torch_path(model, cache, meta, token_ids, positions):
-    kernels.set_enabled(False)
-    try:
-        with torch.inference_mode():
-            return model.logits(model.forward_tokens(token_ids, positions, StepAttention(cache, meta))).float()
-    finally:
-        kernels.set_enabled(True)
+    with using(KernelPolicy.torch_only()), torch.inference_mode():
+        return model.logits(model.forward_tokens(token_ids, positions, StepAttention(cache, meta))).float()
 
 
 def lengths_of(batch: int) -> list[int]:

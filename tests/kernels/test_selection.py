@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from moeray.kernels.policy import KernelPolicy, using
 from moeray import kernels
 
 
@@ -22,11 +23,8 @@ def test_cuda_takes_triton_unless_switched_off(monkeypatch):
     monkeypatch.setenv("MOERAY_KERNELS", "torch")
     assert not kernels.use_triton(torch.device("cuda", 0))
     monkeypatch.setenv("MOERAY_KERNELS", "auto")
-    kernels.set_enabled(False)
-    try:
+    with using(KernelPolicy(triton=False)):
         assert not kernels.use_triton("cuda")
-    finally:
-        kernels.set_enabled(True)
 
 
 def test_unknown_setting_is_an_error_naming_the_variable(monkeypatch):

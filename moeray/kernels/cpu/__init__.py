@@ -31,7 +31,6 @@ logger = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 SOURCES = [HERE / "decode.c", HERE / "decoder.c"]
 HEADERS = [HERE / "common.h", HERE / "panels.h", HERE / "decoder.h"]
-_failure: str | None = None
 
 
 def _cache_dir() -> Path:
@@ -61,13 +60,16 @@ def library() -> ctypes.CDLL | None:
     return None if path is None else load(path)
 
 
-@functools.cache
 def library_path() -> Path | None:
     """The built shared library (built on first use), or None where it cannot be built."""
-    global _failure
+    return _built()[0]
+
+
+@functools.cache
+def _built() -> tuple[Path | None, str | None]:
+    """(library, None), or (None, why not): built once per process and source hash."""
     if os.environ.get("MOERAY_DISABLE_CPU_KERNELS") == "1":
-        _failure = "disabled by MOERAY_DISABLE_CPU_KERNELS=1"
-        return None
+        return None, "disabled by MOERAY_DISABLE_CPU_KERNELS=1"
     sources = b"".join(path.read_bytes() for path in SOURCES + HEADERS)
     key = hashlib.sha256(sources + platform.machine().encode() + platform.node().encode()).hexdigest()[:16]
     target = _cache_dir() / f"decode-{key}.so"
@@ -75,11 +77,10 @@ def library_path() -> Path | None:
         if not target.exists():
             build(target)
         load(target)  # a library that does not load is no library
-        return target
+        return target, None
     except (OSError, RuntimeError) as err:
-        _failure = str(err)
         logger.warning("moeray CPU decode kernels unavailable, using torch: %s", err)
-        return None
+        return None, str(err)
 
 
 def load(path: Path) -> ctypes.CDLL:
@@ -123,5 +124,4 @@ def huge_page_floats(numel: int) -> torch.Tensor:
 
 
 def unavailable_reason() -> str | None:
-    library()
-    return _failure
+    return _built()[1]

@@ -6,7 +6,7 @@ Contract:
   parameter name, and raises `NotApplicable` naming any parameter it has no role for (a bias,
   FP8 scales, a new module), so a model it does not fully cover never runs natively.
 - `prepare(model, cache)` is the explicit build step: it packs every weight into panels (the
-  layout in `decoder.h`) in one huge-page arena, in the model's dtype (float32, or bfloat16
+  layout in `decoder.h`) in one huge-page arena, each in its own dtype (float32, or bfloat16
   computed with float32 accumulation), and returns a `NativeDecoder`; or None, logging why,
   where the decoder does not apply (no C compiler, CUDA, FP8 or remote experts, float16). The
   model is not modified: the packed panels are a copy, so a weight changed after `prepare` is
@@ -108,34 +108,40 @@ def _ffi():
 
 
 class _Packer:
-    """Lays weights out as panels in one huge-page arena (two passes: sizes, then copies)."""
+    """Lays weights out as panels in one huge-page arena (two passes: sizes, then copies). Each
+    matrix keeps its own dtype (a bfloat16 checkpoint's routers stay float32, as the model
+    computes them)."""
 
-    def __init__(self, dtype: torch.dtype):
-        self.dtype, self.planned, self.arena, self.offset = dtype, [], None, 0
+    def __init__(self):
+        self.planned, self.arena, self.offset = [], None, 0
 
-    def size(self, stack: torch.Tensor) -> int:
+    @staticmethod
+    def nbytes(stack: torch.Tensor) -> int:
         m, rows, cols = stack.shape
-        cols = cols + cols % 2 if self.dtype == torch.bfloat16 else cols
-        return m * -(-rows // LANES) * LANES * cols
+        cols = cols + cols % 2 if stack.dtype == torch.bfloat16 else cols
+        return m * -(-rows // LANES) * LANES * cols * stack.dtype.itemsize
 
     def plan(self, stack: torch.Tensor) -> None:
-        self.planned.append(self.size(stack))
+        if stack.dtype not in PACKED_DTYPES:
+            raise NotApplicable(f"a {stack.dtype} weight (float32 or bfloat16 only)")
+        self.planned.append(self.nbytes(stack))
 
     def allocate(self) -> None:
-        spans = [(n + 31) // 32 * 32 for n in self.planned]  # 64-byte aligned starts
-        floats = -(-sum(spans) * self.dtype.itemsize // 4)
-        self.arena = cpu.huge_page_floats(max(floats, 1)).view(self.dtype)
+        total = sum((n + 63) // 64 * 64 for n in self.planned)  # 64-byte aligned starts
+        self.arena = cpu.huge_page_floats(max(total // 4, 1)).view(torch.uint8)
 
     def pack(self, stack: torch.Tensor, ffi, kept: list, refills: list) -> object:
         """stack [M, rows, cols] -> a Panels struct over its packed copy (`refills` gets the copy step)."""
         m, rows, cols = stack.shape
-        packed = _panel_layout(stack, self.dtype)
-        region = self.arena[self.offset:self.offset + packed.numel()].view(packed.shape)
+        dtype = stack.dtype
+        packed = _panel_layout(stack, dtype)
+        size = packed.numel() * dtype.itemsize
+        region = self.arena[self.offset:self.offset + size].view(dtype).view(packed.shape)
         region.copy_(packed)
-        self.offset += (packed.numel() + 31) // 32 * 32
+        self.offset += (size + 63) // 64 * 64
         kept.append(region)
-        refills.append(lambda source, region=region: region.copy_(_panel_layout(source, self.dtype)))
-        bf16 = self.dtype == torch.bfloat16
+        refills.append(lambda source, region=region: region.copy_(_panel_layout(source, region.dtype)))
+        bf16 = dtype == torch.bfloat16
         padded_cols = packed.shape[2] * (2 if bf16 else 1)
         return ffi.new("Panels *", {"data": ffi.cast("void *", region.data_ptr()), "rows": rows, "cols": cols,
                                     "panel_stride": LANES * padded_cols, "matrix_stride": packed[0].numel(),
@@ -176,10 +182,10 @@ def _stacks(model: torch.nn.Module, weights: DecoderWeights) -> list[tuple[tuple
     return stacks
 
 
-def _check(model: torch.nn.Module, cache) -> torch.dtype:
+def _check(model: torch.nn.Module, cache) -> None:
     params = list(model.parameters())
     dtypes = {p.dtype for p in params}
-    if len(dtypes) != 1 or next(iter(dtypes)) not in PACKED_DTYPES:
+    if not dtypes <= set(PACKED_DTYPES):
         raise NotApplicable(f"parameter dtypes {sorted(map(str, dtypes))} (float32 or bfloat16 only)")
     if any(p.device.type != "cpu" for p in params):
         raise NotApplicable("parameters not on the CPU")
@@ -192,7 +198,6 @@ def _check(model: torch.nn.Module, cache) -> torch.dtype:
         experts = getattr(layer.mlp, "experts", None)
         if hasattr(layer.mlp, "gate") and (experts is None or experts.fp8_block is not None):
             raise NotApplicable("remote or FP8 experts")
-    return next(iter(dtypes))
 
 
 class NativeDecoder:
@@ -238,7 +243,7 @@ def prepare(model: torch.nn.Module, cache) -> NativeDecoder | None:
 
 @torch.no_grad()
 def _prepare(model: torch.nn.Module, cache, path: Path) -> NativeDecoder:
-    dtype = _check(model, cache)
+    _check(model, cache)
     weights = decoder_weights(model)
     ffi = _ffi()
     lib = ffi.dlopen(str(path))
@@ -255,7 +260,7 @@ def _prepare(model: torch.nn.Module, cache, path: Path) -> NativeDecoder:
         return ffi.cast("float *", copy.data_ptr())
 
     stacks = _stacks(model, weights)
-    packer = _Packer(dtype)
+    packer = _Packer()
     for _, stack in stacks:
         packer.plan(stack)
     packer.allocate()
