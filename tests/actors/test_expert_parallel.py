@@ -231,9 +231,9 @@ def test_periodic_rebalancing_moves_hot_experts_by_itself(ray_session, hf_folder
         ray.get(router.shutdown.remote())
 
 
-def test_llm_with_expert_shards_starts_its_own_and_equals_local(ray_session, hf_folder, prompts, local_outputs):
-    llm = LLM(hf_folder[0], max_model_len=256, expert_shards=2)
-    router = llm.engine.runner.experts.router
+def test_llm_over_an_expert_backend_of_shards_equals_local(ray_session, hf_folder, prompts, local_outputs):
+    router, backend = start_expert_parallel(str(hf_folder[0]), 2)
+    llm = LLM(hf_folder[0], max_model_len=256, experts=backend)
     try:
         assert [r.outputs[0].token_ids for r in llm.generate(prompts, GREEDY)] == local_outputs
         assert ray.get(router.health.remote())["num_shards"] == 2 and all(shard_work(router))
