@@ -298,7 +298,8 @@ void moeray_decoder_step(const Decoder* d, long T, const long* token_ids, const 
 
     #pragma omp parallel
     {
-        TileScratch scratch = {malloc(sizeof(float) * TILE_MAX * widest), widest};
+        /* room for every token's inputs: a product's are converted once for all its panels */
+        TileScratch scratch = {malloc(sizeof(float) * (T > TILE_MAX ? T : TILE_MAX) * widest), widest};
         float* probs = malloc(sizeof(float) * HEAD_GROUP * longest);
         long* slots = malloc(sizeof(long) * longest);
         float* key_row = malloc(sizeof(float) * kvw);
@@ -341,6 +342,7 @@ void moeray_decoder_step(const Decoder* d, long T, const long* token_ids, const 
                 rope(q + job * qk + dn, cos + job / H * half, sin + job / H * half, dr, d->rope_interleave);
             /* q_lat[t, head] = W_uk[head]^T q_nope[t, head], a head at a time over all tokens */
             const long uk_panels = panel_count(&L->w_uk), uv_panels = panel_count(&L->w_uv);
+            new_product(&scratch);
             #pragma omp for schedule(static)
             for (long item = 0; item < H * uk_panels; item++) {
                 const long head = item / uk_panels;
@@ -361,6 +363,7 @@ void moeray_decoder_step(const Decoder* d, long T, const long* token_ids, const 
                     attend_group_f32(g, q_lat + (t * H + head) * r, qt + dn, qk, (const float*)L->cache, slots, n,
                                      dr, r, d->softmax_scale, probs, o_lat + (t * H + head) * r);
             }
+            new_product(&scratch);
             #pragma omp for schedule(static)
             for (long item = 0; item < H * uv_panels; item++) {
                 const long head = item / uv_panels;
@@ -416,6 +419,7 @@ void moeray_decoder_step(const Decoder* d, long T, const long* token_ids, const 
                     for (long p = 0; p < panel_count(jobs[j].down); p++) down_items[num_down_items++] = (FfnItem){j, p};
                 }
             }
+            new_product(&scratch);
             #pragma omp for schedule(dynamic, 1)
             for (long i = 0; i < num_up_items; i++) {
                 const FfnJob* job = jobs + items[i].job;
@@ -432,6 +436,7 @@ void moeray_decoder_step(const Decoder* d, long T, const long* token_ids, const 
                         a[n * I + c] = g / (1.0f + expf(-g)) * u[n * I + c];
                     }
             }
+            new_product(&scratch);
             #pragma omp for schedule(dynamic, 1)
             for (long i = 0; i < num_down_items; i++) {
                 const FfnJob* job = jobs + down_items[i].job;
