@@ -8,9 +8,10 @@ At each depth D, in one run:
   timing the second request's prefill;
 - decode tokens/s at depth D: `llama-bench -d D -n 32`, against 32 greedy tokens after a D-token
   prompt;
-- peak resident memory of each process (ru_maxrss; moeray's grows with the depth, llama.cpp's is
-  the largest of its runs) and moeray's latent-cache bytes per token against what a per-head K/V
-  cache of the same model would take.
+- peak resident memory: moeray's process so far (ru_maxrss, holding the float32 model, its packed
+  copy and the cache) and llama-bench's, sampled while it runs;
+- moeray's latent-cache bytes per token against what a per-head K/V cache of the same model
+  would take.
 Prefill attention runs in chunks over the cached context (chunk x context memory, not
 context^2). The 32K row takes several minutes on 2 cores on each side.
 
@@ -52,14 +53,34 @@ def yarn_checkpoint() -> Path:
     return folder
 
 
-def llama_depth(root: Path, model: Path, depth: int) -> tuple[float, float]:
-    """(prefill tok/s of 512 tokens, decode tok/s) at `depth`, one repetition each."""
-    rates = []
+def run_measured(cmd: list[str]) -> tuple[str, float]:
+    """(stdout, peak resident MB) of a command, its memory sampled every 50 ms while it runs.
+    (ru_maxrss of children would report this process's own size: a forked child starts with it.)"""
+    import psutil
+
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) as process:
+        watched, peak = psutil.Process(process.pid), 0
+        while process.poll() is None:
+            try:
+                peak = max(peak, watched.memory_info().rss)
+            except psutil.NoSuchProcess:
+                break
+            time.sleep(0.05)
+        out = process.stdout.read()
+    if process.returncode:
+        raise RuntimeError(f"{cmd[0]} failed with status {process.returncode}")
+    return out, peak / 2**20
+
+
+def llama_depth(root: Path, model: Path, depth: int) -> tuple[float, float, float]:
+    """(prefill tok/s of 512 tokens, decode tok/s, peak MB) at `depth`, one repetition each."""
+    rates, peak = [], 0.0
     for test in (["-p", str(NEW_PREFILL), "-n", "0"], ["-p", "0", "-n", str(NEW_DECODE)]):
-        result = subprocess.run([str(root / "build/bin/llama-bench"), "-m", str(model), "-t", str(THREADS), "-r", "1",
-                                 "-d", str(depth), "-o", "json", *test], check=True, capture_output=True, text=True)
-        rates.append(json.loads(result.stdout)[0]["avg_ts"])
-    return rates[0], rates[1]
+        out, used = run_measured([str(root / "build/bin/llama-bench"), "-m", str(model), "-t", str(THREADS), "-r", "1",
+                                  "-d", str(depth), "-o", "json", *test])
+        rates.append(json.loads(out)[0]["avg_ts"])
+        peak = max(peak, used)
+    return rates[0], rates[1], peak
 
 
 def moeray_depth(llm: LLM, depth: int, seed: int) -> tuple[float, float]:
@@ -102,8 +123,7 @@ def main() -> None:
         depth = min(depth, 32768 - NEW_PREFILL - NEW_DECODE - 16)  # room for the new tokens
         prefill, decode = moeray_depth(llm, depth, depth)
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        their_prefill, their_decode = llama_depth(root, model, depth)
-        their_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        their_prefill, their_decode, their_rss = llama_depth(root, model, depth)
         results["depths"][depth] = {"moeray_prefill_tok_s": round(prefill, 1), "llamacpp_prefill_tok_s": round(their_prefill, 1),
                                     "moeray_decode_tok_s": round(decode, 2), "llamacpp_decode_tok_s": round(their_decode, 2),
                                     "moeray_peak_rss_mb": round(rss), "llamacpp_peak_rss_mb": round(their_rss)}
