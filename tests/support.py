@@ -407,3 +407,29 @@ def make_spec(tmp_path: Path, base: Path, method: str = "sft", **changes):
     for key, value in changes.items():
         spec[key] = {**spec.get(key, {}), **value} if isinstance(value, dict) else value
     return parse_spec(spec)
+
+
+def transcribed_mtp_logits(model, tokens: torch.Tensor, depth: int) -> list[torch.Tensor]:
+    """P^k for k = 1..depth over one sequence t_0..t_{T-1}, written from DeepSeek-V3's paper:
+        h'^k_i = M_k [RMSNorm(Emb(t_{i+k})); RMSNorm(h^{k-1}_i)]     (embedding first, as V3's weights)
+        h^k_{0:T-k} = TRM_k(h'^k_{0:T-k})                              (causal, its own block)
+        P^k_{i+k+1} = OutHead(RMSNorm(h^k_i))                          (the shared head)
+    with h^0 the main model's final (normed) hidden state. TRM_k is a standard decoder block;
+    row i of P^k is the distribution of t_{i+k+1}."""
+    from moeray.model.mla import DenseCausalAttention
+
+    def rms_norm(x, weight):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + model.args.rms_norm_eps) * weight
+
+    emb, n = model.model.embed_tokens.weight, tokens.numel()
+    hidden = model.forward_tokens(tokens, torch.arange(n), DenseCausalAttention(1, n))
+    out = []
+    for k in range(1, depth + 1):
+        layer, length = model.model.mtp_layers[k - 1], n - k
+        joined = torch.cat([rms_norm(emb[tokens[k:]], layer.enorm.weight), rms_norm(hidden[:length], layer.hnorm.weight)],
+                           dim=-1)
+        block = super(type(layer), layer).forward  # the decoder block itself
+        hidden = block(joined @ layer.eh_proj.weight.T, model.rotary(torch.arange(k, n)),
+                       DenseCausalAttention(1, length), None)
+        out.append(rms_norm(hidden, layer.shared_head.norm.weight) @ model.lm_head.weight.T)
+    return out

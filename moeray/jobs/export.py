@@ -3,6 +3,10 @@
 Contract: `export(spec, checkpoint_dir)` rebuilds the trained model (base weights + the trained
 tensors of the checkpoint) and writes `spec.output`: a merged Hugging Face folder (safetensors,
 config, tokenizer) or, for LoRA jobs with `output_format: adapter`, a PEFT adapter folder.
+`starting_model(spec, base)` is the model a job trains, built the same way for training and
+for export: the base checkpoint (or seeded random weights), LoRA where the spec asks, then the
+spec's MTP layers that the base lacks, randomly initialised from the job's seed and trained in
+full.
 """
 
 from __future__ import annotations
@@ -22,15 +26,29 @@ from moeray.storage import is_remote, local_copy, upload_dir
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja")
 
 
+def starting_model(spec: JobSpec, base: Path, lora_dropout: float | None = None) -> torch.nn.Module:
+    mtp = getattr(spec, "mtp", None)
+    args = moeray.model.ModelArgs.from_file(base / "config.json")
+    if spec.init == "random":  # seeded: an export rebuilds the same untrained tensors
+        model = moeray.model.build(args, seed=spec.train.seed)
+    else:
+        wanted = mtp.depth if mtp is not None else 0
+        model = moeray.model.load(base, mtp_depth=min(wanted, moeray.model.mtp_depth_of(base)))
+    if spec.lora is not None:
+        dropout = spec.lora.dropout if lora_dropout is None else lora_dropout
+        apply_lora(model, spec.lora.target_modules, spec.lora.rank, spec.lora.alpha, dropout, spec.train.seed)
+    if mtp is not None and mtp.depth > model.mtp_depth:
+        if spec.lora is not None and spec.output_format == "adapter":
+            raise ValueError(f"mtp.depth {mtp.depth}: the base model has {model.mtp_depth} MTP layers, and an "
+                             f"adapter export cannot carry the ones trained from scratch; use output_format: merged")
+        generator = torch.Generator().manual_seed(spec.train.seed + 1)
+        model.add_mtp_layers(mtp.depth, generator)  # after LoRA, which would freeze them
+    return model
+
+
 def trained_model(spec: JobSpec, checkpoint_dir: str | Path):
     """The base model with the checkpoint's trained tensors (LoRA wrapped when the job used LoRA)."""
-    base = local_copy(spec.base_model)
-    if spec.init == "random":  # the same seeded start as training: untrained tensors match it
-        model = moeray.model.build(moeray.model.ModelArgs.from_file(base / "config.json"), seed=spec.train.seed)
-    else:
-        model = moeray.model.load(base)
-    if spec.lora is not None:
-        apply_lora(model, spec.lora.target_modules, spec.lora.rank, spec.lora.alpha, 0.0, spec.train.seed)
+    model = starting_model(spec, local_copy(spec.base_model), lora_dropout=0.0)
     state = torch.load(Path(checkpoint_dir) / STATE_FILE, weights_only=False)
     missing = set(state["model"]) - set(model.state_dict())
     if missing:

@@ -8,8 +8,11 @@ Contract:
 - `target_logprobs(model, batch)`: the training path for both: log p of every labelled next token
   of a padding-free `SequenceBatch`, with the output head run on those positions only;
   `sft_loss` is minus their mean and `sequence_logprobs` their per-sequence sum.
-- `token_loss(model, rows, device)`: minus the mean of `target_logprobs` over rows (pretraining
-  and SFT), with the number of labelled tokens.
+- `token_loss(model, rows, device, mtp=None)`: minus the mean of `target_logprobs` over rows
+  (pretraining and SFT), with the number of labelled tokens. With `mtp=(depth, weight)` it adds
+  DeepSeek-V3's sequential multi-token-prediction objective: depth k (1..depth) predicts each
+  labelled token k tokens earlier than the main head does, L_mtp = mean_k CE_k, and the loss is
+  L_main + weight * L_mtp (metrics `lm_loss`, `mtp_loss`, `mtp_loss_k`).
 - `dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)`: the sigmoid DPO
   loss -log sigmoid(beta * ((pc - rc) - (pr - rr))) and its metrics. With the policy equal to
   the reference (step 0) the loss is exactly ln 2.
@@ -25,6 +28,7 @@ import torch.nn.functional as F
 
 from moeray.jobs.data import SequenceBatch, flatten
 from moeray.model.moe import MoE
+from moeray.model.transformer import mtp_rows
 
 IGNORE = -100
 
@@ -53,11 +57,35 @@ def target_logprobs(model, batch: SequenceBatch) -> tuple[torch.Tensor, torch.Te
     return logprobs, batch.sequence_of_token[where]
 
 
-def token_loss(model, rows, device) -> tuple[torch.Tensor, dict[str, int]]:
-    """Mean next-token loss over the rows' labelled tokens (padding-free), and their count."""
-    logprobs, _ = target_logprobs(model, flatten(rows).to(device))
-    loss = -logprobs.mean() if logprobs.numel() else logprobs.sum()
-    return loss, {"tokens": int(logprobs.numel())}
+def token_loss(model, rows, device, mtp: tuple[int, float] | None = None) -> tuple[torch.Tensor, dict]:
+    """Mean next-token loss over the rows' labelled tokens (padding-free), and their count; with
+    `mtp`, plus the weighted MTP loss (see the module docstring)."""
+    if mtp is None:
+        logprobs, _ = target_logprobs(model, flatten(rows).to(device))
+        loss = -logprobs.mean() if logprobs.numel() else logprobs.sum()
+        return loss, {"tokens": int(logprobs.numel())}
+    depth, weight = mtp
+    batch = flatten(rows).to(device)
+    where = (batch.next_labels != IGNORE).nonzero().squeeze(1)  # [M]
+    # Depth k's row r embeds the token at rows[r] + k and predicts the one after it, whose label
+    # is next_labels[rows[r] + k]: the same labels the main head learns, k positions earlier.
+    depth_rows = [mtp_rows(batch.lengths, k).to(device) for k in range(1, depth + 1)]
+    depth_labels = [batch.next_labels[rows + k] for k, rows in enumerate(depth_rows, start=1)]
+    depth_at = [(labels != IGNORE).nonzero().squeeze(1) for labels in depth_labels]
+    logits, depth_logits = model(batch.input_ids, batch.position_ids, lengths=batch.lengths, logits_at=where,
+                                 mtp_logits_at=depth_at)
+    lm_loss = _mean_cross_entropy(logits, batch.next_labels[where])
+    per_depth = [_mean_cross_entropy(out, labels[at]) for out, labels, at in zip(depth_logits, depth_labels, depth_at)]
+    mtp_loss = torch.stack(per_depth).mean()
+    metrics = {"tokens": int(where.numel()), "lm_loss": lm_loss.detach().item(), "mtp_loss": mtp_loss.detach().item()}
+    metrics.update({f"mtp_loss_{k}": value.detach().item() for k, value in enumerate(per_depth, start=1)})
+    return lm_loss + weight * mtp_loss, metrics
+
+
+def _mean_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    if not labels.numel():
+        return logits.sum() * 0.0  # nothing labelled: no contribution, but still in the graph
+    return F.cross_entropy(logits.float(), labels)
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,

@@ -2,7 +2,7 @@
 
 Contract: `parallelize(model, strategy)` returns the module the training step calls: the model
 itself ("single"), DDP around it ("ddp") or the model sharded in place with FSDP2 ("fsdp",
-one unit per decoder layer plus the root). `full_state(model, optimizer, strategy)` returns
+one unit per decoder layer, MTP layers included, plus the root). `full_state(model, optimizer, strategy)` returns
 (trainable parameters and buffers, optimizer state), whole and on CPU (under FSDP a
 collective: every worker calls it); `load_optimizer_state` puts a saved one back.
 """
@@ -30,7 +30,7 @@ def parallelize(model: torch.nn.Module, strategy: str) -> torch.nn.Module:
             for param in model.parameters():
                 if not param.is_contiguous():  # FSDP shards flat storage; down_proj is stored column-major
                     param.data = param.data.contiguous()
-        for layer in model.model.layers:
+        for layer in [*model.model.layers, *getattr(model.model, "mtp_layers", ())]:
             fully_shard(layer)
         fully_shard(model)
         return model

@@ -98,6 +98,15 @@ class MoeSpec(_Strict):
     freeze_router: bool = Field(False, description="Keep router (gate) weights fixed.")
 
 
+class MtpSpec(_Strict):
+    """DeepSeek-V3's multi-token prediction as an extra objective (pretrain and SFT)."""
+
+    depth: int = Field(1, ge=1, le=4, description="MTP layers: depth k predicts the token k+1 ahead. Layers the "
+                       "base checkpoint lacks start from random weights.")
+    loss_weight: float = Field(0.3, gt=0, description="Weight of the MTP loss (the mean over depths) beside the "
+                               "main loss; DeepSeek-V3 used 0.3, then 0.1.")
+
+
 class ScalingSpec(_Strict):
     """Ray Train workers (data parallel)."""
 

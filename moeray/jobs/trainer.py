@@ -146,15 +146,10 @@ def _lr_factor(spec: JobSpec, step: int, total: int) -> float:
 
 
 def _build_model(spec: JobSpec, base) -> torch.nn.Module:
-    from moeray.jobs.lora import apply_lora
+    from moeray.jobs.export import starting_model
 
-    if spec.init == "random":
-        model = moeray.model.build(moeray.model.ModelArgs.from_file(base / "config.json"), seed=spec.train.seed)
-    else:
-        model = moeray.model.load(base)
+    model = starting_model(spec, base)
     model.train()
-    if spec.lora is not None:
-        apply_lora(model, spec.lora.target_modules, spec.lora.rank, spec.lora.alpha, spec.lora.dropout, spec.train.seed)
     if spec.moe.freeze_router:
         for name, param in model.named_parameters():
             if name.endswith("mlp.gate.weight"):

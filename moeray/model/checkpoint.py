@@ -13,11 +13,15 @@ Contract:
 - `load_weights(model, reader)` streams tensors one at a time into a model's preallocated
   parameters (never two full copies in memory) and fails on missing, unexpected or wrongly
   shaped tensors, naming the tensor and the file. Layers at index >= num_hidden_layers (the MTP
-  module) are skipped and reported. An FP8 tensor is dequantised into a full-precision parameter,
+  module) load into the model's `model.mtp_layers` where it has them (their `embed_tokens` and
+  `shared_head.head`, copies of the main model's, are not read) and are skipped and reported
+  where it has not. An FP8 tensor is dequantised into a full-precision parameter,
   or copied as it is (with its scale into the `<parameter>_scale_inv` beside it) into a float8
   one: the model's parameter dtypes decide (see `moeray.model.load(fp8=...)`).
 - `save_checkpoint(model, folder)` writes the Hugging Face layout with per-expert names, which
-  transformers and this reader both load.
+  transformers and this reader both load; MTP layers go back to index num_hidden_layers + k with
+  the copies of the embedding and head that DeepSeek-V3's layout has, and config.json's
+  `num_nextn_predict_layers` says how many there are.
 """
 
 from __future__ import annotations
@@ -37,9 +41,12 @@ from moeray.model.config import ModelArgs
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-_EXPERT_RE = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
-_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+_EXPERT_RE = re.compile(r"^(model\.(?:mtp_)?layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
+# Tensors of an MTP layer in V3's layout that are copies of the main model's (shared, not read).
+_MTP_SHARED = {"embed_tokens.weight": "model.embed_tokens.weight", "shared_head.head.weight": "lm_head.weight"}
 _SCALE_SUFFIX = "_scale_inv"
+_MTP_NAME_RE = re.compile(r"^model\.mtp_layers\.(\d+)\.(.*)$")
 
 
 class CheckpointError(ValueError):
@@ -335,15 +342,22 @@ def load_weights(model: torch.nn.Module, reader: CheckpointReader, num_layers: i
     report = LoadReport()
     names = reader.names()
     show = sys.stderr.isatty() if progress is None else progress
+    mtp_depth = len(getattr(getattr(model, "model", None), "mtp_layers", ()))
 
     for i, name in enumerate(names):
+        target = name
         layer_match = _LAYER_RE.match(name)
         if layer_match and int(layer_match.group(1)) >= num_layers:
-            report.skipped.append(name)
-            continue
+            depth, rest = int(layer_match.group(1)) - num_layers, layer_match.group(2)
+            if depth >= mtp_depth:
+                report.skipped.append(name)
+                continue
+            if rest in _MTP_SHARED:
+                continue
+            target = f"model.mtp_layers.{depth}.{rest}"
         if skip is not None and skip(name):
             continue
-        dest, scale_dest, expert_idx, target_name = _resolve(name, targets)
+        dest, scale_dest, expert_idx, target_name = _resolve(target, targets)
         if dest is None:
             raise CheckpointError(f"unexpected tensor {name} in {reader.where(name)}: the model has no such weight")
         expected = tuple(dest.shape)
@@ -447,19 +461,32 @@ _GROUPED_EXPERT_NAMES = {
 }
 
 
+def hf_name(name: str, num_layers: int) -> str:
+    """A model tensor's checkpoint name: MTP depth k's `model.mtp_layers.k.*` is V3's
+    `model.layers.{num_layers + k}.*`; every other name is its own."""
+    mtp = _MTP_NAME_RE.match(name)
+    return f"model.layers.{num_layers + int(mtp.group(1))}.{mtp.group(2)}" if mtp else name
+
+
 def hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The model's tensors under Hugging Face names, routed experts split per expert (FP8 experts'
-    scales too, as `...experts.E.gate_proj.weight_scale_inv`)."""
+    scales too, as `...experts.E.gate_proj.weight_scale_inv`), MTP layers at their V3 index."""
     out: dict[str, torch.Tensor] = {}
-    for name, tensor in model.state_dict().items():
+    state = model.state_dict()
+    num_layers = model.args.num_hidden_layers if hasattr(model, "args") else None
+    for depth in range(len(getattr(getattr(model, "model", None), "mtp_layers", ()))):
+        for copy, source in _MTP_SHARED.items():  # copies: safetensors refuses tensors that share memory
+            state[f"model.mtp_layers.{depth}.{copy}"] = state[source].clone()
+    for name, tensor in state.items():
+        name = hf_name(name, num_layers)
         per_expert = next((names for suffix, names in _GROUPED_EXPERT_NAMES.items() if name.endswith(suffix)), None)
         if per_expert is None:
             out[name] = tensor
             continue
         prefix = name.rsplit(".", 1)[0]
         for e in range(tensor.shape[0]):  # gate_up rows (and their scale rows): gate's half, then up's
-            for part, hf_name in zip(tensor[e].chunk(len(per_expert)), per_expert, strict=True):
-                out[f"{prefix}.{e}.{hf_name}"] = part
+            for part, expert_name in zip(tensor[e].chunk(len(per_expert)), per_expert, strict=True):
+                out[f"{prefix}.{e}.{expert_name}"] = part
     return out
 
 
@@ -493,4 +520,7 @@ def save_checkpoint(model: torch.nn.Module, folder: str | Path, args: ModelArgs,
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         (folder / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total},
                                                      "weight_map": weight_map}, indent=2))
-    (folder / "config.json").write_text(json.dumps(args.to_hf_config(), indent=2))
+    mtp_depth = len(getattr(getattr(model, "model", None), "mtp_layers", ()))
+    config = args.to_hf_config()
+    config["num_nextn_predict_layers"] = mtp_depth  # what the tensors hold, whatever args said
+    (folder / "config.json").write_text(json.dumps(config, indent=2))

@@ -18,7 +18,8 @@ Contract: a method is one class with
   and scores rollouts here and returns one step per optimisation pass;
 - `loss(model, micro_batch, ctx)`: (loss, metrics with `tokens`);
 - `after_step(ctx)`: metrics of work done after each optimiser step (GRPO's weight sync);
-- `evaluate(rows, ctx)`: metrics over the eval rows (default: `eval_loss`).
+- `evaluate(rows, ctx)`: metrics over the eval rows (default: `eval_loss`, the main loss, and
+  `eval_mtp_loss` where the job trains multi-token prediction; `mtp_objective(spec)`).
 The loop adds what is common to all: the router aux loss, bias updates, clipping, schedules,
 checkpoints and metrics.
 """
@@ -100,5 +101,18 @@ class Method:
     def evaluate(self, rows: list[Row], ctx: WorkerContext) -> dict[str, float]:
         if not rows:
             return {}
-        losses = [float(self.loss(ctx.model, rows[i:i + 8], ctx)[0]) for i in range(0, len(rows), 8)]
-        return {"eval_loss": sum(losses) / len(losses)}
+        results = [self.loss(ctx.model, rows[i:i + 8], ctx) for i in range(0, len(rows), 8)]
+        out = {"eval_loss": _mean([metrics.get("lm_loss", float(loss)) for loss, metrics in results])}
+        if all("mtp_loss" in metrics for _, metrics in results):
+            out["eval_mtp_loss"] = _mean([metrics["mtp_loss"] for _, metrics in results])
+        return out
+
+
+def mtp_objective(spec: JobSpec) -> tuple[int, float] | None:
+    """(depth, loss weight) of the spec's multi-token-prediction objective, or None."""
+    mtp = getattr(spec, "mtp", None)
+    return None if mtp is None else (mtp.depth, mtp.loss_weight)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)

@@ -13,8 +13,8 @@ from pydantic import Field
 
 from moeray.jobs.data import pack, tokenize_sft_row, validate_sft_row
 from moeray.jobs.losses import token_loss
-from moeray.jobs.methods.base import Method, Row
-from moeray.jobs.spec import JobSpec, _Strict
+from moeray.jobs.methods.base import Method, Row, mtp_objective
+from moeray.jobs.spec import JobSpec, MtpSpec, _Strict
 
 
 class SftOptions(_Strict):
@@ -26,6 +26,7 @@ class SftJob(JobSpec):
     method: Literal["sft"] = Field(description="Supervised fine-tuning on conversations or prompt-completion "
                                    "pairs.")
     sft: SftOptions = Field(default_factory=SftOptions, description="SFT options.")
+    mtp: MtpSpec | None = Field(None, description="Multi-token prediction as an extra objective; empty: none.")
 
 
 class Sft(Method):
@@ -42,4 +43,4 @@ class Sft(Method):
         return [{"input_ids": ids, "labels": labels} for ids, labels in examples]
 
     def loss(self, model, rows, ctx):
-        return token_loss(model, rows, ctx.device)
+        return token_loss(model, rows, ctx.device, mtp_objective(self.spec))
