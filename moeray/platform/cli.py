@@ -58,6 +58,13 @@ def _serve(opts: argparse.Namespace) -> int:
         overrides["expert_parallel"] = {k: v for k, v in expert_parallel.items() if v is not None}
     settings = ServeSettings.load(opts.config, overrides)
     check_serving(settings)  # a bad model or setting fails here, before Ray starts
+    if opts.proxy == "haproxy":
+        if opts.address:
+            print("moeray: --proxy haproxy applies where moeray starts Ray; on an existing cluster set "
+                  "RAY_SERVE_ENABLE_HA_PROXY=1 in its nodes' environment instead", file=sys.stderr, flush=True)
+            return 2
+        # Read by Serve's controller and replicas, which inherit this environment from ray.init.
+        os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
 
     import ray
     from ray import serve
@@ -228,6 +235,10 @@ def main(argv: list[str] | None = None) -> int:
                            help="serve a PEFT LoRA adapter (folder or s3:// URI) as model NAME (repeatable)")
     serve_cmd.add_argument("--max-replicas", type=int, help="autoscale the model deployment up to this many")
     serve_cmd.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    serve_cmd.add_argument("--proxy", choices=["python", "haproxy"], default="python",
+                           help="HTTP in front of the replicas: Serve's Python proxy, or HAProxy forwarding "
+                                "to replicas that serve HTTP themselves (Serve's RAY_SERVE_ENABLE_HA_PROXY; "
+                                "the replicas then listen on all interfaces)")
     serve_cmd.add_argument("--expert-shards", type=int, help="routed experts in this many ExpertShard actors")
     serve_cmd.add_argument("--redundant-experts", type=int, help="extra replicas of the hottest experts per layer")
     serve_cmd.add_argument("--transport", choices=["ray", "collective"], help="replica-to-shard transport")

@@ -8,6 +8,7 @@ import sys
 import time
 
 import openai
+import psutil
 import pytest
 
 from support import ServeProcess
@@ -26,6 +27,26 @@ def test_cli_serves_the_default_model(tmp_path):
     finally:
         assert server.stop() == 0, server.log()
     assert "drained in" in server.log()
+
+
+def test_cli_serves_streams_behind_haproxy_and_drains(tmp_path):
+    server = ServeProcess(["--proxy", "haproxy"], tmp_path / "serve.log").start()
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
+        stream = client.completions.create(model="moeray-default", prompt="def fib(n):", max_tokens=16,
+                                           stream=True, extra_body={"ignore_eos": True})
+        chunks = [chunk.choices[0] for chunk in stream if chunk.choices]
+        assert chunks[-1].finish_reason == "length" and len(chunks) >= 2
+        # HAProxy answered on the port, not Serve's Python proxy.
+        assert any(p.info["name"] == "haproxy" for p in psutil.process_iter(["name"])), server.log()
+    finally:
+        assert server.stop() == 0, server.log()
+    assert "drained in" in server.log()
+
+
+def test_haproxy_on_an_existing_cluster_is_refused_in_one_line():
+    code, lines, _ = _serve("--proxy", "haproxy", "--address", "127.0.0.1:1")
+    assert code == 2 and len(lines) == 1 and "RAY_SERVE_ENABLE_HA_PROXY=1" in lines[0], lines
 
 
 def _serve(*args: str) -> tuple[int, list[str], float]:
