@@ -177,12 +177,13 @@ ONE_TOKEN = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
 
 
 def wait_for_layout(backend, layout: int, timeout_s: float = 30) -> None:
-    """Until the replica's cached placement is `layout` (its non-blocking version probe)."""
+    """Until the replica's cached placement is `layout` or a later one (its non-blocking version
+    probe): with periodic rebalancing the router may move on again before the replica looks."""
     deadline = time.monotonic() + timeout_s
-    while backend.placement.layout != layout and time.monotonic() < deadline:
+    while backend.placement.layout < layout and time.monotonic() < deadline:
         backend._maybe_refresh()
         time.sleep(0.1)
-    assert backend.placement.layout == layout
+    assert backend.placement.layout >= layout
 
 
 def test_rebalance_under_traffic_lowers_the_measured_imbalance_and_changes_no_output(ray_session, hf_folder,
