@@ -21,7 +21,7 @@ from moeray.platform.service import GenerateRequest
 
 pytestmark = pytest.mark.slow
 MAX_MODEL_LEN = 4096
-LONG_TOKENS = 3000  # about 50 s for 2 requests of n=8 on this machine, idle
+LONG_TOKENS = 1500  # about 25 s for 2 requests of n=8 on this machine, idle
 ENGINE = {"max_model_len": MAX_MODEL_LEN, "num_cache_blocks": 4200}  # 16 full-length sequences
 
 
@@ -119,7 +119,8 @@ def test_a_redeploy_during_streaming_finishes_the_old_replicas_streams(serve_por
     settings = {"model": slow_model, "engine": ENGINE, "graceful_shutdown_timeout_s": 180}
     deploy(settings, "/redeploy", serve_port, "redeploy")
     handle = serve.get_deployment_handle("model", "redeploy")
-    streams = [Stream(handle, f"old-{i}", n=4) for i in range(3)]
+    # Longer: these must outlast the start of the new version's replica.
+    streams = [Stream(handle, f"old-{i}", n=4, max_tokens=2 * LONG_TOKENS) for i in range(3)]
     wait_for(lambda: all(s.replica and sum(s.tokens) for s in streams), 60, "the streams to start")
     old = streams[0].replica
     # A new version: Serve starts a new replica and stops the old one (serve.run waits for the new).
@@ -132,6 +133,6 @@ def test_a_redeploy_during_streaming_finishes_the_old_replicas_streams(serve_por
     redeploy.join(timeout=180)
     for stream in streams:
         stream.join(timeout=300)
-    assert [s.outcome() for s in streams] == [(None, {LONG_TOKENS}, {"length"})] * 3
+    assert [s.outcome() for s in streams] == [(None, {2 * LONG_TOKENS}, {"length"})] * 3
     assert handle.stats.remote().result(timeout_s=60)["replica_id"] != old
     serve.delete("redeploy")
