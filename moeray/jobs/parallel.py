@@ -2,9 +2,9 @@
 
 Contract: `parallelize(model, strategy)` returns the module the training step calls: the model
 itself ("single"), DDP around it ("ddp") or the model sharded in place with FSDP2 ("fsdp",
-one unit per decoder layer, MTP layers included, plus the root). `full_state(model, optimizer, strategy)` returns
-(trainable parameters and buffers, optimizer state), whole and on CPU (under FSDP a
-collective: every worker calls it); `load_optimizer_state` puts a saved one back.
+one unit per decoder layer, MTP layers included, plus the root). `full_state(model, optimizer,
+strategy)` returns (trainable parameters and buffers, optimizer state), whole and on CPU (under
+FSDP a collective: every worker calls it); `load_optimizer_state` puts a saved one back.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ import torch
 
 from moeray.kernels.fp8 import Fp8Linear
 from moeray.model.checkpoint import (CheckpointError, CheckpointReader, hf_name, is_routed_expert, load_weights,
-                                     read_model_args, save_checkpoint)
+                                     mtp_layers_in, read_model_args, save_checkpoint)
 from moeray.model.config import ConfigError, ModelArgs
 from moeray.model.layers import Linear
 from moeray.model.moe import RoutedExperts, TopkGate
@@ -95,7 +95,7 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str | tor
     keep = fp8 == "keep" or (fp8 == "auto" and torch.device(device).type == "cuda")
     args = read_model_args(path)
     reader = CheckpointReader(path, args.fp8_block_size)
-    present = _mtp_depth(reader, args)
+    present = mtp_layers_in(reader, args.num_hidden_layers)
     if mtp_depth > present:
         raise CheckpointError(f"checkpoint {path} holds {present} multi-token-prediction layers (tensors at "
                               f"model.layers.{args.num_hidden_layers}.* and on); {mtp_depth} were asked for")
@@ -116,12 +116,4 @@ def mtp_depth_of(path: str | Path) -> int:
     config.json's `num_nextn_predict_layers` is not enough: transformers writes 1 for every V3
     config and saves no MTP tensors."""
     args = read_model_args(path)
-    return _mtp_depth(CheckpointReader(path, args.fp8_block_size), args)
-
-
-def _mtp_depth(reader: CheckpointReader, args: ModelArgs) -> int:
-    layers = {int(name.split(".")[2]) for name in reader.names() if name.startswith("model.layers.")}
-    depth = 0
-    while args.num_hidden_layers + depth in layers:
-        depth += 1
-    return depth
+    return mtp_layers_in(CheckpointReader(path, args.fp8_block_size), args.num_hidden_layers)

@@ -342,7 +342,7 @@ def load_weights(model: torch.nn.Module, reader: CheckpointReader, num_layers: i
     report = LoadReport()
     names = reader.names()
     show = sys.stderr.isatty() if progress is None else progress
-    mtp_depth = len(getattr(getattr(model, "model", None), "mtp_layers", ()))
+    mtp_depth = getattr(model, "mtp_depth", 0)
 
     for i, name in enumerate(names):
         target = name
@@ -461,6 +461,15 @@ _GROUPED_EXPERT_NAMES = {
 }
 
 
+def mtp_layers_in(reader: CheckpointReader, num_layers: int) -> int:
+    """How many MTP layers (consecutive indices from num_layers on) `reader`'s index has tensors of."""
+    layers = {int(match.group(1)) for match in map(_LAYER_RE.match, reader.names()) if match}
+    depth = 0
+    while num_layers + depth in layers:
+        depth += 1
+    return depth
+
+
 def hf_name(name: str, num_layers: int) -> str:
     """A model tensor's checkpoint name: MTP depth k's `model.mtp_layers.k.*` is V3's
     `model.layers.{num_layers + k}.*`; every other name is its own."""
@@ -474,7 +483,7 @@ def hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     state = model.state_dict()
     num_layers = model.args.num_hidden_layers if hasattr(model, "args") else None
-    for depth in range(len(getattr(getattr(model, "model", None), "mtp_layers", ()))):
+    for depth in range(getattr(model, "mtp_depth", 0)):
         for copy, source in _MTP_SHARED.items():  # copies: safetensors refuses tensors that share memory
             state[f"model.mtp_layers.{depth}.{copy}"] = state[source].clone()
     for name, tensor in state.items():
@@ -520,7 +529,6 @@ def save_checkpoint(model: torch.nn.Module, folder: str | Path, args: ModelArgs,
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         (folder / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total},
                                                      "weight_map": weight_map}, indent=2))
-    mtp_depth = len(getattr(getattr(model, "model", None), "mtp_layers", ()))
     config = args.to_hf_config()
-    config["num_nextn_predict_layers"] = mtp_depth  # what the tensors hold, whatever args said
+    config["num_nextn_predict_layers"] = getattr(model, "mtp_depth", 0)  # what the tensors hold, whatever args said
     (folder / "config.json").write_text(json.dumps(config, indent=2))
