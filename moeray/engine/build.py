@@ -35,8 +35,10 @@ def check_tokenizer_matches(tokenizer: Tokenizer, args: moeray.model.ModelArgs, 
 def build_engine(model: str | Path, config: EngineConfig, experts: ExpertBackend | None = None,
                  tokenizer: str | Path | None = None, chat_template: str | Path | None = None,
                  adapters: Adapters | None = None) -> Engine:
+    # MTP drafting needs the checkpoint's MTP layers; Engine refuses a model without one.
+    mtp = config.speculative is not None and config.speculative.method == "mtp"
     loaded = moeray.model.load(model, dtype=config.torch_dtype, device=config.device, local_experts=experts is None,
-                               fp8=config.fp8)
+                               fp8=config.fp8, mtp_depth=moeray.model.mtp_depth_of(model) if mtp else 0)
     source = str(tokenizer or model)
     tok = Tokenizer.from_pretrained(local_copy(source, skip_suffixes=(".safetensors",)))
     check_tokenizer_matches(tok, loaded.args, source)

@@ -1,6 +1,7 @@
 """The paged MLA latent cache: per layer, one row per token slot holding latent + rope key.
 
-Contract: `LatentCache.layers[l]` is a [num_blocks * block_size, kv_lora_rank + rope_dim] tensor;
+Contract: `LatentCache.layers[l]` is a [num_blocks * block_size, kv_lora_rank + rope_dim] tensor
+(layers num_hidden_layers.. for the MTP layers that speculative decoding runs, `mtp_layers`);
 token slot `block_id * block_size + offset` of a sequence is where its latent lives. Nothing per
 head is cached: that is MLA's point (576 numbers per token and layer for DeepSeek-V3 instead of
 128 heads x (192 + 128) for plain multi-head K/V).
@@ -34,14 +35,14 @@ def device_memory_bytes(device: torch.device) -> int:
 
 class LatentCache:
     def __init__(self, args: ModelArgs, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", mtp_layers: int = 0):
         self.num_blocks, self.block_size = num_blocks, block_size
         self.latent_dim = args.kv_lora_rank
         width = args.cache_numbers_per_token()
         # zeros (calloc) so untouched blocks cost no resident memory on CPU.
         self.layers = [torch.zeros(num_blocks * block_size, width, dtype=dtype, device=device)
-                       for _ in range(args.num_hidden_layers)]
-        self.bytes_per_token = cache_bytes_per_token(args, dtype)
+                       for _ in range(args.num_hidden_layers + mtp_layers)]
+        self.bytes_per_token = cache_bytes_per_token(args, dtype) * len(self.layers) // args.num_hidden_layers
 
     @property
     def num_bytes(self) -> int:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from moeray.engine.cache import cache_bytes_per_token, device_memory_bytes
+from moeray.engine.speculative import SpeculativeConfig, SpeculativeConfigError
 from moeray.kernels.policy import KernelPolicy
 from moeray.model import ModelArgs
 
@@ -48,6 +49,14 @@ class EngineConfig:
     # A structured-output grammar that takes longer to compile is refused (HTTP 400).
     grammar_compile_timeout_s: float = 10.0
     kernels: KernelPolicy = KernelPolicy()  # which native kernels may run
+    speculative: SpeculativeConfig | None = None  # speculative decoding (MTP or n-gram drafts); None: off
+
+    def __post_init__(self) -> None:
+        if isinstance(self.speculative, dict):  # LLM(speculative={...}), settings
+            try:
+                object.__setattr__(self, "speculative", SpeculativeConfig(**self.speculative))
+            except TypeError as err:
+                raise EngineConfigError(f"engine option speculative: {err}", "speculative") from None
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -73,6 +82,11 @@ class EngineConfig:
         max_len = self.max_model_len or args.max_position_embeddings
         need(2 <= max_len <= args.max_position_embeddings, "max_model_len",
              f"must be between 2 and the model's max_position_embeddings ({args.max_position_embeddings})")
+        if self.speculative is not None:
+            try:
+                self.speculative.check()
+            except SpeculativeConfigError as err:
+                raise EngineConfigError(str(err).removeprefix("speculative."), err.option) from None
         if not self.enable_chunked_prefill:
             need(self.max_num_batched_tokens >= max_len, "max_num_batched_tokens",
                  f"without chunked prefill it must hold a whole prompt (max_model_len {max_len})")

@@ -31,6 +31,7 @@ from moeray.engine.runner import ModelRunner
 from moeray.engine.sampler import Sampler, SamplingRow, TokenLogprobs
 from moeray.engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
 from moeray.engine.sequence import Sequence
+from moeray.engine.speculative import SpeculativeStats, Speculator
 from moeray.kernels.policy import using
 from moeray.model.mla import VarlenCausalAttention
 from moeray.model.moe import ExpertBackend
@@ -64,6 +65,7 @@ class EngineStats:
     prompt_tokens_total: int
     generation_tokens_total: int
     preemptions_total: int
+    speculative: SpeculativeStats | None = None  # with speculative decoding
 
 
 def _sequence_generator(seed: int | None, index: int) -> torch.Generator | None:
@@ -85,10 +87,16 @@ class Engine:
                                           self.config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(self.config.max_num_batched_tokens, self.config.max_num_seqs,
                                                    self.config.enable_chunked_prefill), self.block_manager)
+        speculative = self.config.speculative
+        if speculative is not None:
+            speculative.check(model.mtp_depth)
+        mtp = speculative is not None and speculative.method == "mtp"
         self.cache = LatentCache(self.args, self.config.num_cache_blocks, self.config.block_size,
-                                 self.config.torch_dtype, self.config.device)
+                                 self.config.torch_dtype, self.config.device, mtp_layers=1 if mtp else 0)
         self.runner = ModelRunner(model, self.cache, experts, self.config.overlap_microbatches, self.adapters,
                                   native=self._prepare_native(model, experts), kernels=self.config.kernels)
+        self.speculator = (Speculator(speculative, self.runner, self.block_manager)
+                           if speculative is not None else None)
         self.sampler = Sampler(self.config.seed)
         self.requests: dict[str, _Request] = {}
         self._generators: dict[int, torch.Generator | None] = {}
@@ -185,6 +193,8 @@ class Engine:
     def _untrack(self, seq: Sequence) -> None:
         self._generators.pop(seq.seq_id, None)
         self._grammar_states.pop(seq.seq_id, None)
+        if self.speculator is not None:
+            self.speculator.forget(seq)
 
     def check_adapter(self, adapter: str | None) -> None:
         if adapter is not None and adapter not in self.adapters:
@@ -224,7 +234,8 @@ class Engine:
     def stats(self) -> EngineStats:
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.block_manager.usage(),
                            self._prompt_tokens_total, self._generation_tokens_total,
-                           self.scheduler.num_preemptions)
+                           self.scheduler.num_preemptions,
+                           None if self.speculator is None else self.speculator.stats.snapshot())
 
     def routed_token_counts(self) -> dict[int, list[int]]:
         """MoE layer index -> tokens routed to each of its experts since start."""
@@ -240,7 +251,11 @@ class Engine:
         plan = self.scheduler.schedule()
         if not plan.chunks:
             return []
-        logits = self.runner.execute(plan.chunks, self._pending_copies)
+        mtp = self.speculator is not None and self.speculator.uses_mtp
+        # Block tables as the step ran (a sequence that finishes below gives its blocks back, but
+        # its MTP cache entries are still written: cached prefixes keep them).
+        tables = [list(chunk.seq.block_table) for chunk in plan.chunks] if mtp else None
+        result = self.runner.execute(plan.chunks, self._pending_copies, want_hidden=mtp)
         self._pending_copies = []
         self.scheduler.complete(plan.chunks)
         for chunk in plan.chunks:
@@ -249,36 +264,67 @@ class Engine:
             if chunk.seq.index == 0 and chunk.start == chunk.seq.num_cached_tokens:  # first chunk of the prompt
                 self.requests[chunk.seq.request_id].num_cached_tokens = chunk.seq.num_cached_tokens
 
-        rows, targets, logit_index = [], [], []
-        for i, chunk in enumerate(c for c in plan.chunks if c.samples):
-            for seq in self._sequences_to_sample(chunk):
-                request = self.requests[seq.request_id]
-                rows.append(SamplingRow(seq.params, request.prompt_token_ids, seq.output_token_ids,
-                                        self._generators[seq.seq_id], self._grammar_states.get(seq.seq_id)))
-                targets.append(seq)
-                logit_index.append(i)
-        if not rows:
-            return []
-        sampled = self.sampler(logits[logit_index], rows)
-
         touched: dict[str, _Request] = {}
-        for seq, token, logprobs in zip(targets, sampled.token_ids, sampled.logprobs):
-            request = self.requests[seq.request_id]
-            touched[request.request_id] = request
-            seq.token_ids.append(token)
-            self._generation_tokens_total += 1
-            output = request.outputs[seq.index]
-            reason = output.add_token(token, logprobs)
-            grammar = self._grammar_states.get(seq.seq_id)
-            if grammar is not None:
-                grammar.advance(token, "" if grammar.active else self.tokenizer.decode([token],
-                                                                                     skip_special_tokens=False))
-                if reason is None and grammar.terminated:  # the grammar's end (EOS is then its only way on)
-                    reason = output.finish("stop")
-            if reason is not None:
-                self.scheduler.finish(seq, reason)
-                self._untrack(seq)
+        emitted = self._sample(plan.chunks, result.logits, touched)
+        for chunk in plan.chunks:
+            if chunk.draft:
+                self.speculator.record(chunk.seq, chunk.draft, emitted[id(chunk)])
+                if not chunk.seq.is_finished:  # the verified drafts' latents stay
+                    self.scheduler.accept(chunk.seq, emitted[id(chunk)] - 1)
+        if self.speculator is not None:
+            self.speculator.propose(plan.chunks, emitted, result.hidden, tables, self._draft_room)
         return [self._collect(request) for request in touched.values()]
+
+    def _sample(self, chunks: list[ScheduledChunk], logits: torch.Tensor, touched: dict[str, _Request]
+                ) -> dict[int, int]:
+        """Sample every chunk that reaches its sequence's end; a verification position by position,
+        each as its own decode step would, while the sampled token equals the draft (see
+        `moeray.engine.speculative`). Returns tokens emitted per chunk (by id)."""
+        emitted: dict[int, int] = {}
+        pending: list[tuple[ScheduledChunk, Sequence, int]] = []  # (chunk, sequence, its first logits row)
+        row = 0
+        for chunk in chunks:
+            if chunk.samples:
+                pending += [(chunk, seq, row) for seq in self._sequences_to_sample(chunk)]
+                row += 1 + len(chunk.draft)
+        position = 0  # of the verification: 0 is the sequence's own last token
+        while pending:
+            rows = [SamplingRow(seq.params, self.requests[seq.request_id].prompt_token_ids, seq.output_token_ids,
+                                self._generators[seq.seq_id], self._grammar_states.get(seq.seq_id))
+                    for _, seq, _ in pending]
+            sampled = self.sampler(logits[[first + position for _, _, first in pending]], rows)
+            still = []
+            for (chunk, seq, first), token, logprobs in zip(pending, sampled.token_ids, sampled.logprobs):
+                finished = self._emit(seq, token, logprobs, touched)
+                if seq is chunk.seq:
+                    emitted[id(chunk)] = position + 1
+                if not finished and seq is chunk.seq and position < len(chunk.draft) and token == chunk.draft[position]:
+                    still.append((chunk, seq, first))
+            pending, position = still, position + 1
+        return emitted
+
+    def _emit(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None, touched: dict[str, _Request]) -> bool:
+        """Append a sampled token to its sequence and output; True when that finished it."""
+        request = self.requests[seq.request_id]
+        touched[request.request_id] = request
+        seq.token_ids.append(token)
+        self._generation_tokens_total += 1
+        output = request.outputs[seq.index]
+        reason = output.add_token(token, logprobs)
+        grammar = self._grammar_states.get(seq.seq_id)
+        if grammar is not None:
+            grammar.advance(token, "" if grammar.active else self.tokenizer.decode([token], skip_special_tokens=False))
+            if reason is None and grammar.terminated:  # the grammar's end (EOS is then its only way on)
+                reason = output.finish("stop")
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            self._untrack(seq)
+        return reason is not None
+
+    def _draft_room(self, seq: Sequence) -> int:
+        """Most drafts worth verifying next step: within max_tokens and the context length."""
+        output = self.requests[seq.request_id].outputs[seq.index]
+        return min(output.max_output_tokens - output.num_output_tokens - 1, self.config.max_model_len - seq.num_tokens)
 
     def _sequences_to_sample(self, chunk: ScheduledChunk) -> list[Sequence]:
         """The sequence itself, plus its n-1 siblings when its prompt has just been computed."""

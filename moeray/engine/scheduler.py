@@ -2,7 +2,9 @@
 
 Contract (no torch): `schedule()` builds one step under a token budget of
 `max_num_batched_tokens`:
-1. running decodes (one token each), oldest first;
+1. running decodes (one token each, plus its speculative drafts while the budget and free blocks
+   allow: a verification, whose drafts are dropped before anything is preempted for them),
+   oldest first;
 2. running sequences still in their prompt, a chunk each;
 3. waiting sequences, first come first served, while the budget, `max_num_seqs` and free
    blocks allow. With chunked prefill a prompt is cut to the budget left, so a long prompt
@@ -10,7 +12,8 @@ Contract (no torch): `schedule()` builds one step under a token budget of
 When a running sequence needs a block and none is free, the newest running sequence not yet
 scheduled in this step is preempted (blocks freed, recomputed later from the front of the
 waiting queue); if there is none, the sequence itself is.
-`complete(chunks)` advances the scheduled sequences' computed counts after a step.
+`complete(chunks)` advances the scheduled sequences' computed counts after a step; a
+verification counts only its sequence's own token, the engine adds the drafts it accepts.
 """
 
 from __future__ import annotations
@@ -33,12 +36,13 @@ class SchedulerConfig:
 class ScheduledChunk:
     seq: Sequence
     start: int  # first position computed in this step
-    num_tokens: int
+    num_tokens: int  # including the drafts
+    draft: tuple[int, ...] = ()  # drafts verified after the sequence's last token
 
     @property
     def samples(self) -> bool:
         """This chunk reaches the end of the sequence, so its last position yields a token."""
-        return self.start + self.num_tokens == self.seq.num_tokens
+        return self.start + self.num_tokens - len(self.draft) == self.seq.num_tokens
 
 
 @dataclass
@@ -89,6 +93,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.running.remove(seq)
         self.block_manager.free(seq)
+        seq.draft_token_ids = []
         seq.status = SequenceStatus.WAITING
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
@@ -114,6 +119,12 @@ class Scheduler:
                 if not chunked:
                     continue
                 num_tokens = budget
+            draft = self._fit_draft(seq, budget - num_tokens) if seq.draft_token_ids else ()
+            if draft:
+                out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num_tokens + len(draft), draft))
+                scheduled.add(seq.seq_id)
+                budget -= num_tokens + len(draft)
+                continue
             while not self.block_manager.ensure_capacity(seq, seq.num_computed_tokens + num_tokens):
                 victims = [s for s in self.running if s.seq_id not in scheduled and s is not seq]
                 if not victims:
@@ -145,8 +156,22 @@ class Scheduler:
             budget -= num_tokens
         return out
 
+    def _fit_draft(self, seq: Sequence, budget: int) -> tuple[int, ...]:
+        """The drafts that fit the budget left and the free blocks, without preempting anyone."""
+        draft = seq.draft_token_ids[:budget]
+        seq.draft_token_ids = []
+        while draft and not self.block_manager.ensure_capacity(seq, seq.num_tokens + len(draft)):
+            draft = draft[:-1]
+        return tuple(draft)
+
     def complete(self, chunks: list[ScheduledChunk]) -> None:
-        """Record that the step computed these chunks (their latents are now in the cache)."""
+        """Record that the step computed these chunks (their latents are now in the cache); of a
+        verification only the sequence's own token, until the engine accepts drafts."""
         for chunk in chunks:
-            chunk.seq.num_computed_tokens = chunk.start + chunk.num_tokens
+            chunk.seq.num_computed_tokens = chunk.start + chunk.num_tokens - len(chunk.draft)
             self.block_manager.commit(chunk.seq)
+
+    def accept(self, seq: Sequence, num_drafts: int) -> None:
+        """`num_drafts` verified drafts are now tokens of `seq` whose latents stay cached."""
+        seq.num_computed_tokens += num_drafts
+        self.block_manager.commit(seq)

@@ -43,6 +43,7 @@ class Sequence:
     finish_reason: str | None = None
     num_preemptions: int = 0
     adapter: str | None = None  # the LoRA adapter that serves this sequence; None: the base model
+    draft_token_ids: list[int] = field(default_factory=list)  # speculative drafts for the next step
 
     @property
     def num_tokens(self) -> int:

@@ -107,8 +107,13 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str | tor
         _keep_fp8(model, reader, dtype)  # after the cast, which would convert float8 parameters too
     model = model.to_empty(device=device)
     load_weights(model, reader, args.num_hidden_layers, progress,
-                 skip=None if local_experts else is_routed_expert)
+                 skip=None if local_experts else _is_shard_expert)
     return model.eval()
+
+
+def _is_shard_expert(name: str) -> bool:
+    """A routed expert that expert shards hold: the main stack's (MTP layers keep theirs local)."""
+    return is_routed_expert(name) and not name.startswith("model.mtp_layers.")
 
 
 def mtp_depth_of(path: str | Path) -> int:

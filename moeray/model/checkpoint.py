@@ -355,7 +355,7 @@ def load_weights(model: torch.nn.Module, reader: CheckpointReader, num_layers: i
             if rest in _MTP_SHARED:
                 continue
             target = f"model.mtp_layers.{depth}.{rest}"
-        if skip is not None and skip(name):
+        if skip is not None and skip(target):
             continue
         dest, scale_dest, expert_idx, target_name = _resolve(target, targets)
         if dest is None:

@@ -90,7 +90,8 @@ class DeepseekModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(args, i, local_experts) for i in range(args.num_hidden_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         if mtp_depth:  # absent, not empty, without MTP: state dicts stay as they were
-            self.mtp_layers = nn.ModuleList(MTPLayer(args, args.num_hidden_layers + k, local_experts)
+            # An MTP layer's experts always live here: drafting must not wait on expert shards.
+            self.mtp_layers = nn.ModuleList(MTPLayer(args, args.num_hidden_layers + k)
                                             for k in range(mtp_depth))
 
 
@@ -223,8 +224,7 @@ class DeepseekForCausalLM(nn.Module):
         if depth <= self.mtp_depth:
             return
         like = self.lm_head.weight
-        new = [MTPLayer(self.args, self.args.num_hidden_layers + k, self.local_experts)
-               for k in range(self.mtp_depth, depth)]
+        new = [MTPLayer(self.args, self.args.num_hidden_layers + k) for k in range(self.mtp_depth, depth)]
         for layer in new:
             _init_weights(layer, std, generator)
             layer.to(device=like.device, dtype=like.dtype)

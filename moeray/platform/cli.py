@@ -46,12 +46,32 @@ def _lora_flags(values: list[str] | None) -> dict[str, str] | None:
     return adapters
 
 
+def _speculative_flag(value: str | None) -> dict | None:
+    """--speculative as the `engine.speculative` setting: METHOD[:K] or a JSON object (vLLM's form)."""
+    if value is None:
+        return None
+    if value.lstrip().startswith("{"):
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise SettingsError(f"--speculative {value!r}: not valid JSON ({err.msg})") from None
+        if not isinstance(parsed, dict):
+            raise SettingsError(f"--speculative {value!r}: expected a JSON object")
+        return parsed
+    method, sep, count = value.partition(":")
+    if sep and not count.isdigit():
+        raise SettingsError(f"--speculative {value!r}: expected METHOD[:NUM_TOKENS], e.g. mtp:2 or ngram:3")
+    return {"method": method, **({"num_speculative_tokens": int(count)} if sep else {})}
+
+
 def _serve(opts: argparse.Namespace) -> int:
     overrides = {"model": opts.model, "host": opts.host, "port": opts.port, "served_model_name": opts.served_model_name,
                  "api_keys": opts.api_key or None, "lora_adapters": _lora_flags(opts.lora),
                  "reasoning_parser": opts.reasoning_parser, "chat_template": opts.chat_template}
     if opts.max_replicas is not None:
         overrides["autoscaling"] = {"max_replicas": opts.max_replicas}
+    if opts.speculative is not None:
+        overrides["engine"] = {"speculative": _speculative_flag(opts.speculative)}
     expert_parallel = {"shards": opts.expert_shards, "redundant_experts": opts.redundant_experts,
                        "transport": opts.transport}
     if any(v is not None for v in expert_parallel.values()):
@@ -239,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
                            help="HTTP in front of the replicas: Serve's Python proxy, or HAProxy forwarding "
                                 "to replicas that serve HTTP themselves (Serve's RAY_SERVE_ENABLE_HA_PROXY; "
                                 "the replicas then listen on all interfaces)")
+    serve_cmd.add_argument("--speculative", metavar="METHOD[:K]|JSON",
+                           help="speculative decoding: mtp or ngram, K drafts per step (e.g. mtp:2), or a JSON "
+                                "object of engine.speculative settings")
     serve_cmd.add_argument("--expert-shards", type=int, help="routed experts in this many ExpertShard actors")
     serve_cmd.add_argument("--redundant-experts", type=int, help="extra replicas of the hottest experts per layer")
     serve_cmd.add_argument("--transport", choices=["ray", "collective"], help="replica-to-shard transport")

@@ -55,7 +55,27 @@ class _ReplicaCollector:
                     totals[key] = totals.get(key, 0) + count
         for key, value in sorted(totals.items(), key=lambda kv: (int(kv[0][0]), int(kv[0][1]))):
             routed.add_metric(list(key), value)
-        return [running, waiting, cache, replicas, routed]
+        return [running, waiting, cache, replicas, routed, *self._speculative(live)]
+
+    @staticmethod
+    def _speculative(live: list[dict[str, Any]]) -> list:
+        drafts = sum(s.get("spec_draft_tokens", 0) for s in live)
+        accepted = sum(s.get("spec_accepted_tokens", 0) for s in live)
+        steps = sum(s.get("spec_verify_steps", 0) for s in live)
+        families = []
+        for name, help_text, value in (
+                ("moeray_spec_decode_draft_tokens", "Speculative drafts proposed", drafts),
+                ("moeray_spec_decode_accepted_tokens", "Speculative drafts accepted", accepted),
+                ("moeray_spec_decode_verify_steps", "Verifications (a sequence's drafts checked in one step)", steps)):
+            family = CounterMetricFamily(name, help_text)
+            family.add_metric([], value)
+            families.append(family)
+        rate = GaugeMetricFamily("moeray_spec_decode_acceptance_rate", "Accepted share of speculative drafts")
+        rate.add_metric([], accepted / drafts if drafts else 0.0)
+        length = GaugeMetricFamily("moeray_spec_decode_mean_accepted_length",
+                                   "Tokens emitted per verification (accepted drafts plus the sampled one)")
+        length.add_metric([], (accepted + steps) / steps if steps else 0.0)
+        return [*families, rate, length]
 
 
 class ServingMetrics:

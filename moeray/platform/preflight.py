@@ -21,6 +21,8 @@ class ServeConfigError(ValueError):
 
 def check_serving(settings: ServeSettings) -> None:
     from moeray.engine.config import EngineConfigError
+    from moeray.engine.speculative import SpeculativeConfigError
+    from moeray.model import mtp_depth_of
     from moeray.engine.build import check_tokenizer_matches
     from moeray.model.checkpoint import read_model_args
     from moeray.model.tokenizer import Tokenizer
@@ -37,7 +39,12 @@ def check_serving(settings: ServeSettings) -> None:
     except (OSError, ValueError, StorageError) as err:
         raise ServeConfigError(_model_message(name, err)) from None
     try:
-        settings.engine.to_engine_config().check(args)
+        config = settings.engine.to_engine_config()
+        config.check(args)
+        if config.speculative is not None and config.speculative.method == "mtp":
+            config.speculative.check(mtp_depth_of(folder))
+    except SpeculativeConfigError as err:
+        raise ServeConfigError(f"setting 'engine.{err.option}': {str(err).removeprefix(err.option + ': ')}") from None
     except EngineConfigError as err:
         why = str(err).removeprefix(f"engine option {err.option}: ")
         raise ServeConfigError(f"setting 'engine.{err.option}': {why}") from None

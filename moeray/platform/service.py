@@ -92,6 +92,10 @@ class ReplicaStats:
     prompt_tokens_total: int
     generation_tokens_total: int
     routed_tokens: dict[int, list[int]] = field(default_factory=dict)  # MoE layer -> tokens per expert
+    # Speculative decoding since start (zeros without it): drafts proposed, accepted, verifications.
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
+    spec_verify_steps: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return self.__dict__.copy()
@@ -225,8 +229,10 @@ class ReplicaService:
 
     def stats(self) -> ReplicaStats:
         stats = self.engine.stats()
+        spec = stats.speculative
         return ReplicaStats(self.replica_id, stats.num_running, stats.num_waiting, stats.cache.usage,
-                            stats.prompt_tokens_total, stats.generation_tokens_total, self.engine.routed_token_counts())
+                            stats.prompt_tokens_total, stats.generation_tokens_total, self.engine.routed_token_counts(),
+                            *((spec.draft_tokens, spec.accepted_tokens, spec.verify_steps) if spec else ()))
 
     def shutdown(self) -> None:
         self.async_engine.shutdown()

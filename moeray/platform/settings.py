@@ -31,6 +31,18 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class SpeculativeSettings(_Strict):
+    """Speculative decoding (see `moeray.engine.speculative`): lossless, so outputs do not change."""
+
+    method: Literal["mtp", "ngram"] = Field(..., description="mtp: drafts from the checkpoint's multi-token-"
+                                            "prediction layer; ngram: prompt lookup (no model; code, repeated text).")
+    num_speculative_tokens: int = Field(1, ge=1, le=8, description="Drafts verified per step.")
+    prompt_lookup_max: int = Field(4, ge=1, description="ngram: longest n-gram looked up.")
+    prompt_lookup_min: int = Field(1, ge=1, description="ngram: shortest n-gram looked up.")
+    min_acceptance: float = Field(0.25, ge=0, lt=1, description="A sequence whose averaged acceptance falls "
+                                  "below this stops drafting (probing with one draft now and then).")
+
+
 class EngineSettings(_Strict):
     """Options of the engine inside every model replica (see `moeray.engine.EngineConfig`)."""
 
@@ -56,6 +68,7 @@ class EngineSettings(_Strict):
                                                        "bf16 copy) or dequantize at load; auto: keep on CUDA.")
     grammar_compile_timeout_s: float = Field(10.0, gt=0, description="A structured-output grammar (JSON schema, "
                                              "regex, tools) that takes longer to compile is refused with 400.")
+    speculative: SpeculativeSettings | None = Field(None, description="Speculative decoding; empty: off.")
 
     def to_engine_config(self) -> EngineConfig:
         return EngineConfig(**self.model_dump())

@@ -223,7 +223,7 @@ typedef struct {
 static long max_l(long a, long b) { return a > b ? a : b; }
 
 static long widest_input(const Decoder* d) {
-    long widest = d->lm_head.cols;
+    long widest = d->eh_proj.data ? max_l(d->lm_head.cols, d->eh_proj.cols) : d->lm_head.cols;
     for (long l = 0; l < d->num_layers; l++) {
         const DecoderLayer* L = d->layers + l;
         const Panels* all[] = {&L->q_a, &L->q_b, &L->kv_a, &L->o_proj, &L->w_uk, &L->w_uv, &L->gate,
@@ -246,6 +246,14 @@ static void write_cache(const DecoderLayer* L, long slot, const float* entry, lo
 void moeray_decoder_step(const Decoder* d, long T, const long* token_ids, const long* positions,
                          const long* token_seq, const long* block_tables, long table_stride, long block_size,
                          float* logits) {
+    moeray_decoder_run(d, T, token_ids, NULL, positions, token_seq, block_tables, table_stride, block_size, T, NULL,
+                       logits, NULL);
+}
+
+void moeray_decoder_run(const Decoder* d, long T, const long* token_ids, const float* previous_hidden,
+                        const long* positions, const long* token_seq, const long* block_tables, long table_stride,
+                        long block_size, long num_logit_rows, const long* logit_rows, float* logits,
+                        float* hidden_out) {
     const long D = d->hidden, H = d->heads, dn = d->nope_dim, dr = d->rope_dim, dv = d->v_dim;
     const long r = d->kv_rank, qr = d->q_rank, qk = dn + dr, kvw = r + dr, half = dr / 2;
     const float eps = d->eps;
@@ -294,6 +302,8 @@ void moeray_decoder_step(const Decoder* d, long T, const long* token_ids, const 
     long* counts = malloc(sizeof(long) * (most_experts + 1));
     long num_jobs = 0, num_up_items = 0, num_down_items = 0;
     FfnItem* down_items = malloc(sizeof(FfnItem) * most_jobs * most_panels);
+    const long mtp = d->eh_proj.data != NULL;
+    float* joined = mtp ? malloc(sizeof(float) * T * 2 * D) : NULL;  /* [enorm(embedding) | hnorm(previous)] */
     const long widest = widest_input(d);
 
     #pragma omp parallel
@@ -317,7 +327,12 @@ void moeray_decoder_step(const Decoder* d, long T, const long* token_ids, const 
             } else {
                 memcpy(x + t * D, (const float*)d->embed + token_ids[t] * D, sizeof(float) * D);
             }
+            if (mtp) {
+                rmsnorm(x + t * D, d->enorm, joined + t * 2 * D, D, eps);
+                rmsnorm(previous_hidden + t * D, d->hnorm, joined + t * 2 * D + D, D, eps);
+            }
         }
+        if (mtp) par_panels(&d->eh_proj, T, joined, 2 * D, x, D, &scratch);
         for (long l = 0; l < d->num_layers; l++) {
             const DecoderLayer* L = d->layers + l;
             /* ---- attention ---- */
@@ -455,8 +470,16 @@ void moeray_decoder_step(const Decoder* d, long T, const long* token_ids, const 
             }
         }
         #pragma omp for schedule(static)
-        for (long t = 0; t < T; t++) rmsnorm(x + t * D, d->final_norm, h + t * D, D, eps);
-        par_panels(&d->lm_head, T, h, D, logits, d->lm_head.rows, &scratch);
+        for (long t = 0; t < T; t++) {
+            rmsnorm(x + t * D, d->final_norm, h + t * D, D, eps);
+            if (hidden_out) memcpy(hidden_out + t * D, (mtp ? x : h) + t * D, sizeof(float) * D);
+        }
+        if (logit_rows) {
+            #pragma omp single
+            for (long row = 0; row < num_logit_rows; row++)  /* ascending, so row <= logit_rows[row] */
+                memmove(h + row * D, h + logit_rows[row] * D, sizeof(float) * D);
+        }
+        par_panels(&d->lm_head, num_logit_rows, h, D, logits, d->lm_head.rows, &scratch);
         free(scratch.inputs);
         free(probs);
         free(slots);
@@ -464,6 +487,6 @@ void moeray_decoder_step(const Decoder* d, long T, const long* token_ids, const 
     }
     void* buffers[] = {cos, sin, x, h, q_a_out, q_a, kv_out, q, q_lat, o_lat, attn, o, router_logits, expert_ids,
                        expert_weights, token_list, out_rows, act, up_act, pair_out, ffn_out, jobs, items, counts,
-                       down_items};
+                       down_items, joined};
     for (unsigned i = 0; i < sizeof(buffers) / sizeof(buffers[0]); i++) free(buffers[i]);
 }

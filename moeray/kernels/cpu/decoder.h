@@ -52,6 +52,12 @@ typedef struct {
     Panels lm_head;
     long num_layers;
     DecoderLayer* layers;
+    /* A multi-token-prediction depth (DeepSeek-V3's MTP layer) when eh_proj is present: its input
+     * is x = eh_proj([enorm(embed[token]) ; hnorm(previous hidden)]) rather than the embedding,
+     * final_norm is its shared_head norm and the hidden state it hands on is x before that norm. */
+    const float* enorm;
+    const float* hnorm;
+    Panels eh_proj;          /* [D, 2D]; absent: the main model */
 } Decoder;
 
 /*
@@ -64,6 +70,20 @@ typedef struct {
 void moeray_decoder_step(const Decoder* decoder, long num_tokens, const long* token_ids, const long* positions,
                          const long* token_seq, const long* block_tables, long table_stride, long block_size,
                          float* logits);
+
+/*
+ * moeray_decoder_step with three additions, for speculative decoding:
+ * - previous_hidden [T, D]: an MTP decoder's second input (the previous depth's hidden state of
+ *   the token before each; NULL for the main model);
+ * - hidden_out [T, D] (NULL: not wanted): what the next MTP depth takes, the final-normed state
+ *   of the main model or an MTP depth's state before its head norm;
+ * - logit_rows [num_logit_rows] (NULL: all T rows, in order): logits only for these tokens,
+ *   ascending, written as rows 0..num_logit_rows-1 of logits.
+ */
+void moeray_decoder_run(const Decoder* decoder, long num_tokens, const long* token_ids, const float* previous_hidden,
+                        const long* positions, const long* token_seq, const long* block_tables, long table_stride,
+                        long block_size, long num_logit_rows, const long* logit_rows, float* logits,
+                        float* hidden_out);
 
 /* 1 when this build computes bfloat16 products with AVX512_BF16 (vdpbf16ps), 0 on the portable path. */
 long moeray_decoder_bf16_dot(void);

@@ -14,7 +14,9 @@ Contract:
 - `NativeDecoder.step(token_ids, positions, token_seq, block_tables, block_size)` returns the
   logits [T, V] (float32) that `model.logits(model.forward_tokens(...))` returns for those tokens
   over the paged cache, with the same cache writes and routed-token counts (see
-  `moeray_decoder_step` in `decoder.h` for the arguments' meaning).
+  `moeray_decoder_step` in `decoder.h` for the arguments' meaning). `run` adds what speculative
+  decoding needs: logits at chosen rows only, the hidden states, and the model's MTP layers
+  (`depth=k`, fed the previous depth's hidden states; packed where the cache has their layer).
 The struct layout comes from `decoder.h` alone, through cffi.
 """
 
@@ -66,32 +68,42 @@ LAYER_ROLES = {
     "mlp.experts.down_proj": "experts_down",
 }
 MODEL_ROLES = {"model.embed_tokens.weight": "embed", "model.norm.weight": "final_norm", "lm_head.weight": "lm_head"}
+# An MTP layer's own tensors beyond a decoder layer's, under `model.mtp_layers.<k>.`.
+MTP_ROLES = {"enorm.weight": "enorm", "hnorm.weight": "hnorm", "eh_proj.weight": "eh_proj",
+             "shared_head.norm.weight": "head_norm"}
 
 
 @dataclass
 class DecoderWeights:
     """The model's tensors by role: `model` for the embedding, final norm and head, `layers[i]`
-    for layer i; `names` lists every parameter and buffer name mapped (for the coverage test)."""
+    for layer i, `mtp_layers[k]` for MTP depth k; `names` lists every parameter and buffer name
+    mapped (for the coverage test)."""
 
     model: dict[str, torch.Tensor] = field(default_factory=dict)
     layers: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    mtp_layers: list[dict[str, torch.Tensor]] = field(default_factory=list)
     names: set[str] = field(default_factory=set)
 
 
 def decoder_weights(model: torch.nn.Module) -> DecoderWeights:
-    weights = DecoderWeights(layers=[{} for _ in range(model.args.num_hidden_layers)])
+    weights = DecoderWeights(layers=[{} for _ in range(model.args.num_hidden_layers)],
+                             mtp_layers=[{} for _ in range(getattr(model, "mtp_depth", 0))])
     tensors = dict(model.named_parameters())
     tensors.update((name, buffer) for name, buffer in model.named_buffers() if name.endswith("correction_bias"))
     for name, tensor in tensors.items():
         if name in MODEL_ROLES:
             weights.model[MODEL_ROLES[name]] = tensor
-        elif name.startswith("model.layers."):
-            index, _, rest = name[len("model.layers."):].partition(".")
-            if rest not in LAYER_ROLES or int(index) >= len(weights.layers):
-                raise NotApplicable(f"no native role for parameter {name}")
-            weights.layers[int(index)][LAYER_ROLES[rest]] = tensor
         else:
-            raise NotApplicable(f"no native role for parameter {name}")
+            for prefix, stack, roles in (("model.layers.", weights.layers, LAYER_ROLES),
+                                         ("model.mtp_layers.", weights.mtp_layers, {**LAYER_ROLES, **MTP_ROLES})):
+                if name.startswith(prefix):
+                    index, _, rest = name[len(prefix):].partition(".")
+                    if rest not in roles or int(index) >= len(stack):
+                        raise NotApplicable(f"no native role for parameter {name}")
+                    stack[int(index)][roles[rest]] = tensor
+                    break
+            else:
+                raise NotApplicable(f"no native role for parameter {name}")
         weights.names.add(name)
     return weights
 
@@ -166,8 +178,9 @@ def _stacks(model: torch.nn.Module, weights: DecoderWeights) -> list[tuple[tuple
     args = model.args
     h, dn, dv, r = args.num_attention_heads, args.qk_nope_head_dim, args.v_head_dim, args.kv_lora_rank
     stacks = []
-    for i, layer in enumerate(weights.layers):
-        for role in ("q_a", "q_b", "kv_a", "o_proj", "gate", "up", "down", "router"):
+    # MTP depth k is layer num_hidden_layers + k, as in the checkpoint and the latent cache.
+    for i, layer in enumerate(weights.layers + weights.mtp_layers):
+        for role in ("q_a", "q_b", "kv_a", "o_proj", "gate", "up", "down", "router", "eh_proj"):
             if role in layer:
                 stacks.append(((i, role), layer[role][None]))
         kv_b = layer["kv_b"].view(h, dn + dv, r)
@@ -191,19 +204,28 @@ def _check(model: torch.nn.Module, cache) -> None:
         raise NotApplicable("parameters not on the CPU")
     if any(layer.dtype not in PACKED_DTYPES or layer.device.type != "cpu" for layer in cache.layers):
         raise NotApplicable("a latent cache that is not float32 or bfloat16 on the CPU")
-    eps = {layer.input_layernorm.eps for layer in model.model.layers} | {model.model.norm.eps}
+    layers = [*model.model.layers, *getattr(model.model, "mtp_layers", [])]
+    eps = {layer.input_layernorm.eps for layer in layers} | {model.model.norm.eps}
     if len(eps) != 1:
         raise NotApplicable(f"norms with different eps {sorted(eps)}")
-    for layer in model.model.layers:
+    for layer in layers:
         experts = getattr(layer.mlp, "experts", None)
         if hasattr(layer.mlp, "gate") and (experts is None or experts.fp8_block is not None):
             raise NotApplicable("remote or FP8 experts")
 
 
 class NativeDecoder:
-    def __init__(self, ffi, lib, decoder, kept: list, vocab: int, refill):
-        self.ffi, self.lib, self.decoder, self._kept, self.vocab = ffi, lib, decoder, kept, vocab
+    """The packed decoder: `step`/`run` for the main model, `run(..., depth=k)` for MTP depth k
+    (`num_mtp_layers` of them, those whose latent cache layer exists)."""
+
+    def __init__(self, ffi, lib, decoder, mtp_decoders: list, kept: list, args, refill):
+        self.ffi, self.lib, self.decoder, self.mtp_decoders, self._kept = ffi, lib, decoder, mtp_decoders, kept
+        self.vocab, self.hidden = args.vocab_size, args.hidden_size
         self._refill = refill
+
+    @property
+    def num_mtp_layers(self) -> int:
+        return len(self.mtp_decoders)
 
     @torch.no_grad()
     def refresh(self, model: torch.nn.Module) -> None:
@@ -214,19 +236,40 @@ class NativeDecoder:
     def step(self, token_ids: list[int], positions: list[int], token_seq: list[int], block_tables: list[list[int]],
              block_size: int) -> torch.Tensor:
         """Logits [T, V] (float32) of T tokens; see the module docstring."""
+        return self.run(token_ids, positions, token_seq, block_tables, block_size)[0]
+
+    def run(self, token_ids: list[int], positions: list[int], token_seq: list[int], block_tables: list[list[int]],
+            block_size: int, *, depth: int | None = None, previous_hidden: torch.Tensor | None = None,
+            logit_rows: list[int] | None = None, want_hidden: bool = False
+            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logits [R, V], hidden [T, D] or None): the main model (`depth` None) or MTP depth
+        `depth` fed `previous_hidden` [T, D]; logits only at `logit_rows` (ascending; all T rows
+        when None), the hidden state the next MTP depth takes when `want_hidden`."""
         count, stride = len(token_ids), max(map(len, block_tables))
-        # One int64 array: token ids, positions and sequence indices [T] each, then the tables [S, stride].
-        packed = array.array("q", token_ids + positions + token_seq)
+        # One int64 array: token ids, positions and sequence indices [T] each, the logit rows
+        # [R], then the tables [S, stride].
+        rows = list(range(count)) if logit_rows is None else logit_rows
+        packed = array.array("q", token_ids + positions + token_seq + rows)
         for table in block_tables:
             packed.extend(table)
             packed.extend([0] * (stride - len(table)))
         address = packed.buffer_info()[0]
-        logits = torch.empty(count, self.vocab)
-        cast = self.ffi.cast
-        self.lib.moeray_decoder_step(self.decoder, count, cast("long *", address), cast("long *", address + 8 * count),
-                                     cast("long *", address + 16 * count), cast("long *", address + 24 * count),
-                                     stride, block_size, cast("float *", logits.data_ptr()))
-        return logits
+        logits = torch.empty(len(rows), self.vocab)
+        hidden = torch.empty(count, self.hidden) if want_hidden else None
+        cast, null = self.ffi.cast, self.ffi.NULL
+        if depth is None:
+            decoder, previous = self.decoder, null
+        else:
+            if previous_hidden is None or previous_hidden.shape != (count, self.hidden):
+                raise ValueError(f"MTP depth {depth} needs previous_hidden [{count}, {self.hidden}]")
+            previous_hidden = previous_hidden.detach().to(torch.float32).contiguous()
+            decoder, previous = self.mtp_decoders[depth], cast("float *", previous_hidden.data_ptr())
+        self.lib.moeray_decoder_run(
+            decoder, count, cast("long *", address), previous, cast("long *", address + 8 * count),
+            cast("long *", address + 16 * count), cast("long *", address + (24 * count + 8 * len(rows))), stride,
+            block_size, len(rows), null if logit_rows is None else cast("long *", address + 24 * count),
+            cast("float *", logits.data_ptr()), null if hidden is None else cast("float *", hidden.data_ptr()))
+        return logits, hidden
 
 
 def prepare(model: torch.nn.Module, cache) -> NativeDecoder | None:
@@ -239,6 +282,11 @@ def prepare(model: torch.nn.Module, cache) -> NativeDecoder | None:
     except NotApplicable as why:
         logger.info("native decoder not used: %s", why)
         return None
+
+
+_NORM_ROLES = ("input_norm", "q_a_norm", "kv_a_norm", "post_norm")
+_PANEL_ROLES = ("q_a", "q_b", "kv_a", "o_proj", "w_uk", "w_uv", "gate", "up", "down", "router",
+                "experts_gate", "experts_up", "experts_down")
 
 
 @torch.no_grad()
@@ -267,34 +315,48 @@ def _prepare(model: torch.nn.Module, cache, path: Path) -> NativeDecoder:
     refills: list = []
     panels = {where: packer.pack(stack, ffi, kept, refills) for where, stack in stacks}
 
+    def bind_layers(index: int, modules: list, roles_of: list[dict]):
+        """A DecoderLayer array for `modules`, the first of which is layer `index`."""
+        layers = ffi.new("DecoderLayer[]", len(modules))
+        kept.append(layers)
+        for offset, (module, roles) in enumerate(zip(modules, roles_of)):
+            i, layer = index + offset, layers[offset]
+            for role in _NORM_ROLES:
+                setattr(layer, role, fp32(roles.get(role)))
+            for role in _PANEL_ROLES:
+                if (i, role) in panels:
+                    setattr(layer, role, panels[(i, role)])
+            layer.cache = ffi.cast("void *", cache.layers[i].data_ptr())
+            layer.cache_bf16 = int(cache.layers[i].dtype == torch.bfloat16)
+            if "router" in roles:
+                _bind_routing(layer, module.mlp, fp32, ffi)
+        return layers
+
     args = model.args
-    layers = ffi.new("DecoderLayer[]", args.num_hidden_layers)
-    kept.append(layers)
-    for i, (module, roles) in enumerate(zip(model.model.layers, weights.layers)):
-        layer = layers[i]
-        for role in ("input_norm", "q_a_norm", "kv_a_norm", "post_norm"):
-            setattr(layer, role, fp32(roles.get(role)))
-        for role in ("q_a", "q_b", "kv_a", "o_proj", "w_uk", "w_uv", "gate", "up", "down", "router",
-                     "experts_gate", "experts_up", "experts_down"):
-            if (i, role) in panels:
-                setattr(layer, role, panels[(i, role)])
-        layer.cache = ffi.cast("void *", cache.layers[i].data_ptr())
-        layer.cache_bf16 = int(cache.layers[i].dtype == torch.bfloat16)
-        if "router" in roles:
-            _bind_routing(layer, module.mlp, fp32, ffi)
     final = weights.model
     embed = final["embed"].detach().contiguous()
     kept.append(embed)
     attn = model.model.layers[0].self_attn
-    decoder = ffi.new("Decoder *", {
+    common = {
         "hidden": args.hidden_size, "heads": args.num_attention_heads, "nope_dim": args.qk_nope_head_dim,
         "rope_dim": args.qk_rope_head_dim, "v_dim": args.v_head_dim, "kv_rank": args.kv_lora_rank,
         "q_rank": args.q_lora_rank or 0, "rope_interleave": int(args.rope_interleave), "vocab": args.vocab_size,
         "eps": model.model.norm.eps, "softmax_scale": attn.softmax_scale,
-        "rope_scale": model.rotary.attention_factor, "final_norm": fp32(final["final_norm"]),
-        "inv_freq": fp32(model.rotary.inv_freq(torch.device("cpu"))),
+        "rope_scale": model.rotary.attention_factor, "inv_freq": fp32(model.rotary.inv_freq(torch.device("cpu"))),
         "embed": ffi.cast("void *", embed.data_ptr()), "embed_bf16": int(embed.dtype == torch.bfloat16),
-        "lm_head": panels[(None, "lm_head")], "num_layers": args.num_hidden_layers, "layers": layers})
+        "lm_head": panels[(None, "lm_head")]}
+    n = args.num_hidden_layers
+    decoder = ffi.new("Decoder *", {**common, "final_norm": fp32(final["final_norm"]), "num_layers": n,
+                                    "layers": bind_layers(0, list(model.model.layers), weights.layers)})
+    mtp_decoders = []
+    for k, roles in enumerate(weights.mtp_layers):
+        if n + k >= len(cache.layers):
+            break  # a cache without this depth's layer: speculation does not use it
+        mtp = ffi.new("Decoder *", {**common, "final_norm": fp32(roles["head_norm"]), "num_layers": 1,
+                                    "layers": bind_layers(n + k, [model.model.mtp_layers[k]], [roles]),
+                                    "enorm": fp32(roles["enorm"]), "hnorm": fp32(roles["hnorm"]),
+                                    "eh_proj": panels[(n + k, "eh_proj")]})
+        mtp_decoders.append(mtp)
 
     def refill(current: torch.nn.Module) -> None:
         for copy_in, (_, stack) in zip(refills, _stacks(current, decoder_weights(current)), strict=True):
@@ -304,7 +366,7 @@ def _prepare(model: torch.nn.Module, cache, path: Path) -> NativeDecoder:
         if embed.data_ptr() != decoder_weights(current).model["embed"].data_ptr():
             embed.copy_(decoder_weights(current).model["embed"])
 
-    return NativeDecoder(ffi, lib, decoder, kept, args.vocab_size, refill)
+    return NativeDecoder(ffi, lib, decoder, mtp_decoders, kept, args, refill)
 
 
 def _bind_routing(layer, mlp: torch.nn.Module, fp32, ffi) -> None:
