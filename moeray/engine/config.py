@@ -86,7 +86,7 @@ class EngineConfig:
             try:
                 self.speculative.check()
             except SpeculativeConfigError as err:
-                raise EngineConfigError(str(err).removeprefix("speculative."), err.option) from None
+                raise EngineConfigError(f"engine option {err}", err.option) from None
         if not self.enable_chunked_prefill:
             need(self.max_num_batched_tokens >= max_len, "max_num_batched_tokens",
                  f"without chunked prefill it must hold a whole prompt (max_model_len {max_len})")

@@ -97,14 +97,18 @@ def lora_modules(model: nn.Module) -> dict[str, LoraLinear]:
 
 def apply_lora(model: nn.Module, target_modules: list[str], rank: int, alpha: float, dropout: float = 0.0,
                seed: int = 0) -> list[str]:
-    """Wrap the targeted Linear layers in LoraLinear and freeze everything else."""
+    """Wrap the targeted Linear layers of the main stack in LoraLinear and freeze everything else.
+    MTP layers are never wrapped: transformers has no MTP module, so no PEFT adapter of a
+    Hugging Face model holds tensors for them, and an adapter must load on a model with or
+    without them."""
     if isinstance(target_modules, str):
         raise TypeError(f"target_modules must be a list of module names, got the string {target_modules!r}")
     if not (isinstance(rank, int) and rank > 0):
         raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
     if lora_modules(model):
         raise ValueError("model already has LoRA adapters; call merge_lora first to add another")
-    linear_names = [name for name, module in model.named_modules() if isinstance(module, Linear)]
+    linear_names = [name for name, module in model.named_modules()
+                    if isinstance(module, Linear) and not name.startswith("model.mtp_layers.")]
     targets = set(target_modules)
     chosen = [name for name in linear_names if name.rsplit(".", 1)[-1] in targets]
     unmatched = sorted(targets - {name.rsplit(".", 1)[-1] for name in chosen})
