@@ -61,8 +61,13 @@ def ray_context(s3_server):
     import ray
 
     # Report load to the Serve autoscaler every half second (default 10 s) so scaling tests are quick.
+    # Ray Train's controller polls its workers every 0.2 s (default 2 s): a worker's second
+    # `ray.train.report` waits until the controller took the first (a queue of one), so every
+    # checkpoint after the first, the start and the end of each run waited up to 2 s for a poll.
+    # A poll that misses its deadline is not a failure (only one hanging for 10 min is).
     env = {"RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
-           "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5", "RAY_USAGE_STATS_ENABLED": "0"}
+           "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
     os.environ.update(env)
     # Jobs submitted through the Ray Jobs API run `moeray ...` from this virtualenv, as they
     # would in a container image with moeray installed.
