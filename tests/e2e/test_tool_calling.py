@@ -40,9 +40,11 @@ def served(ray_session, serve_port, tmp_path_factory):
     spec = parse_spec({
         "name": "tool-calling", "base_model": str(DEFAULT_MODEL_DIR), "method": "sft", "output": str(root / "out"),
         "data": {"train": str(root / "train.jsonl")},
-        "train": {"learning_rate": 3e-3, "max_steps": 100, "per_device_batch_size": 8, "max_length": 512,
+        # 60 steps: the training loss is about 0.09 at step 30 and 0.02 from step 60 on (it was 0.012
+        # at step 100), so the greedy answers are the transcripts' with a wide margin.
+        "train": {"learning_rate": 3e-3, "max_steps": 60, "per_device_batch_size": 8, "max_length": 512,
                   "lr_schedule": "constant"},
-        "checkpoint": {"storage": str(root / "ckpt"), "every_steps": 100}})
+        "checkpoint": {"storage": str(root / "ckpt"), "every_steps": 60}})
     result = run(spec)
     with result.checkpoint.as_directory() as folder:
         model = export(spec, folder)
