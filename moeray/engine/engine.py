@@ -287,14 +287,21 @@ class Engine:
             if chunk.samples:
                 pending += [(chunk, seq, row) for seq in self._sequences_to_sample(chunk)]
                 row += 1 + len(chunk.draft)
+        # Plain greedy rows (no penalty, bias, grammar or logprobs) are the argmax of their raw
+        # logits: one argmax for every position of every verification, no sampler call per position.
+        best = logits.argmax(dim=-1).tolist() if all(self._plain_greedy(seq) for _, seq, _ in pending) else None
         position = 0  # of the verification: 0 is the sequence's own last token
         while pending:
-            rows = [SamplingRow(seq.params, self.requests[seq.request_id].prompt_token_ids, seq.output_token_ids,
-                                self._generators[seq.seq_id], self._grammar_states.get(seq.seq_id))
-                    for _, seq, _ in pending]
-            sampled = self.sampler(logits[[first + position for _, _, first in pending]], rows)
+            if best is not None:
+                tokens, logprobs_list = [best[first + position] for _, _, first in pending], [None] * len(pending)
+            else:
+                rows = [SamplingRow(seq.params, self.requests[seq.request_id].prompt_token_ids, seq.output_token_ids,
+                                    self._generators[seq.seq_id], self._grammar_states.get(seq.seq_id))
+                        for _, seq, _ in pending]
+                sampled = self.sampler(logits[[first + position for _, _, first in pending]], rows)
+                tokens, logprobs_list = sampled.token_ids, sampled.logprobs
             still = []
-            for (chunk, seq, first), token, logprobs in zip(pending, sampled.token_ids, sampled.logprobs):
+            for (chunk, seq, first), token, logprobs in zip(pending, tokens, logprobs_list):
                 finished = self._emit(seq, token, logprobs, touched)
                 if seq is chunk.seq:
                     emitted[id(chunk)] = position + 1
@@ -302,6 +309,12 @@ class Engine:
                     still.append((chunk, seq, first))
             pending, position = still, position + 1
         return emitted
+
+    def _plain_greedy(self, seq: Sequence) -> bool:
+        params = seq.params
+        return (params.greedy and params.logprobs is None and not params.logit_bias and params.repetition_penalty == 1.0
+                and params.frequency_penalty == 0.0 and params.presence_penalty == 0.0
+                and seq.seq_id not in self._grammar_states)
 
     def _emit(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None, touched: dict[str, _Request]) -> bool:
         """Append a sampled token to its sequence and output; True when that finished it."""
