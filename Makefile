@@ -37,10 +37,14 @@ serve: $(STAMP)
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
 
-# Pre-train the embedded default model from scratch on the standard library's source (about
-# 10 minutes on 2 cores) and embed the result in moeray/assets/default-model.
+# Rebuild the embedded default model from scratch (about 45 minutes on 2 cores): the `default`
+# shape and a tokenizer trained on the standard library's source, pre-training with the MTP
+# objective, then the chat and tool-call fine-tune; the result goes to moeray/assets/default-model.
 default-model: $(STAMP)
 	$(PY) -m moeray.jobs.corpus build/stdlib.jsonl
-	rm -rf build/checkpoints/pretrain-default build/default-model-pretrained
+	$(PY) -m moeray.jobs.corpus build/chat.jsonl --chat
+	$(PY) scripts/build_default_model.py --out build/default-model-init
+	rm -rf build/checkpoints/pretrain-default build/checkpoints/sft-default build/default-model-pretrained build/default-model-chat
 	$(VENV)/bin/moeray jobs run examples/jobs/pretrain-default.yaml
-	$(PY) scripts/build_default_model.py --weights build/default-model-pretrained
+	$(VENV)/bin/moeray jobs run examples/jobs/sft-default.yaml
+	$(PY) scripts/build_default_model.py --weights build/default-model-chat

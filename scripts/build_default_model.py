@@ -1,5 +1,6 @@
 """Build the embedded default model: tokenizer trained on the Python standard library's source,
-DeepSeek-style chat template, tiny-preset weights (random until a training run replaces them).
+DeepSeek-style chat template, `default`-preset weights with one MTP layer (random until a
+training run replaces them).
 
     .venv/bin/python scripts/build_default_model.py [--weights CHECKPOINT_DIR]
 
@@ -64,12 +65,12 @@ def main() -> None:
     out = opts.out
     tokenizer_source = None
     if opts.weights is not None:
-        model = moeray.model.load(opts.weights)
+        model = moeray.model.load(opts.weights, mtp_depth=moeray.model.mtp_depth_of(opts.weights))
         args = model.args
         tokenizer_source = opts.weights if (opts.weights / "tokenizer.json").exists() else None
     else:
-        args = ModelArgs.preset("tiny")
-        model = moeray.model.build(args, seed=0)
+        args = ModelArgs.preset("default")
+        model = moeray.model.build(args, seed=0, mtp_depth=args.num_nextn_predict_layers)
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)

@@ -5,7 +5,8 @@ Contract:
   `deepseek_v3` checkpoints (including the legacy `rope_scaling` and the transformers-5
   `rope_parameters` spelling). Unknown keys and contradictory values raise `ConfigError`
   naming the key; bookkeeping keys that transformers writes are ignored.
-- `ModelArgs.preset(name)` gives the named configurations (`tiny`, `small`, `v2-lite`, `v3-671b`).
+- `ModelArgs.preset(name)` gives the named configurations (`tiny`, `default`, `small`, `v2-lite`,
+  `v3-671b`).
 - `to_hf_config()` writes a `config.json` dict that transformers and `from_hf_config` both read.
 """
 
@@ -355,6 +356,17 @@ def _tiny() -> ModelArgs:
     return ModelArgs()
 
 
+def _default() -> ModelArgs:
+    # The embedded default model's shape (moeray/assets/default-model, `make default-model`): about
+    # 5M parameters with its MTP layer, 10 MB in bfloat16, trainable on 2 CPU cores.
+    return ModelArgs(
+        vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+        q_lora_rank=128, kv_lora_rank=64, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32,
+        n_routed_experts=8, moe_intermediate_size=128, num_experts_per_tok=2, n_group=1, topk_group=1,
+        n_shared_experts=1, first_k_dense_replace=1, max_position_embeddings=2048, num_nextn_predict_layers=1,
+    )
+
+
 def _small() -> ModelArgs:
     # About 280M parameters: the benchmark model (random weights, float32 on CPU).
     return ModelArgs(
@@ -392,4 +404,4 @@ def _v3_671b() -> ModelArgs:
     )
 
 
-PRESETS = {"tiny": _tiny, "small": _small, "v2-lite": _v2_lite, "v3-671b": _v3_671b}
+PRESETS = {"tiny": _tiny, "default": _default, "small": _small, "v2-lite": _v2_lite, "v3-671b": _v3_671b}

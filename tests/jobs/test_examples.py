@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from moeray import LLM, SamplingParams
-from moeray.jobs.corpus import write_stdlib_jsonl
+from moeray.jobs.corpus import write_chat_jsonl, write_stdlib_jsonl
 from moeray.platform.cli import main
 
 pytestmark = pytest.mark.slow
@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def run_example(name: str, tmp_path, monkeypatch, capsys, **changes) -> Path:
     spec = yaml.safe_load((REPO / "examples" / "jobs" / name).read_text())
+    tmp_path.mkdir(parents=True, exist_ok=True)
     spec["output"] = str(tmp_path / "out")
     spec["checkpoint"]["storage"] = str(tmp_path / "ckpt")
     for section, values in changes.items():
@@ -42,8 +43,22 @@ def test_sft_tiny_fine_tunes_the_default_model(ray_session, tmp_path, monkeypatc
     assert len(greedy(out)) == 8 and greedy(out) != greedy(DEFAULT_MODEL_DIR)
 
 
-def test_pretrain_default_trains_from_scratch(ray_session, tmp_path, monkeypatch, capsys):
+def test_pretrain_default_then_sft_default_train_the_default_shape_with_its_mtp_layer(
+        ray_session, tmp_path, monkeypatch, capsys):
+    """`make default-model`'s steps, a few optimiser steps each: the `default` shape and tokenizer
+    (scripts/build_default_model.py), pre-training with MTP, the chat and tool-call fine-tune."""
+    import subprocess
+    import sys
+
+    import moeray.model
+
+    init = tmp_path / "init"
+    subprocess.run([sys.executable, str(REPO / "scripts" / "build_default_model.py"), "--out", str(init)], check=True)
     write_stdlib_jsonl(tmp_path / "stdlib.jsonl", limit_bytes=1 << 20)  # `python -m moeray.jobs.corpus`, 1 MB
-    out = run_example("pretrain-default.yaml", tmp_path, monkeypatch, capsys,
-                      data={"train": str(tmp_path / "stdlib.jsonl")}, train={"max_steps": 3})
-    assert len(greedy(out)) == 8
+    pretrained = run_example("pretrain-default.yaml", tmp_path / "pretrain", monkeypatch, capsys, base_model=str(init),
+                             data={"train": str(tmp_path / "stdlib.jsonl")}, train={"max_steps": 3})
+    assert moeray.model.mtp_depth_of(pretrained) == 1 and len(greedy(pretrained)) == 8
+    write_chat_jsonl(tmp_path / "chat.jsonl", limit_bytes=1 << 20, tool_rows=100)
+    chat = run_example("sft-default.yaml", tmp_path / "sft", monkeypatch, capsys, base_model=str(pretrained),
+                       data={"train": str(tmp_path / "chat.jsonl")}, train={"max_steps": 3})
+    assert moeray.model.mtp_depth_of(chat) == 1 and len(greedy(chat)) == 8
