@@ -51,6 +51,8 @@ class _Request:
     seqs: dict[int, Sequence] = field(default_factory=dict)  # index -> live sequence
     num_cached_tokens: int = 0
     prompt_logprobs: list[TokenLogprobs | None] | None = None  # sent with the first output, then dropped
+    num_draft_tokens: int = 0  # speculative drafts verified for this request, and how many were accepted
+    num_accepted_tokens: int = 0
 
     @property
     def finished(self) -> bool:
@@ -268,7 +270,9 @@ class Engine:
         emitted = self._sample(plan.chunks, result.logits, touched)
         for chunk in plan.chunks:
             if chunk.draft:
-                self.speculator.record(chunk.seq, chunk.draft, emitted[id(chunk)])
+                request = self.requests[chunk.seq.request_id]
+                request.num_draft_tokens += len(chunk.draft)
+                request.num_accepted_tokens += self.speculator.record(chunk.seq, chunk.draft, emitted[id(chunk)])
                 if not chunk.seq.is_finished:  # the verified drafts' latents stay
                     self.scheduler.accept(chunk.seq, emitted[id(chunk)] - 1)
         if self.speculator is not None:
@@ -373,7 +377,8 @@ class Engine:
             del self.requests[request.request_id]
         prompt_logprobs, request.prompt_logprobs = request.prompt_logprobs, None
         return RequestOutput(request.request_id, deltas, finished, len(request.prompt_token_ids),
-                             request.num_cached_tokens, prompt_logprobs)
+                             request.num_cached_tokens, prompt_logprobs, request.num_draft_tokens,
+                             request.num_accepted_tokens)
 
     @torch.inference_mode()
     def score_prompt(self, prompt_ids: list[int], top: int, adapter: str | None = None) -> list[TokenLogprobs | None]:

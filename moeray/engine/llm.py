@@ -35,9 +35,12 @@ class GenerationResult:
     prompt_token_ids: list[int]
     outputs: list[Completion]
     num_cached_tokens: int = 0
+    num_draft_tokens: int = 0  # speculative decoding: drafts verified, and of those accepted
+    num_accepted_tokens: int = 0
 
     def add(self, delta: RequestOutput) -> None:
         self.num_cached_tokens = delta.num_cached_tokens
+        self.num_draft_tokens, self.num_accepted_tokens = delta.num_draft_tokens, delta.num_accepted_tokens
         for part in delta.outputs:
             completion = self.outputs[part.index]
             completion.text += part.text

@@ -37,6 +37,9 @@ class RequestOutput:
     # On a request's first output when it asked for prompt_logprobs: one entry per prompt token,
     # None for the first (nothing predicts it).
     prompt_logprobs: list[TokenLogprobs | None] | None = None
+    # Speculative decoding, so far for this request: drafts verified, and of those accepted.
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
 
 
 @dataclass

@@ -174,8 +174,9 @@ class Speculator:
         self.ngram = None if self.uses_mtp else NgramProposer(config)
         self.stats = SpeculativeStats()
 
-    def record(self, seq, draft: tuple[int, ...], emitted: int) -> None:
-        """A verification of `draft` that emitted `emitted` tokens (now the end of seq.token_ids)."""
+    def record(self, seq, draft: tuple[int, ...], emitted: int) -> int:
+        """A verification of `draft` that emitted `emitted` tokens (now the end of seq.token_ids);
+        returns how many drafts were accepted."""
         tokens = seq.token_ids[len(seq.token_ids) - emitted:]
         matched = next((i for i, (token, guess) in enumerate(zip(tokens, draft)) if token != guess),
                        min(len(tokens), len(draft)))
@@ -183,6 +184,7 @@ class Speculator:
         self.stats.accepted_tokens += matched
         self.stats.verify_steps += 1
         self.policy.record(seq.seq_id, len(draft), matched)
+        return matched
 
     def forget(self, seq) -> None:
         self.policy.forget(seq.seq_id)

@@ -185,17 +185,20 @@ class CompletionFormat(Format):
 class _Counts:
     prompt_tokens: int
     completion_tokens: int = 0
-    cached_tokens: int = 0
+    # Per prompt (a completions request may carry several), the latest of each request's
+    # running totals: prompt tokens from the prefix cache, speculative drafts and accepted drafts.
+    per_prompt: dict[int, tuple[int, int, int]] = field(default_factory=dict)
 
     def usage(self) -> Usage:
-        return Usage.of(self.prompt_tokens, self.completion_tokens, self.cached_tokens)
+        cached, drafts, accepted = (sum(column) for column in zip(*self.per_prompt.values() or [(0, 0, 0)]))
+        return Usage.of(self.prompt_tokens, self.completion_tokens, cached, drafts, accepted)
 
 
 async def _outputs(merged, fmt: Format, counts: _Counts, metrics: ServingMetrics, timer: RequestTimer):
     """(choice index, output) of every output of the merged streams, counted and timed."""
     async for prompt_index, part in merged:
         metrics.replicas.update(part.stats)
-        counts.cached_tokens = part.num_cached_tokens
+        counts.per_prompt[prompt_index] = (part.num_cached_tokens, part.num_draft_tokens, part.num_accepted_tokens)
         for out in part.outputs:
             counts.completion_tokens += len(out.token_ids)
             timer.on_tokens(len(out.token_ids))

@@ -18,12 +18,19 @@ class Usage(BaseModel):
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: dict[str, int] = Field(default_factory=lambda: {"cached_tokens": 0})
+    # With speculative decoding: OpenAI's names for predicted tokens that were and were not used.
+    completion_tokens_details: dict[str, int] | None = None
 
     @classmethod
-    def of(cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> Usage:
+    def of(cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0, draft_tokens: int = 0,
+           accepted_draft_tokens: int = 0) -> Usage:
+        details = None
+        if draft_tokens:
+            details = {"accepted_prediction_tokens": accepted_draft_tokens,
+                       "rejected_prediction_tokens": draft_tokens - accepted_draft_tokens}
         return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                    total_tokens=prompt_tokens + completion_tokens,
-                   prompt_tokens_details={"cached_tokens": cached_tokens})
+                   prompt_tokens_details={"cached_tokens": cached_tokens}, completion_tokens_details=details)
 
 
 # ---- logprobs ---------------------------------------------------------------------------------

@@ -81,6 +81,8 @@ class GenerateChunk:
     finished: bool
     stats: dict[str, Any] | None = None  # the replica's engine stats, on the last chunk
     replica_id: str = ""  # which replica answers (logs, and tests of draining and failover)
+    num_draft_tokens: int = 0  # speculative decoding so far: drafts verified, and of those accepted
+    num_accepted_tokens: int = 0
 
 
 @dataclass
@@ -181,7 +183,8 @@ class ReplicaService:
             chunk = GenerateChunk(request.request_id, [
                 parsers[o.index].output(o.index, o.text, o.token_ids, self._logprobs(o.logprobs), o.finish_reason)
                 for o in output.outputs], output.num_prompt_tokens, output.num_cached_tokens, output.finished,
-                replica_id=self.replica_id)
+                replica_id=self.replica_id, num_draft_tokens=output.num_draft_tokens,
+                num_accepted_tokens=output.num_accepted_tokens)
             if echo:  # the first output: every choice starts with the prompt
                 chunk.outputs[:0] = self._echo(prompt, output.prompt_logprobs, request.params.n)
                 echo = False

@@ -1,8 +1,10 @@
 """`moeray serve`'s flags on one real process: a LoRA adapter exported by a fine-tuning job
 (`--lora`), routed experts in two shards over the collective transport (`--expert-shards`,
-`--transport`), API keys (`--api-key`) and a settings file (`--config`)."""
+`--transport`), API keys (`--api-key`), a settings file (`--config`) and n-gram speculative
+decoding (`--speculative`; greedy answers are still the offline engine's, without it)."""
 
 import os
+import re
 
 import httpx
 import openai
@@ -45,7 +47,8 @@ def test_serve_flags_on_one_process(ray_session, tmp_path):
     (tmp_path / "serve.yaml").write_text("served_model_name: tiny\nengine:\n  max_model_len: 128\n")
 
     server = ServeProcess([str(base), "--config", str(tmp_path / "serve.yaml"), "--api-key", KEY,
-                           "--lora", f"tuned={adapter}", "--expert-shards", "2", "--transport", "collective"],
+                           "--lora", f"tuned={adapter}", "--expert-shards", "2", "--transport", "collective",
+                            "--speculative", "ngram:3"],
                           tmp_path / "serve.log")
     server.start()
     try:
@@ -64,6 +67,16 @@ def test_serve_flags_on_one_process(ray_session, tmp_path):
         assert tuned_text == offline.tokenizer.decode(tuned_ids)
         assert httpx.get(f"{server.url}/v1/models", timeout=30).status_code == 401  # no key
         assert shard_processes() == 2
+        repetitive = [5, 6, 7, 8] * 4  # prompt lookup finds the last tokens earlier: drafts at once
+        answer = client.completions.create(model="tiny", prompt=repetitive, max_tokens=12, temperature=0,
+                                           extra_body={"ignore_eos": True})
+        (offline_answer,) = offline.generate([repetitive], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+        assert answer.choices[0].text == offline_answer.outputs[0].text
+        details = answer.usage.completion_tokens_details
+        assert details is not None and details.accepted_prediction_tokens + details.rejected_prediction_tokens >= 1
+        metrics = httpx.get(f"{server.url}/metrics", timeout=30).text
+        drafts = re.search(r"^moeray_spec_decode_draft_tokens_total (\S+)$", metrics, re.MULTILINE)
+        assert drafts and float(drafts.group(1)) >= 1
         assert "collective expert transport: 2 shards, data plane gloo" in server.log()
     finally:
         assert server.stop() == 0, server.log()[-3000:]

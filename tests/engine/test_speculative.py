@@ -49,9 +49,13 @@ def reference(mtp_folder):
 def test_greedy_tokens_are_identical_with_and_without_speculation(mtp_folder, reference, method, k, path):
     llm = LLM(mtp_folder, speculative={"method": method, "num_speculative_tokens": k, "min_acceptance": 0.0},
               **PATHS[path])
-    assert generate(llm, PROMPTS, GREEDY) == reference
+    results = llm.generate(PROMPTS, GREEDY)
+    assert [result.outputs[0].token_ids for result in results] == reference
     stats = llm.engine.stats().speculative
     assert stats.verify_steps > 0 and stats.draft_tokens >= stats.verify_steps
+    # Each request's own counts (its usage) add up to the engine's.
+    assert sum(result.num_draft_tokens for result in results) == stats.draft_tokens
+    assert sum(result.num_accepted_tokens for result in results) == stats.accepted_tokens
     if method == "ngram":  # the repetitive prompts have drafts accepted: emitted runs longer than one
         assert stats.accepted_tokens > 0
 

@@ -65,3 +65,22 @@ def test_environment_fills_what_serve_args_leave_out():
     environ = {"MOERAY_API_KEYS": "k1, k2", "MOERAY_KERNELS": "torch", "MOERAY_CACHE_DIR": "/tmp/x"}
     settings = ServeSettings.load(overrides={"served_model_name": "m"}, environ=environ)
     assert settings.api_key_values() == ["k1", "k2"] and settings.served_model_name == "m"
+
+
+def test_speculative_flag_and_setting(capsys, tmp_path):
+    from support import write_hf_model_folder
+
+    from moeray.platform.cli import main
+
+    assert main(["serve", "--speculative", "mtp:two"]) == 2
+    assert "--speculative 'mtp:two': expected METHOD[:NUM_TOKENS]" in capsys.readouterr().err
+    assert main(["serve", "--speculative", "{not json"]) == 2
+    assert "--speculative '{not json': not valid JSON" in capsys.readouterr().err
+    assert main(["serve", "--speculative", "medusa:2"]) == 2
+    assert "engine.speculative.method" in capsys.readouterr().err
+    write_hf_model_folder(tmp_path, "v3", seed=1)  # no MTP layer: refused before Ray starts
+    assert main(["serve", str(tmp_path), "--speculative", "mtp:2"]) == 2
+    assert "the model has no multi-token-prediction layer" in capsys.readouterr().err
+    settings = ServeSettings.load(None, {"engine": {"speculative": {"method": "ngram", "num_speculative_tokens": 3}}})
+    config = settings.engine.to_engine_config().speculative
+    assert (config.method, config.num_speculative_tokens) == ("ngram", 3)
