@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -250,6 +251,7 @@ class Engine:
 
     # ---- the step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        started = time.perf_counter()
         plan = self.scheduler.schedule()
         if not plan.chunks:
             return []
@@ -276,6 +278,7 @@ class Engine:
                 if not chunk.seq.is_finished:  # the verified drafts' latents stay
                     self.scheduler.accept(chunk.seq, emitted[id(chunk)] - 1)
         if self.speculator is not None:
+            self.speculator.timed(plan.chunks, emitted, time.perf_counter() - started)
             self.speculator.propose(plan.chunks, emitted, result.hidden, tables, self._draft_room)
         return [self._collect(request) for request in touched.values()]
 

@@ -21,6 +21,14 @@ Contract:
   exponential average of its acceptance below `min_acceptance` stops its drafts, a probe of one
   draft every `probe_interval` steps can bring them back), so a low-acceptance workload pays
   little for verification it does not use.
+- `SpeedGate` (`adaptive`, on by default) decides for the whole batch whether drafting pays at
+  the current batch size: it times decode steps with drafts and without (seconds per emitted
+  token, averaged per batch-size bucket), runs whichever is faster, and re-measures the other
+  for a few steps every `gate_probe_interval` steps. Acceptance alone cannot say this: a
+  verification's cost against a plain step depends on the model, the batch and the machine, so
+  where drafts are accepted but verification costs more than they save (a small model, a large
+  batch), drafting switches off. Gated-off MTP steps skip the MTP layer altogether; the
+  entries they leave stale lower acceptance for a while, never an output.
 - MTP drafting (`MtpDrafter`, driven by the runner): after each step, every position the main
   model computed (up to the verified end) runs through MTP depth 0 with the token after it:
   (h_i, t_{i+1}) at position i writes that position's entry in the MTP layer's own latent cache
@@ -34,6 +42,7 @@ Contract:
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 METHODS = ("mtp", "ngram")
@@ -53,6 +62,8 @@ class SpeculativeConfig:
     prompt_lookup_min: int = 1
     min_acceptance: float = 0.25  # below this averaged acceptance a sequence stops drafting
     probe_interval: int = 8  # steps between one-draft probes of a sequence that stopped
+    adaptive: bool = True  # SpeedGate: draft only at batch sizes where it measures faster
+    gate_probe_interval: int = 64  # steps between re-measurements of the mode the gate did not choose
 
     def check(self, mtp_depth: int | None = None) -> None:
         """Reject bad options, naming them; with `mtp_depth` (the model's MTP layers) also a
@@ -69,6 +80,8 @@ class SpeculativeConfig:
              "must be at least 1 and at most prompt_lookup_max")
         need(0.0 <= self.min_acceptance < 1.0, "min_acceptance", "must be in [0, 1)")
         need(self.probe_interval >= 1, "probe_interval", "must be >= 1")
+        need(self.gate_probe_interval >= 2 * SpeedGate.probe_steps, "gate_probe_interval",
+             f"must be >= {2 * SpeedGate.probe_steps}")
         if self.method == "mtp" and mtp_depth is not None:
             need(mtp_depth >= 1, "method", "the model has no multi-token-prediction layer "
                  "(num_nextn_predict_layers tensors at model.layers.<num_hidden_layers>.*); use ngram")
@@ -129,6 +142,46 @@ class DraftPolicy:
 
 
 @dataclass
+class _BucketTiming:
+    per_token_s: dict[bool, float] = field(default_factory=dict)  # drafting? -> averaged seconds per token
+    samples: dict[bool, int] = field(default_factory=lambda: {True: 0, False: 0})
+    steps: int = 0
+
+
+class SpeedGate:
+    """Drafting on or off for the next step, by measured speed (see the module docstring).
+    Batch sizes are bucketed by powers of two: 1, 2-3, 4-7, ... sequences decoding."""
+
+    probe_steps = 3  # steps of a mode measured at a time (the first of them pays for the switch)
+
+    def __init__(self, probe_interval: int = 64, smoothing: float = 0.25):
+        self.probe_interval, self.smoothing = probe_interval, smoothing
+        self._buckets: dict[int, _BucketTiming] = {}
+
+    def choose(self, num_decoding: int) -> bool:
+        """Whether the next step (of `num_decoding` decoding sequences) drafts."""
+        timing = self._buckets.setdefault(num_decoding.bit_length(), _BucketTiming())
+        timing.steps += 1
+        for drafting in (True, False):  # measure both modes first, drafting first
+            if timing.samples[drafting] < self.probe_steps:
+                return drafting
+        faster = timing.per_token_s[True] < timing.per_token_s[False]
+        return (not faster) if timing.steps % self.probe_interval < self.probe_steps else faster
+
+    def observe(self, num_decoding: int, drafting: bool, seconds: float, tokens: int) -> None:
+        """A decode-only step of that mode took `seconds` and emitted `tokens` tokens."""
+        if tokens <= 0:
+            return
+        timing = self._buckets.setdefault(num_decoding.bit_length(), _BucketTiming())
+        sample = seconds / tokens
+        previous = timing.per_token_s.get(drafting)
+        # The first sample of a probe also pays for the switch (stale MTP entries, new drafts): it
+        # is seen, but the average leans on the steps after it.
+        timing.per_token_s[drafting] = sample if previous is None else previous + self.smoothing * (sample - previous)
+        timing.samples[drafting] += 1
+
+
+@dataclass
 class _LookupIndex:
     """n-gram -> the index just after its latest occurrence, over tokens[:indexed]."""
 
@@ -173,6 +226,16 @@ class Speculator:
         self.policy = DraftPolicy(config)
         self.ngram = None if self.uses_mtp else NgramProposer(config)
         self.stats = SpeculativeStats()
+        self.gate = SpeedGate(config.gate_probe_interval) if config.adaptive else None
+        self._chosen: tuple[int, bool] | None = None  # (sequences decoding, drafting?) of the next step
+        self._propose_s = 0.0  # time the last propose took: part of the cost of the step it drafted for
+
+    def timed(self, chunks, emitted: dict[int, int], seconds: float) -> None:
+        """A step ran in `seconds` (forward and sampling); a decode-only one informs the gate."""
+        if self.gate is not None and self._chosen is not None and all(_decodes(chunk) for chunk in chunks):
+            num_decoding, drafting = self._chosen
+            self.gate.observe(num_decoding, drafting, seconds + self._propose_s, sum(emitted.values()))
+        self._chosen = None
 
     def record(self, seq, draft: tuple[int, ...], emitted: int) -> int:
         """A verification of `draft` that emitted `emitted` tokens (now the end of seq.token_ids);
@@ -200,26 +263,50 @@ class Speculator:
         """Drafts for the next step, on `seq.draft_token_ids`. `hidden` [T, D] are the step's final
         hidden states (MTP), `tables` the block tables the step ran with, `room(seq)` the most
         drafts worth verifying."""
+        start = time.perf_counter()
+        num_decoding = sum(1 for chunk in chunks if id(chunk) in emitted and not chunk.seq.is_finished)
+        drafting = self.gate is None or self.gate.choose(num_decoding)
+        self._chosen = (num_decoding, drafting)
+        try:
+            self._propose(chunks, emitted, hidden, tables, room, drafting)
+        finally:
+            # After a step with prompt chunks the MTP rows are mostly prompt positions, work either
+            # mode pays: not a cost of the drafts.
+            decode_only = all(_decodes(chunk) for chunk in chunks)
+            self._propose_s = time.perf_counter() - start if decode_only else 0.0
+
+    def _propose(self, chunks, emitted, hidden, tables, room, drafting: bool) -> None:
         if not self.uses_mtp:
             for chunk in chunks:
-                count = self._budget(chunk.seq, room) if id(chunk) in emitted else 0
+                count = self._budget(chunk.seq, room) if drafting and id(chunk) in emitted else 0
                 if count:
                     chunk.seq.draft_token_ids = self.ngram.propose(chunk.seq.seq_id, chunk.seq.token_ids, count)
             return
         from moeray.engine.runner import MtpRows  # torch: only the MTP path needs it
 
-        rows, offset = [], 0
+        rows, offset, owners = [], 0, []
         for chunk, table in zip(chunks, tables):
             seq = chunk.seq
+            if not drafting and _decodes(chunk):  # gated off: no MTP work for decode rows at all
+                offset += chunk.num_tokens
+                continue
             valid = emitted[id(chunk)] if chunk.draft else chunk.num_tokens  # positions whose latents stay
-            count = self._budget(seq, room) if id(chunk) in emitted else 0  # it sampled this step
+            count = self._budget(seq, room) if drafting and id(chunk) in emitted else 0  # it sampled this step
             # Chained drafts write entries past the sequence's last token: room for them first.
             if count > 1 and not self.block_manager.ensure_capacity(seq, seq.num_tokens + count - 2):
                 count = 1
             rows.append(MtpRows(chunk.start, seq.token_ids[chunk.start + 1:chunk.start + valid + 1],
                                 hidden[offset:offset + valid], table if seq.is_finished else seq.block_table, count))
+            owners.append(chunk)
             offset += chunk.num_tokens
+        if not rows:
+            return
         drafts = self.runner.draft_mtp(rows, max(r.drafts for r in rows))
-        for chunk, draft in zip(chunks, drafts):
+        for chunk, draft in zip(owners, drafts):
             if draft:
                 chunk.seq.draft_token_ids = draft
+
+
+def _decodes(chunk) -> bool:
+    """Whether a chunk decodes (its sequence's prompt is all computed before it)."""
+    return chunk.start >= chunk.seq.num_prompt_tokens

@@ -11,6 +11,7 @@ from support import write_random_adapter, write_tiny_tokenizer
 import moeray.model
 from moeray.engine import LLM, Engine, EngineConfig, EngineConfigError, SamplingParams
 from moeray.engine.params import GrammarSpec
+from moeray.engine.speculative import SpeedGate
 from moeray.kernels.policy import KernelPolicy
 from moeray.model import ModelArgs, save_checkpoint
 from moeray.model.mla import DenseCausalAttention
@@ -47,7 +48,7 @@ def reference(mtp_folder):
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("method, k", METHODS, ids=[f"{m}-{k}" for m, k in METHODS])
 def test_greedy_tokens_are_identical_with_and_without_speculation(mtp_folder, reference, method, k, path):
-    llm = LLM(mtp_folder, speculative={"method": method, "num_speculative_tokens": k, "min_acceptance": 0.0},
+    llm = LLM(mtp_folder, speculative={"method": method, "adaptive": False, "num_speculative_tokens": k, "min_acceptance": 0.0},
               **PATHS[path])
     results = llm.generate(PROMPTS, GREEDY)
     assert [result.outputs[0].token_ids for result in results] == reference
@@ -81,7 +82,7 @@ def _mtp_drafts_from_scratch(model, tokens: list[int], count: int) -> list[int]:
 @pytest.mark.parametrize("path", PATHS)
 @torch.inference_mode()  # the engine's routed-token counters are inference tensors
 def test_mtp_drafts_are_the_mtp_layers_prediction_from_the_whole_sequence(mtp_folder, path):
-    llm = LLM(mtp_folder, speculative={"method": "mtp", "num_speculative_tokens": 3, "min_acceptance": 0.0},
+    llm = LLM(mtp_folder, speculative={"method": "mtp", "adaptive": False, "num_speculative_tokens": 3, "min_acceptance": 0.0},
               **PATHS[path])
     engine, model = llm.engine, llm.engine.model
     engine.add_request("r", PROMPTS[2], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
@@ -122,7 +123,7 @@ def test_a_finish_inside_an_accepted_run_cuts_where_plain_decoding_does(mtp_fold
         limit = {"stop": [text[len(text) // 2:len(text) // 2 + 3]]}
     params.update(limit)
     expected = plain.generate(PROMPTS, SamplingParams(**params))
-    llm = LLM(mtp_folder, speculative={"method": "ngram", "num_speculative_tokens": 3})
+    llm = LLM(mtp_folder, speculative={"method": "ngram", "adaptive": False, "num_speculative_tokens": 3})
     _oracle(llm, {tuple(p): p + out for p, out in zip(PROMPTS, reference)})
     results = llm.generate(PROMPTS, SamplingParams(**params))
     for got, want in zip(results, expected):
@@ -143,7 +144,7 @@ def test_a_finish_inside_an_accepted_run_cuts_where_plain_decoding_does(mtp_fold
 @pytest.mark.parametrize("method", ["mtp", "ngram"])
 def test_greedy_tokens_stay_identical_whatever_the_cache_and_scheduler_do(mtp_folder, reference, method, options):
     llm = LLM(mtp_folder, max_model_len=256, **options,
-              speculative={"method": method, "num_speculative_tokens": 3, "min_acceptance": 0.0})
+              speculative={"method": method, "adaptive": False, "num_speculative_tokens": 3, "min_acceptance": 0.0})
     generate(llm, PROMPTS[:2], GREEDY)  # a first wave whose blocks the prefix cache can share
     assert generate(llm, PROMPTS, GREEDY) == reference
     stats = llm.engine.stats()
@@ -157,7 +158,7 @@ def test_greedy_tokens_stay_identical_whatever_the_cache_and_scheduler_do(mtp_fo
 def test_a_grammar_constrained_greedy_output_is_the_same_with_drafts(mtp_folder, method):
     params = SamplingParams(temperature=0, max_tokens=60, structured=GrammarSpec("regex", r"(ab|cd){2,12}x"))
     expected = [r.outputs[0].text for r in LLM(mtp_folder).generate(PROMPTS, params)]
-    llm = LLM(mtp_folder, speculative={"method": method, "num_speculative_tokens": 3, "min_acceptance": 0.0})
+    llm = LLM(mtp_folder, speculative={"method": method, "adaptive": False, "num_speculative_tokens": 3, "min_acceptance": 0.0})
     assert [r.outputs[0].text for r in llm.generate(PROMPTS, params)] == expected
     assert all(text.endswith("x") for text in expected)
 
@@ -230,7 +231,7 @@ def test_speculative_sampling_keeps_the_models_distribution(tmp_path):
     samples = 1200
     engine = Engine(model, Tokenizer.from_pretrained(tmp_path),
                     EngineConfig(max_model_len=64, seed=7, max_num_seqs=64,
-                                 speculative={"method": "ngram", "num_speculative_tokens": 2, "min_acceptance": 0.0}))
+                                 speculative={"method": "ngram", "adaptive": False, "num_speculative_tokens": 2, "min_acceptance": 0.0}))
     params = SamplingParams(temperature=1.0, max_tokens=4, ignore_eos=True)
     outputs = {}
     for i in range(samples):
@@ -253,7 +254,7 @@ def test_seeded_sampling_gives_the_same_tokens_with_or_without_speculation(mtp_f
     params = [SamplingParams(temperature=0.8, top_p=0.9, max_tokens=24, seed=i, ignore_eos=True)
               for i in range(len(PROMPTS))]
     plain = generate(LLM(mtp_folder), PROMPTS, params)
-    llm = LLM(mtp_folder, speculative={"method": "ngram", "num_speculative_tokens": 3})
+    llm = LLM(mtp_folder, speculative={"method": "ngram", "adaptive": False, "num_speculative_tokens": 3})
     _oracle(llm, {tuple(p): p + out for p, out in zip(PROMPTS, plain)})
     assert generate(llm, PROMPTS, params) == plain
     assert llm.engine.stats().speculative.accepted_tokens > 0
@@ -268,8 +269,35 @@ def test_expert_shards_give_the_same_greedy_tokens_under_speculation(ray_session
     try:
         for method in ("mtp", "ngram"):
             llm = LLM(mtp_folder, experts=backend,
-                      speculative={"method": method, "num_speculative_tokens": 2, "min_acceptance": 0.0})
+                      speculative={"method": method, "adaptive": False, "num_speculative_tokens": 2, "min_acceptance": 0.0})
             assert generate(llm, PROMPTS, GREEDY) == reference, method
             assert llm.engine.stats().speculative.verify_steps > 0
     finally:
         ray_session.get(router.shutdown.remote())
+
+
+def test_the_speed_gate_drafts_only_at_batch_sizes_where_drafting_measures_faster():
+    gate = SpeedGate(probe_interval=12)
+    chosen = []
+    for step in range(48):
+        for num_decoding in (1, 32):
+            drafting = gate.choose(num_decoding)
+            chosen.append((num_decoding, drafting))
+            # At batch 1 a drafting step costs 1.3x a plain one and emits 1.8 tokens: it pays.
+            # At batch 32 it costs 2x and emits 1.5 tokens a sequence: it does not.
+            per_step = {1: (1.3, 1.8), 32: (2.0, 1.5)}[num_decoding] if drafting else (1.0, 1.0)
+            gate.observe(num_decoding, drafting, per_step[0] * 1e-3, round(per_step[1] * num_decoding))
+    after_warmup = chosen[12:]
+    at_one = [drafting for n, drafting in after_warmup if n == 1]
+    at_32 = [drafting for n, drafting in after_warmup if n == 32]
+    # Mostly the faster mode, with a few steps of the other one in each probe interval.
+    assert sum(at_one) / len(at_one) > 0.7 and sum(at_32) / len(at_32) < 0.3
+    assert any(at_32) and not all(at_one)  # the other mode is still re-measured
+
+
+def test_with_the_gate_outputs_are_unchanged_and_counts_still_add_up(mtp_folder, reference):
+    llm = LLM(mtp_folder, speculative={"method": "mtp", "num_speculative_tokens": 2, "gate_probe_interval": 6})
+    results = llm.generate(PROMPTS, GREEDY)
+    assert [result.outputs[0].token_ids for result in results] == reference
+    stats = llm.engine.stats().speculative
+    assert sum(result.num_accepted_tokens for result in results) == stats.accepted_tokens
