@@ -3,6 +3,7 @@
 `--transport`), API keys (`--api-key`), a settings file (`--config`) and n-gram speculative
 decoding (`--speculative`; greedy answers are still the offline engine's, without it)."""
 
+import json
 import os
 import re
 
@@ -17,6 +18,8 @@ from support import ServeProcess, make_spec, moeray_greedy, sft_rows, write_hf_m
 
 pytestmark = pytest.mark.slow
 KEY = "sk-flags"
+# The JSON form of the flag; the speed gate off, so that drafts depend on the tokens alone.
+SPECULATIVE = '{"method": "ngram", "num_speculative_tokens": 3, "adaptive": false}'
 
 
 def shard_processes() -> int:
@@ -48,7 +51,7 @@ def test_serve_flags_on_one_process(ray_session, tmp_path):
 
     server = ServeProcess([str(base), "--config", str(tmp_path / "serve.yaml"), "--api-key", KEY,
                            "--lora", f"tuned={adapter}", "--expert-shards", "2", "--transport", "collective",
-                            "--speculative", "ngram:3"],
+                            "--speculative", SPECULATIVE],
                           tmp_path / "serve.log")
     server.start()
     try:
@@ -67,13 +70,21 @@ def test_serve_flags_on_one_process(ray_session, tmp_path):
         assert tuned_text == offline.tokenizer.decode(tuned_ids)
         assert httpx.get(f"{server.url}/v1/models", timeout=30).status_code == 401  # no key
         assert shard_processes() == 2
-        repetitive = [5, 6, 7, 8] * 4  # prompt lookup finds the last tokens earlier: drafts at once
-        answer = client.completions.create(model="tiny", prompt=repetitive, max_tokens=12, temperature=0,
-                                           extra_body={"ignore_eos": True})
-        (offline_answer,) = offline.generate([repetitive], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
-        assert answer.choices[0].text == offline_answer.outputs[0].text
+        # A prompt whose greedy continuation repeats itself, so prompt lookup drafts (found offline
+        # with the same drafting, which depends on the tokens only).
+        drafting = LLM(base, max_model_len=128, speculative=json.loads(SPECULATIVE))
+        params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+        candidates = [[5, 6, 7, 8] * 4, [9] * 12, [3, 4] * 8, [11, 12, 13] * 5, [20, 21] * 6]
+        drafted = [r for r in drafting.generate(candidates, params) if r.num_draft_tokens > 0]
+        assert drafted, "no candidate prompt gets drafts offline"
+        expected = max(drafted, key=lambda r: r.num_accepted_tokens)
+        answer = client.completions.create(model="tiny", prompt=expected.prompt_token_ids, max_tokens=24,
+                                           temperature=0, extra_body={"ignore_eos": True})
+        (plain,) = offline.generate([expected.prompt_token_ids], params)
+        assert answer.choices[0].text == plain.outputs[0].text == expected.outputs[0].text
         details = answer.usage.completion_tokens_details
-        assert details is not None and details.accepted_prediction_tokens + details.rejected_prediction_tokens >= 1
+        assert details is not None and (details.accepted_prediction_tokens, details.rejected_prediction_tokens) == (
+            expected.num_accepted_tokens, expected.num_draft_tokens - expected.num_accepted_tokens)
         metrics = httpx.get(f"{server.url}/metrics", timeout=30).text
         drafts = re.search(r"^moeray_spec_decode_draft_tokens_total (\S+)$", metrics, re.MULTILINE)
         assert drafts and float(drafts.group(1)) >= 1
