@@ -26,6 +26,8 @@ SCHEMA_PATH = REPO_ROOT / "helm" / "moeray" / "values.schema.json"
 # ServeSettings fields the chart sets itself: the bind address is fixed, and API keys come from the
 # Secret only (MOERAY_API_KEYS), never from values rendered into the RayService.
 SERVE_FIELDS_SET_BY_CHART = {"host", "api_keys"}
+# RayService spec.upgradeStrategy.type values KubeRay knows (its CRD types the field as a string).
+UPGRADE_STRATEGIES = ("NewCluster", "NewClusterWithIncrementalUpgrade", "None")
 
 
 def values_key(field_name: str) -> str:
@@ -73,6 +75,15 @@ def serving_schema() -> dict[str, Any]:
     settings["description"] = ("The Serve application's settings (moeray.platform.settings.ServeSettings, "
                                "camelCase) plus the worker groups of the serving RayCluster.")
     settings["properties"] = {"enabled": boolean("Render the RayService and its Service.")} | settings["properties"]
+    settings["properties"]["upgradeStrategy"] = obj("RayService upgradeStrategy (helm/moeray/rollout.md).", {
+        "type": string("How a change rolls out.", enum=list(UPGRADE_STRATEGIES)),
+        "incremental": obj("clusterUpgradeOptions of NewClusterWithIncrementalUpgrade.", {
+            "gatewayClassName": string("The Gateway API class that splits traffic between the clusters."),
+            "stepSizePercent": integer("Traffic moved to the new cluster per step.", minimum=1, maximum=100),
+            "intervalSeconds": integer("Time between steps.", minimum=1),
+            "maxSurgePercent": integer("Capacity the new cluster may add ahead of traffic.", minimum=1, maximum=100),
+        }),
+    })
     settings["properties"]["replicaWorkers"] = worker_group("Pods for model replicas.")
     settings["properties"]["shardWorkers"] = worker_group("Pods for ExpertShard actors (when expertParallel.shards > 0).")
     return settings

@@ -215,3 +215,27 @@ def test_the_drain_timeout_reaches_serve_and_the_pods_outlast_it(render):
     assert args["graceful_shutdown_timeout_s"] == 600
     templates = _pod_templates(rayservice)
     assert templates and all(t["spec"]["terminationGracePeriodSeconds"] == 630 for t in templates)
+
+
+@pytest.mark.parametrize("strategy", ["NewCluster", "None", "NewClusterWithIncrementalUpgrade"])
+def test_each_upgrade_strategy_renders_a_rayservice_the_crd_accepts(render, crd_validators, strategy):
+    manifests = render(set_values=(f"serving.upgradeStrategy.type={strategy}",
+                                   "serving.upgradeStrategy.incremental.gatewayClassName=istio"))
+    (rayservice,) = [m for m in manifests if m["kind"] == "RayService"]
+    validate_crd_object(rayservice, crd_validators)
+    upgrade = rayservice["spec"]["upgradeStrategy"]
+    assert upgrade["type"] == strategy
+    if strategy == "NewClusterWithIncrementalUpgrade":
+        assert upgrade["clusterUpgradeOptions"] == {"gatewayClassName": "istio", "stepSizePercent": 25,
+                                                    "intervalSeconds": 60, "maxSurgePercent": 25}
+    else:
+        assert "clusterUpgradeOptions" not in upgrade
+
+
+def test_upgrade_strategy_mistakes_are_named(render):
+    with pytest.raises(RenderError, match="upgradeStrategy.incremental.gatewayClassName"):
+        render(set_values=("serving.upgradeStrategy.type=NewClusterWithIncrementalUpgrade",))
+    with pytest.raises(RenderError, match="/serving/upgradeStrategy/type"):
+        render(set_values=("serving.upgradeStrategy.type=BlueGreen",))
+    with pytest.raises(RenderError, match="/serving/upgradeStrategy/incremental/stepSizePercent"):
+        render(set_values=("serving.upgradeStrategy.incremental.stepSizePercent=0",))
