@@ -22,6 +22,24 @@ def is_remote(uri: str) -> bool:
     return uri.startswith("s3://")
 
 
+def model_location(value: str | Path) -> str | Path:
+    """Where a model's files are read from: a Hugging Face model id becomes its snapshot folder
+    in huggingface_hub's cache (fetched if need be); folders and s3:// URIs stay as they are."""
+    from moeray.hub import hub_snapshot, is_hub_id
+
+    return hub_snapshot(value) if isinstance(value, str) and is_hub_id(value) else value
+
+
+def absolute_local(value: str | None) -> str | None:
+    """A local path made absolute (jobs run elsewhere than they were submitted from); URIs and
+    Hugging Face model ids are kept as they are."""
+    from moeray.hub import is_hub_id
+
+    if value is None or "://" in value or is_hub_id(value):
+        return value
+    return os.path.abspath(value)
+
+
 def split_s3(uri: str) -> tuple[str, str]:
     if not is_remote(uri):
         raise StorageError(f"{uri!r} is not an s3:// URI")
@@ -99,11 +117,16 @@ def ray_storage(uri: str):
 
 
 def local_copy(uri: str, skip_suffixes: tuple[str, ...] = ()) -> Path:
-    """A local folder with the contents of `uri` (downloaded once per URI into the cache).
+    """A local folder with the contents of `uri` (downloaded once per URI into the cache; a
+    Hugging Face model id comes from huggingface_hub's own cache, see hub.py).
 
     `skip_suffixes` leaves matching files out (for example the weights of a model whose tensors
     are read remotely, when only its tokenizer is needed here).
     """
+    from moeray.hub import hub_snapshot, is_hub_id
+
+    if is_hub_id(uri):
+        return hub_snapshot(uri, skip_suffixes)
     if not is_remote(uri):
         return Path(uri)
     import hashlib

@@ -1,8 +1,9 @@
 """The one way an engine is built, for `LLM` (offline) and the Serve replica alike.
 
 Contract: `build_engine(model, config, experts=None, tokenizer=None, chat_template=None,
-adapters=None)` loads the checkpoint (a folder or s3:// URI: tensors stream from it, only the
-tokenizer files are copied), checks that tokenizer and model match, applies a chat template
+adapters=None)` loads the checkpoint (a folder, an s3:// URI: tensors stream from it, only the
+tokenizer files are copied; or a Hugging Face model id, read from huggingface_hub's cache),
+checks that tokenizer and model match, applies a chat template
 override, builds the LoRA variants (`adapters(model)` returns them by name) and returns the
 `Engine`, whose constructor runs the explicit build steps (cache, scheduler, and the native
 decoder's `prepare` where `config.kernels` allows it). `experts` is an `ExpertBackend`
@@ -21,7 +22,7 @@ from moeray.engine.engine import Engine
 from moeray.model.moe import ExpertBackend
 from moeray.model.tokenizer import Tokenizer
 from moeray.model.transformer import DeepseekForCausalLM
-from moeray.storage import local_copy
+from moeray.storage import local_copy, model_location
 
 Adapters = Callable[[DeepseekForCausalLM], dict[str, DeepseekForCausalLM]]
 
@@ -35,6 +36,7 @@ def check_tokenizer_matches(tokenizer: Tokenizer, args: moeray.model.ModelArgs, 
 def build_engine(model: str | Path, config: EngineConfig, experts: ExpertBackend | None = None,
                  tokenizer: str | Path | None = None, chat_template: str | Path | None = None,
                  adapters: Adapters | None = None) -> Engine:
+    model = model_location(model)  # a Hugging Face model id: its snapshot in huggingface_hub's cache
     # MTP drafting needs the checkpoint's MTP layers; Engine refuses a model without one.
     mtp = config.speculative is not None and config.speculative.method == "mtp"
     loaded = moeray.model.load(model, dtype=config.torch_dtype, device=config.device, local_experts=experts is None,

@@ -155,7 +155,8 @@ class JobSpec(_Strict):
     method's spec (see `moeray.jobs.methods`) adds `method` and its own options section."""
 
     name: str = Field(min_length=1, description="Job name, used in run and checkpoint names.")
-    base_model: str = Field(description="Hugging Face checkpoint folder: a local path or an s3:// URI.")
+    base_model: str = Field(description="Hugging Face checkpoint: a local folder, an s3:// URI or a Hub model id "
+                                        "(org/name[@revision], through huggingface_hub's cache).")
     method: str = Field(description="The training method; each method's spec narrows this to its name.")
     init: Literal["base", "random"] = Field("base", description="base: start from the base model's weights; "
                                             "random: train from scratch with the base model's config and "

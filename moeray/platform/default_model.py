@@ -1,8 +1,9 @@
 """The embedded default model: a tiny DeepSeek-architecture model shipped inside the package.
 
 Contract: `resolve_model(None)` is the folder of the embedded model (config, safetensors,
-tokenizer with its chat template); any other value must be an existing checkpoint folder or an
-s3:// URI with a config.json under it (returned as the URI: its tensors are read remotely).
+tokenizer with its chat template); any other value must be an existing checkpoint folder, an
+s3:// URI with a config.json under it (returned as the URI: its tensors are read remotely), or
+a Hugging Face model id (`org/name[@revision]`, the snapshot folder in huggingface_hub's cache).
 `scripts/build_default_model.py` rebuilds it.
 """
 
@@ -26,6 +27,13 @@ def resolve_model(model: str | None) -> Path | str:
         if not RemoteFolder(model, quick=True).exists("config.json"):
             raise FileNotFoundError(f"model {model!r}: no config.json there; expected a Hugging Face checkpoint")
         return model.rstrip("/")
+    from moeray.hub import hub_snapshot, is_hub_id
+
+    if is_hub_id(model):
+        path = hub_snapshot(model)
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"model {model!r}: the Hugging Face repo has no config.json")
+        return path
     path = Path(model).expanduser()
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"model {model!r}: no config.json there; expected a Hugging Face checkpoint folder")

@@ -116,7 +116,8 @@ class ExpertParallelSettings(_Strict):
 class ServeSettings(_Strict):
     """Everything `moeray serve` and the Serve application builder take."""
 
-    model: str | None = Field(None, description="Hugging Face checkpoint folder or s3:// URI; empty: the embedded default model.")
+    model: str | None = Field(None, description="Hugging Face checkpoint folder, s3:// URI or Hub model id "
+                                                "(org/name[@revision]); empty: the embedded default model.")
     served_model_name: str | None = Field(None, description="Model name clients send; default: the folder name.")
     lora_adapters: dict[str, str] = Field(default_factory=dict, description="LoRA adapters served beside the "
                                           "base model: name -> PEFT adapter folder or s3:// URI. A request selects "
@@ -164,7 +165,12 @@ class ServeSettings(_Strict):
     def model_name(self) -> str:
         if self.served_model_name:
             return self.served_model_name
-        return Path(self.model).name if self.model else "moeray-default"
+        if not self.model:
+            return "moeray-default"
+        from moeray.hub import is_hub_id
+
+        # A Hub model is served under its id (as vLLM does), a folder or URI under its last part.
+        return self.model.partition("@")[0] if is_hub_id(self.model) else Path(self.model).name
 
     def api_key_values(self) -> list[str]:
         return [key.get_secret_value() for key in self.api_keys]

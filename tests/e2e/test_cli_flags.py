@@ -1,4 +1,5 @@
-"""`moeray serve`'s flags on one real process: a LoRA adapter exported by a fine-tuning job
+"""`moeray serve`'s flags on one real process: the model by its Hugging Face id, offline, from a
+cache huggingface_hub laid out from a Hub on 127.0.0.1, a LoRA adapter exported by a fine-tuning job
 (`--lora`), routed experts in two shards over the collective transport (`--expert-shards`,
 `--transport`), API keys (`--api-key`), a settings file (`--config`) and n-gram speculative
 decoding (`--speculative`; greedy answers are still the offline engine's, without it)."""
@@ -6,6 +7,8 @@ decoding (`--speculative`; greedy answers are still the offline engine's, withou
 import json
 import os
 import re
+import subprocess
+import sys
 
 import httpx
 import openai
@@ -14,6 +17,7 @@ import pytest
 from moeray import LLM, SamplingParams
 from moeray.jobs.export import export, trained_model
 from moeray.jobs.trainer import run
+from fake_hub import FakeHub
 from support import ServeProcess, make_spec, moeray_greedy, sft_rows, write_hf_model_folder, write_jsonl
 
 pytestmark = pytest.mark.slow
@@ -49,10 +53,15 @@ def test_serve_flags_on_one_process(ray_session, tmp_path):
         adapter = export(spec, folder)
     (tmp_path / "serve.yaml").write_text("served_model_name: tiny\nengine:\n  max_model_len: 128\n")
 
-    server = ServeProcess([str(base), "--config", str(tmp_path / "serve.yaml"), "--api-key", KEY,
+    hf_home = tmp_path / "hf"
+    with FakeHub("moeray-test/tiny", base) as hub:
+        subprocess.run([sys.executable, "-c", "from moeray.hub import hub_snapshot; hub_snapshot('moeray-test/tiny')"],
+                       env={**os.environ, "HF_HOME": str(hf_home), "HF_ENDPOINT": hub.url}, check=True, timeout=120)
+
+    server = ServeProcess(["moeray-test/tiny", "--config", str(tmp_path / "serve.yaml"), "--api-key", KEY,
                            "--lora", f"tuned={adapter}", "--expert-shards", "2", "--transport", "collective",
                             "--speculative", SPECULATIVE],
-                          tmp_path / "serve.log")
+                          tmp_path / "serve.log", env={"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"})
     server.start()
     try:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=120)

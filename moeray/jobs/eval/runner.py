@@ -18,7 +18,7 @@ from typing import Any
 from moeray.jobs.eval.backends import EndpointBackend, LocalBackend
 from moeray.jobs.eval.spec import EvalJobSpec, TaskSpec
 from moeray.jobs.eval.tasks import Item, load_items, score_task
-from moeray.storage import is_remote, local_copy, upload_dir
+from moeray.storage import absolute_local, is_remote, local_copy, upload_dir
 
 
 def check(spec: EvalJobSpec) -> list[list[Item]]:
@@ -31,11 +31,7 @@ def check(spec: EvalJobSpec) -> list[list[Item]]:
 
 def absolute_paths(spec: EvalJobSpec) -> EvalJobSpec:
     """Local paths made absolute, for a job that runs elsewhere than it was submitted."""
-    import os
-
-    def fix(value: str | None) -> str | None:
-        return value if value is None or "://" in value else os.path.abspath(value)
-
+    fix = absolute_local
     return spec.model_copy(update={"model": fix(spec.model), "output": fix(spec.output),
                                    "tasks": [t.model_copy(update={"file": fix(t.file)}) for t in spec.tasks]})
 
