@@ -1,10 +1,10 @@
-"""Training checkpoints through Ray Train, and the progress line of each step.
+"""Training checkpoints through Ray Train.
 
-Contract: `report_step(...)` prints the step's progress line on rank 0; on checkpoint steps it
-reports to Ray Train with a checkpoint folder holding `state.pt` (trainable weights and
-buffers, optimizer state, step, the method's own state, the metrics of every step so far),
-`metrics.jsonl` (those metrics, one line a step) and `loss.png` (their curve; a reward curve
-for GRPO). Ray Train publishes a checkpoint only once it is complete and keeps the newest
+Contract: on checkpoint steps `report_step(...)` reports to Ray Train with a checkpoint
+folder holding `state.pt` (trainable weights and buffers, optimizer state, step, the method's
+own state, the metrics of every step so far), `metrics.jsonl` (those metrics, one line a step)
+and `loss.png` (their curve; a reward curve for GRPO). The progress line of each step is the
+driver's (moeray/jobs/console.py). Ray Train publishes a checkpoint only once it is complete and keeps the newest
 `checkpoint.keep`. `load_latest()` returns the state of the checkpoint Ray Train hands a
 (re)started worker, or None.
 """
@@ -36,32 +36,13 @@ def load_latest() -> dict[str, Any] | None:
         return torch.load(Path(folder) / STATE_FILE, weights_only=False)
 
 
-def _progress_line(step: int, metrics: dict[str, Any]) -> str:
-    parts = [f"moeray: step {step}"]
-    if "reward" in metrics:
-        parts.append(f"reward {metrics['reward']:.3f}")
-    parts.append(f"loss {metrics['loss']:.4f}")
-    for key, label, form in (("kl", "kl", ".4f"), ("lr", "lr", ".2e"), ("tokens_per_s", "tokens/s", ".0f"),
-                             ("rollout_tokens_per_s", "rollout tokens/s", ".0f"), ("weight_sync_s", "sync", ".3f"),
-                             ("eval_loss", "eval_loss", ".4f"), ("eval_reward", "eval_reward", ".3f"),
-                             ("eta_s", "eta", ".0f")):
-        if metrics.get(key) is not None:
-            parts.append(f"{label} {metrics[key]:{form}}" + ("s" if key in ("eta_s", "weight_sync_s") else ""))
-    parts += [f"{key} {value:.4f}" for key, value in metrics.items()
-              if key.startswith("eval/") and not key.endswith("_stderr")]
-    return " ".join(parts)
-
-
 def report_step(metrics: dict, history: list[dict], model, optimizer, step: int, save: bool, is_rank0: bool,
                 strategy: str, method_state: dict[str, Any] | None = None) -> None:
-    """Log the step's progress; on checkpoint steps report to Ray Train with a checkpoint holding
-    the training state, the metrics of every step so far (metrics.jsonl) and their loss curve
-    (loss.png). Only checkpoint steps call `ray.train.report`: each call synchronises with the
+    """On checkpoint steps, report to Ray Train with a checkpoint holding the training state,
+    the metrics of every step so far (metrics.jsonl) and their loss curve (loss.png). Only checkpoint steps call `ray.train.report`: each call synchronises with the
     Train controller (about 2 s on a small machine), far longer than a small model's step."""
     import ray.train
 
-    if is_rank0:
-        print(_progress_line(step, metrics), flush=True)
     if not save:
         return
     weights, optimizer_state = full_state(model, optimizer, strategy)

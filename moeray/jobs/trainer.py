@@ -12,7 +12,7 @@ Contract:
   into optimiser steps and computes their loss; the loop adds the router aux loss, clipping,
   the schedule, bias updates, metrics, evaluation and checkpoints (`jobs.checkpointing`). A
   worker failure continues from the last checkpoint, and the same spec run again resumes.
-  Returns the Ray Train `Result`; `export` turns its checkpoint into the spec's output.
+  Rank 0 hands each step's metrics to the driver, which prints them (`jobs.console`). Returns the Ray Train `Result`; `export` turns its checkpoint into the spec's output.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +28,7 @@ import torch
 
 import moeray.model
 from moeray.jobs.checkpointing import METRICS_FILE, load_latest, report_step
+from moeray.jobs.console import ProgressFeed, StepPrinter, publish, quiet_ray_data
 from moeray.jobs.data import read_jsonl
 from moeray.jobs.eval.tasks import load_items
 from moeray.jobs.losses import router_aux_loss, update_routing_bias
@@ -36,7 +36,7 @@ from moeray.jobs.methods import Method, WorkerContext, method_for
 from moeray.jobs.parallel import load_optimizer_state, parallelize
 from moeray.jobs.spec import JobSpec, parse_spec
 from moeray.model.tokenizer import Tokenizer
-from moeray.storage import check_writable, local_copy, ray_storage
+from moeray.storage import absolute_local, check_writable, local_copy, ray_storage
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,6 @@ def _dataset(spec: JobSpec, uri: str, training: bool, keep: str, held_out_below:
     import ray.data
 
     path, filesystem = ray_storage(uri)
-    ray.data.DataContext.get_current().enable_progress_bars = False  # multi-line bars in a job's log
     # read_text, not read_json: chat rows differ in shape from line to line (tool calls, optional
     # fields), which Arrow's schema inference over a block refuses; the method parses each line.
     lines = ray.data.read_text(path, filesystem=filesystem)
@@ -251,7 +250,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 train_s = time.time() - step_start
                 after = method.after_step(ctx)
                 step += 1
-                report = {"step": step, "loss": float(loss), "lr": optimizer.param_groups[0]["lr"],
+                report = {"step": step, "loss": float(loss.detach()), "lr": optimizer.param_groups[0]["lr"],
                           "tokens_per_s": tokens * context.get_world_size() / max(train_s, 1e-6),
                           "eta_s": (time.time() - run_start) / (step - first_step) * (total_steps - step),
                           **plan.metrics, **metrics, **after}
@@ -262,6 +261,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     model.train()
                 save = step % spec.checkpoint.every_steps == 0 or step == total_steps
                 history.append(report)
+                if is_rank0:
+                    publish(config.get("progress"), step, total_steps, report)
                 if is_rank0 and config.get("metrics_path"):
                     with open(config["metrics_path"], "a") as metrics_file:  # one JSON line per step
                         metrics_file.write(json.dumps(report) + "\n")
@@ -274,9 +275,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 def absolute_paths(spec: JobSpec) -> JobSpec:
     """Local paths made absolute: training workers do not run in the submitter's directory."""
-    def fix(value: str | None) -> str | None:
-        return value if value is None or "://" in value else os.path.abspath(value)
-
+    fix = absolute_local
     return spec.model_copy(update={
         "base_model": fix(spec.base_model), "output": fix(spec.output),
         "data": spec.data.model_copy(update={"train": fix(spec.data.train), "eval": fix(spec.data.eval)}),
@@ -285,8 +284,9 @@ def absolute_paths(spec: JobSpec) -> JobSpec:
                                                        for t in spec.eval.tasks]})})
 
 
-def run(spec: JobSpec, prepared: Prepared | None = None):
-    """Train to completion (or resume); returns the Ray Train `Result`."""
+def run(spec: JobSpec, prepared: Prepared | None = None, verbose: bool = False, printer: StepPrinter | None = None):
+    """Train to completion (or resume); returns the Ray Train `Result`. Each step's progress
+    goes to `printer` (default: stdout); `verbose` keeps Ray Data's own progress output."""
     spec = absolute_paths(spec)
     from pathlib import Path
 
@@ -294,14 +294,16 @@ def run(spec: JobSpec, prepared: Prepared | None = None):
     from ray.train.torch import TorchTrainer
 
     prepared = prepared or prepare(spec)
+    quiet_ray_data(verbose)
     storage, filesystem = ray_storage(spec.checkpoint.storage)
     if filesystem is None:
         (Path(storage) / spec.name).mkdir(parents=True, exist_ok=True)
     datasets = _datasets(spec, prepared)
+    feed = ProgressFeed()
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"spec": spec.model_dump(), "num_train_rows": prepared.num_train_rows,
-                           "has_eval": "eval" in datasets,
+                           "has_eval": "eval" in datasets, "progress": feed.queue,
                            "metrics_path": None if filesystem else str(Path(storage) / spec.name / METRICS_FILE)},
         scaling_config=ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
                                      resources_per_worker=spec.scaling.resources_per_worker),
@@ -312,4 +314,5 @@ def run(spec: JobSpec, prepared: Prepared | None = None):
         # Every worker evaluates the whole held-out set; only training rows are split.
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
-    return trainer.fit()
+    with feed.following(printer or StepPrinter()):
+        return trainer.fit()

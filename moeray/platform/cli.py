@@ -1,6 +1,6 @@
 """The `moeray` command line.
 
-    moeray jobs run SPEC.yaml [--address ADDR]
+    moeray jobs run SPEC.yaml [--address ADDR] [--verbose]
     moeray jobs submit SPEC.yaml [--address URL [--retry-timeout S] | --k8s [--namespace NS] [--image IMAGE]]
     moeray jobs status|stop ID [--address URL | --k8s [--namespace NS]]
     moeray jobs logs ID [--follow] [--address URL | --k8s [--namespace NS]]
@@ -24,6 +24,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 from moeray.platform import kube, ray_jobs
 from moeray.platform.kube import KubeError
@@ -93,7 +94,7 @@ def _serve(opts: argparse.Namespace) -> int:
 
     # Ray's and Serve's own logs (replica output, access lines, the full cause of every error
     # under its request id) stay in the session's log folder unless --verbose asks for them here.
-    quiet = dict(log_to_driver=opts.verbose, logging_level=logging.INFO if opts.verbose else logging.WARNING)
+    quiet = _ray_console(opts.verbose)
     logging.getLogger("ray.serve").setLevel(logging.INFO if opts.verbose else logging.WARNING)
     if opts.address:
         context = ray.init(address=opts.address, **quiet)
@@ -129,6 +130,12 @@ def _serve(opts: argparse.Namespace) -> int:
     finally:
         serve.shutdown()
     return 0
+
+
+def _ray_console(verbose: bool) -> dict[str, Any]:
+    """`ray.init` keywords: Ray's own INFO lines and its workers' output (actors, tasks) reach
+    this console only when verbose; otherwise they stay in the session's log files."""
+    return {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.WARNING}
 
 
 def _eval(opts: argparse.Namespace) -> int:
@@ -171,8 +178,8 @@ def _jobs_run(opts: argparse.Namespace) -> int:
         # A local Ray gets logical CPUs beyond the cores, so that Ray Data's tasks still run
         # beside training workers that reserve every core for their torch threads.
         local = {"include_dashboard": False, "num_cpus": max(os.cpu_count() or 1, 4)}
-        ray.init(address=address, **(local if address == "local" else {}))
-    result = run(spec, prepared)
+        ray.init(address=address, **(local if address == "local" else {}), **_ray_console(opts.verbose))
+    result = run(spec, prepared, verbose=opts.verbose)
     with result.checkpoint.as_directory() as folder:
         out = export(spec, folder)
     print(f"moeray: job {spec.name} finished at step {result.metrics.get('step')}; output in {out}", flush=True)
@@ -279,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     jobs_run = jobs.add_parser("run", help="run a job spec (training or eval) on a local Ray (development)")
     jobs_run.add_argument("spec", help="job spec YAML")
     jobs_run.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    jobs_run.add_argument("--verbose", action="store_true",
+                          help="print Ray's output here too (its workers' logs, Ray Data's progress)")
     jobs_run.set_defaults(run=_jobs_run)
     jobs_submit = jobs.add_parser("submit", help="validate a job spec and submit it to a cluster")
     jobs_submit.add_argument("spec", help="job spec YAML")
