@@ -154,6 +154,13 @@ class ShardedExperts:
     def health(self) -> dict:
         return ray.get(self.router.health.remote())
 
+    def shard_view(self) -> tuple[dict[int, list[int]], dict[int, bool]]:
+        """From this replica's copy of the placement, without asking the Router: layer -> expert ->
+        the shard this replica sends it to (-1: none live), and shard -> live."""
+        placement = self.placement
+        return ({layer: routes.shard.tolist() for layer, routes in self.routes.items()},
+                {shard: shard not in placement.dead for shard in range(placement.num_shards)})
+
 
 class PendingExperts:
     """One micro-batch's routed-expert work in flight; a failure falls back to the retrying path."""

@@ -54,6 +54,8 @@ class _Request:
     prompt_logprobs: list[TokenLogprobs | None] | None = None  # sent with the first output, then dropped
     num_draft_tokens: int = 0  # speculative drafts verified for this request, and how many were accepted
     num_accepted_tokens: int = 0
+    arrived_at: float = field(default_factory=time.perf_counter)
+    queue_time_s: float | None = None  # from arrival to the first step that ran its prompt
 
     @property
     def finished(self) -> bool:
@@ -69,6 +71,11 @@ class EngineStats:
     generation_tokens_total: int
     preemptions_total: int
     speculative: SpeculativeStats | None = None  # with speculative decoding
+    # Prompt tokens the prefix cache served, counted once per request (at its first admission);
+    # with prompt_tokens_total (computed tokens) they make the prefix-cache hit rate.
+    cached_prompt_tokens_total: int = 0
+    grammar_compiles_total: int = 0  # grammars compiled (cache misses), and the seconds they took
+    grammar_compile_seconds_total: float = 0.0
 
 
 def _sequence_generator(seed: int | None, index: int) -> torch.Generator | None:
@@ -107,7 +114,7 @@ class Engine:
         self._grammars: Grammars | None = None  # built on the first structured request
         self._arrivals = itertools.count()
         self._pending_copies: list[tuple[int, int]] = []
-        self._prompt_tokens_total = self._generation_tokens_total = 0
+        self._prompt_tokens_total = self._generation_tokens_total = self._cached_prompt_tokens_total = 0
 
     def _prepare_native(self, model: DeepseekForCausalLM, experts: ExpertBackend | None):
         """The packed native decoder for this engine's decode steps, where the policy allows it."""
@@ -235,10 +242,13 @@ class Engine:
         return bool(self.requests)
 
     def stats(self) -> EngineStats:
+        grammars = self._grammars
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.block_manager.usage(),
                            self._prompt_tokens_total, self._generation_tokens_total,
                            self.scheduler.num_preemptions,
-                           None if self.speculator is None else self.speculator.stats.snapshot())
+                           None if self.speculator is None else self.speculator.stats.snapshot(),
+                           self._cached_prompt_tokens_total,
+                           grammars.compiles_total if grammars else 0, grammars.compile_seconds_total if grammars else 0.0)
 
     def routed_token_counts(self) -> dict[int, list[int]]:
         """MoE layer index -> tokens routed to each of its experts since start."""
@@ -266,7 +276,11 @@ class Engine:
             if chunk.start < chunk.seq.num_prompt_tokens:
                 self._prompt_tokens_total += min(chunk.num_tokens, chunk.seq.num_prompt_tokens - chunk.start)
             if chunk.seq.index == 0 and chunk.start == chunk.seq.num_cached_tokens:  # first chunk of the prompt
-                self.requests[chunk.seq.request_id].num_cached_tokens = chunk.seq.num_cached_tokens
+                request = self.requests[chunk.seq.request_id]
+                request.num_cached_tokens = chunk.seq.num_cached_tokens
+                if request.queue_time_s is None:
+                    request.queue_time_s = started - request.arrived_at
+                    self._cached_prompt_tokens_total += chunk.seq.num_cached_tokens
 
         touched: dict[str, _Request] = {}
         emitted = self._sample(plan.chunks, result.logits, touched)
@@ -381,7 +395,7 @@ class Engine:
         prompt_logprobs, request.prompt_logprobs = request.prompt_logprobs, None
         return RequestOutput(request.request_id, deltas, finished, len(request.prompt_token_ids),
                              request.num_cached_tokens, prompt_logprobs, request.num_draft_tokens,
-                             request.num_accepted_tokens)
+                             request.num_accepted_tokens, request.queue_time_s)
 
     @torch.inference_mode()
     def score_prompt(self, prompt_ids: list[int], top: int, adapter: str | None = None) -> list[TokenLogprobs | None]:

@@ -26,6 +26,7 @@ import concurrent.futures
 import json
 import re
 import threading
+import time
 from collections import OrderedDict
 from typing import Any
 
@@ -161,6 +162,8 @@ class Grammars:
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="moeray-grammar")
         self._cache: OrderedDict[GrammarSpec, Any] = OrderedDict()
         self._lock = threading.Lock()
+        self.compiles_total = 0  # cache misses compiled to the end, and the seconds they took
+        self.compile_seconds_total = 0.0
 
     def compile(self, spec: GrammarSpec):
         """The compiled grammar of `spec` (from the cache when it was compiled before)."""
@@ -182,6 +185,14 @@ class Grammars:
         return compiled
 
     def _compile(self, spec: GrammarSpec):
+        started = time.perf_counter()
+        compiled = self._compile_uncounted(spec)
+        with self._lock:
+            self.compiles_total += 1
+            self.compile_seconds_total += time.perf_counter() - started
+        return compiled
+
+    def _compile_uncounted(self, spec: GrammarSpec):
         compiler = self._compiler
         try:
             if spec.kind == "json_schema":

@@ -40,6 +40,8 @@ class RequestOutput:
     # Speculative decoding, so far for this request: drafts verified, and of those accepted.
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
+    # Seconds from arrival to the first step that ran the request's prompt; None until then.
+    queue_time_s: float | None = None
 
 
 @dataclass

@@ -77,12 +77,13 @@ def _sse(payload: dict[str, Any] | str) -> str:
 
 def build_openai_app(client: ModelClient, settings: ServeSettings, metrics: ServingMetrics | None = None,
                      behind_serve_proxy: bool = False, lifecycle: Lifecycle | None = None) -> FastAPI:
-    """`behind_serve_proxy`: Serve's proxy sets the request id and returns it in the response."""
+    """`behind_serve_proxy`: Serve's proxy sets the request id and returns it in the response, and
+    the request metrics also go to Ray's metrics agent (ray_metrics.py)."""
     app = FastAPI(title="moeray", description="OpenAI-compatible API for DeepSeek-V3-class MoE models")
     lifecycle = lifecycle or Lifecycle()
     app.add_middleware(CountsOpenRequests, lifecycle=lifecycle)
     app.add_middleware(RequestIds, echo=not behind_serve_proxy)
-    metrics = metrics or ServingMetrics()
+    metrics = metrics or ServingMetrics(cluster=behind_serve_proxy)
 
     def refuse_while_draining() -> None:
         if lifecycle.draining:

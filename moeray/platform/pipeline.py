@@ -199,9 +199,11 @@ async def _outputs(merged, fmt: Format, counts: _Counts, metrics: ServingMetrics
     async for prompt_index, part in merged:
         metrics.replicas.update(part.stats)
         counts.per_prompt[prompt_index] = (part.num_cached_tokens, part.num_draft_tokens, part.num_accepted_tokens)
+        timer.on_queue_time(prompt_index, part.queue_time_s)
         for out in part.outputs:
             counts.completion_tokens += len(out.token_ids)
             timer.on_tokens(len(out.token_ids))
+            timer.on_finish_reason(out.finish_reason)
             yield prompt_index * fmt.n + out.index, out
 
 

@@ -26,6 +26,7 @@ from ray.serve.handle import DeploymentHandle
 from moeray.platform.errors import ReplicaStartupError
 from moeray.platform.drain import watch_drain
 from moeray.platform.openai_api import LocalClient, build_openai_app
+from moeray.platform.ray_metrics import ReplicaExporter
 from moeray.platform.service import GenerateChunk, GenerateRequest, ReplicaService
 from moeray.platform.settings import ServeSettings
 
@@ -77,11 +78,11 @@ def load_replica_service(settings: ServeSettings) -> ReplicaService:
         # Runs on the engine thread, so loading and stepping share one OpenMP team (see AsyncEngine).
         return build_engine(folder, engine_config, experts, chat_template=settings.chat_template, adapters=adapters)
 
-    return ReplicaService(build, reasoning_parser=settings.reasoning_parser)
+    return ReplicaService(build, reasoning_parser=settings.reasoning_parser, experts=experts)
 
 
 class _HostsEngine:
-    """What every deployment that holds an engine shares: building it, health, shutdown."""
+    """What every deployment that holds an engine shares: building it, its metrics, health, shutdown."""
 
     def __init__(self, settings: ServeSettings):
         log_into_serve()
@@ -90,12 +91,16 @@ class _HostsEngine:
             self.service = load_replica_service(self.settings)
         except PERMANENT_STARTUP_ERRORS as err:
             raise ReplicaStartupError(str(err).splitlines()[0] if str(err) else type(err).__name__) from err
+        self.exporter = ReplicaExporter(lambda: self.service.stats().as_dict())
 
     def check_health(self) -> None:
         if not self.service.async_engine.is_running:
             raise RuntimeError("engine thread is not running")
 
     def __del__(self):
+        exporter = getattr(self, "exporter", None)
+        if exporter is not None:
+            exporter.stop()
         service = getattr(self, "service", None)
         if service is not None:
             service.shutdown()

@@ -83,6 +83,7 @@ class GenerateChunk:
     replica_id: str = ""  # which replica answers (logs, and tests of draining and failover)
     num_draft_tokens: int = 0  # speculative decoding so far: drafts verified, and of those accepted
     num_accepted_tokens: int = 0
+    queue_time_s: float | None = None  # arrival to the first step that ran the prompt, once known
 
 
 @dataclass
@@ -98,6 +99,13 @@ class ReplicaStats:
     spec_draft_tokens: int = 0
     spec_accepted_tokens: int = 0
     spec_verify_steps: int = 0
+    cached_prompt_tokens_total: int = 0
+    preemptions_total: int = 0
+    grammar_compiles_total: int = 0
+    grammar_compile_seconds_total: float = 0.0
+    # With expert shards: layer -> expert -> the shard serving it, and shard -> answering.
+    expert_shards: dict[int, list[int]] = field(default_factory=dict)
+    shard_health: dict[int, bool] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return self.__dict__.copy()
@@ -139,13 +147,14 @@ class _ChoiceParsers:
 
 class ReplicaService:
     def __init__(self, engine: Engine | Callable[[], Engine], replica_id: str | None = None,
-                 reasoning_parser: str | None = None):
+                 reasoning_parser: str | None = None, experts: Any = None):
         # A build function runs on the engine thread (see AsyncEngine: one OpenMP team per process).
         self.async_engine = AsyncEngine(engine)
         self.engine = self.async_engine.engine
         self.tokenizer: Tokenizer = self.engine.tokenizer
         self.replica_id = replica_id or f"pid-{os.getpid()}"
         self.reasoning_parser = reasoning_parser  # "deepseek_r1" or None
+        self.experts = experts  # the engine's ShardedExperts, for the stats of its shards; None: local experts
 
     def _prompt(self, request: GenerateRequest) -> tuple[str | list[int], bool]:
         """(prompt ids or text, whether the prompt leaves a reasoning block open)."""
@@ -184,7 +193,7 @@ class ReplicaService:
                 parsers[o.index].output(o.index, o.text, o.token_ids, self._logprobs(o.logprobs), o.finish_reason)
                 for o in output.outputs], output.num_prompt_tokens, output.num_cached_tokens, output.finished,
                 replica_id=self.replica_id, num_draft_tokens=output.num_draft_tokens,
-                num_accepted_tokens=output.num_accepted_tokens)
+                num_accepted_tokens=output.num_accepted_tokens, queue_time_s=output.queue_time_s)
             if echo:  # the first output: every choice starts with the prompt
                 chunk.outputs[:0] = self._echo(prompt, output.prompt_logprobs, request.params.n)
                 echo = False
@@ -233,9 +242,12 @@ class ReplicaService:
     def stats(self) -> ReplicaStats:
         stats = self.engine.stats()
         spec = stats.speculative
+        expert_shards, shard_health = self.experts.shard_view() if self.experts is not None else ({}, {})
         return ReplicaStats(self.replica_id, stats.num_running, stats.num_waiting, stats.cache.usage,
                             stats.prompt_tokens_total, stats.generation_tokens_total, self.engine.routed_token_counts(),
-                            *((spec.draft_tokens, spec.accepted_tokens, spec.verify_steps) if spec else ()))
+                            *((spec.draft_tokens, spec.accepted_tokens, spec.verify_steps) if spec else (0, 0, 0)),
+                            stats.cached_prompt_tokens_total, stats.preemptions_total, stats.grammar_compiles_total,
+                            stats.grammar_compile_seconds_total, expert_shards, shard_health)
 
     def shutdown(self) -> None:
         self.async_engine.shutdown()

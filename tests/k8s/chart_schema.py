@@ -256,6 +256,11 @@ def build_values_schema() -> dict[str, Any]:
             "interval": string("Scrape interval.", pattern="^[0-9]+(ms|s|m|h)$"),
             "labels": string_map("Labels the Prometheus selects ServiceMonitors by."),
         }),
+        "grafanaDashboard": obj("The Grafana dashboard ConfigMap (dashboards/moeray-serving.json).", {
+            "enabled": boolean("Render the ConfigMap."),
+            "labels": string_map("Labels Grafana's dashboard sidecar selects ConfigMaps by."),
+            "annotations": string_map("Annotations of the ConfigMap (e.g. the sidecar's folder)."),
+        }),
         "fineTuning": fine_tuning_schema(),
     }
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "moeray chart values",

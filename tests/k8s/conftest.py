@@ -143,4 +143,6 @@ def validate_service_monitor(manifest: dict[str, Any]) -> None:
     assert manifest["apiVersion"] == "monitoring.coreos.com/v1"
     assert manifest["spec"]["selector"]["matchLabels"]
     for endpoint in manifest["spec"]["endpoints"]:
-        assert set(endpoint) <= {"port", "interval", "path", "scheme"}, endpoint
+        assert set(endpoint) <= {"port", "interval", "path", "scheme", "metricRelabelings"}, endpoint
+        for relabel in endpoint.get("metricRelabelings", []):
+            assert set(relabel) <= {"sourceLabels", "separator", "regex", "targetLabel", "replacement", "action"}
