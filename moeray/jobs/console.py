@@ -4,9 +4,10 @@ own output kept out of it unless asked for.
 Contract:
 - `ProgressFeed()` is made on the driver around `trainer.fit()`. Its `queue` (a Ray queue,
   an actor that takes no CPU) travels to the workers in the train loop's config; rank 0 calls
-  `publish(queue, step, total, metrics)` after each step. `with feed.following(printer):`
-  drains it on a driver thread into `printer.show(step, total, metrics)` and, on exit, takes
-  what is left and removes the queue.
+  `publish(queue, step, total, metrics)` after each step. `with feed.following(*sinks):`
+  drains it on a driver thread into each sink's `show(step, total, metrics)` (the printer
+  below, experiment tracking) and, on exit, takes what is left, closes the sinks and removes
+  the queue.
 - `StepPrinter(stream)` shows each step: a tqdm bar when `stream` is a terminal, and
   otherwise a plain line, `moeray: step 3/20 loss 1.2345 lr 3.00e-03 tokens/s 612 eta 27s`
   (plus reward, kl, held-out metrics and task scores where a step has them).
@@ -102,25 +103,28 @@ class ProgressFeed:
         self.queue = Queue(actor_options={"num_cpus": 0})
 
     @contextmanager
-    def following(self, printer: StepPrinter) -> Iterator[None]:
+    def following(self, *sinks) -> Iterator[None]:
         finished = threading.Event()
-        drain = threading.Thread(target=self._drain, args=(printer, finished), name="moeray-progress", daemon=True)
+        drain = threading.Thread(target=self._drain, args=(sinks, finished), name="moeray-progress", daemon=True)
         drain.start()
         try:
             yield
         finally:
             finished.set()
             drain.join()
-            printer.close()
+            for sink in sinks:
+                sink.close()
             self.queue.shutdown()
 
-    def _drain(self, printer: StepPrinter, finished: threading.Event) -> None:
+    def _drain(self, sinks, finished: threading.Event) -> None:
         from ray.exceptions import RayError
         from ray.util.queue import Empty
 
         while True:
             try:
-                printer.show(*self.queue.get(timeout=self.POLL_S))
+                step = self.queue.get(timeout=self.POLL_S)
+                for sink in sinks:
+                    sink.show(*step)
             except Empty:
                 if finished.is_set():
                     return

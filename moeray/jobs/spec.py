@@ -150,6 +150,31 @@ class EvalSpec(_Strict):
                                   "eval/<task>/<metric> beside the loss.")
 
 
+class MlflowSpec(_Strict):
+    """An MLflow tracking server."""
+
+    tracking_uri: str | None = Field(None, description="The server, e.g. http://mlflow:5000; empty: "
+                                     "MLFLOW_TRACKING_URI.")
+    experiment: str = Field("moeray", min_length=1, description="Experiment the run goes into (created if new).")
+    run_name: str | None = Field(None, description="The run's name; empty: the job's name.")
+    log_model: bool = Field(True, description="Upload the exported model folder as the run's artefact "
+                            "(an s3:// output is recorded as a tag instead).")
+
+
+class TensorBoardSpec(_Strict):
+    """TensorBoard event files."""
+
+    log_dir: str = Field(min_length=1, description="Folder the event files go to (a run folder per job name).")
+
+
+class TrackingSpec(_Strict):
+    """Experiment tracking, from the job's driver: the config at the start, each step's metrics
+    (the numbers of the progress line, held-out metrics and task scores), the final artefact."""
+
+    mlflow: MlflowSpec | None = Field(None, description="Log to MLflow.")
+    tensorboard: TensorBoardSpec | None = Field(None, description="Write TensorBoard event files.")
+
+
 class JobSpec(_Strict):
     """What every training job has: base model, data, hyperparameters, scaling and outputs. A
     method's spec (see `moeray.jobs.methods`) adds `method` and its own options section."""
@@ -173,6 +198,8 @@ class JobSpec(_Strict):
     scaling: ScalingSpec = Field(default_factory=ScalingSpec, description="Ray Train workers and resources.")
     checkpoint: CheckpointSpec = Field(description="Training checkpoints.")
     eval: EvalSpec = Field(default_factory=EvalSpec, description="Periodic evaluation.")
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec, description="Experiment tracking (MLflow, "
+                                   "TensorBoard); empty: metrics.jsonl beside the checkpoints only.")
 
     @field_validator("lora")
     @classmethod

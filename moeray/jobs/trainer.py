@@ -284,9 +284,10 @@ def absolute_paths(spec: JobSpec) -> JobSpec:
                                                        for t in spec.eval.tasks]})})
 
 
-def run(spec: JobSpec, prepared: Prepared | None = None, verbose: bool = False, printer: StepPrinter | None = None):
+def run(spec: JobSpec, prepared: Prepared | None = None, verbose: bool = False, sinks: list | None = None):
     """Train to completion (or resume); returns the Ray Train `Result`. Each step's progress
-    goes to `printer` (default: stdout); `verbose` keeps Ray Data's own progress output."""
+    goes to `sinks` (default: a `StepPrinter` on stdout; also experiment tracking, see
+    `jobs.tracking`); `verbose` keeps Ray Data's own progress output."""
     spec = absolute_paths(spec)
     from pathlib import Path
 
@@ -314,5 +315,5 @@ def run(spec: JobSpec, prepared: Prepared | None = None, verbose: bool = False, 
         # Every worker evaluates the whole held-out set; only training rows are split.
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
-    with feed.following(printer or StepPrinter()):
+    with feed.following(*(sinks if sinks is not None else [StepPrinter()])):
         return trainer.fit()

@@ -29,6 +29,7 @@ from typing import Any
 from moeray.platform import kube, ray_jobs
 from moeray.platform.kube import KubeError
 from moeray.platform.preflight import check_serving
+from moeray.jobs.tracking import TrackingError
 from moeray.platform.ray_jobs import JobsApiError
 from moeray.platform.settings import ServeSettings, SettingsError
 from moeray.storage import StorageError
@@ -168,7 +169,9 @@ def _jobs_run(opts: argparse.Namespace) -> int:
         return 0
     import ray
 
+    from moeray.jobs.console import StepPrinter
     from moeray.jobs.export import export
+    from moeray.jobs.tracking import JobTracking
     from moeray.jobs.trainer import prepare, run
 
     prepared = prepare(spec)  # every data, model and storage error surfaces here, before any worker starts
@@ -179,9 +182,15 @@ def _jobs_run(opts: argparse.Namespace) -> int:
         # beside training workers that reserve every core for their torch threads.
         local = {"include_dashboard": False, "num_cpus": max(os.cpu_count() or 1, 4)}
         ray.init(address=address, **(local if address == "local" else {}), **_ray_console(opts.verbose))
-    result = run(spec, prepared, verbose=opts.verbose)
-    with result.checkpoint.as_directory() as folder:
-        out = export(spec, folder)
+    tracking = JobTracking.start(spec)  # an unreachable tracker fails here, before training
+    try:
+        result = run(spec, prepared, verbose=opts.verbose, sinks=[StepPrinter(), tracking])
+        with result.checkpoint.as_directory() as folder:
+            out = export(spec, folder)
+    except BaseException:
+        tracking.fail()
+        raise
+    tracking.finish(out)
     print(f"moeray: job {spec.name} finished at step {result.metrics.get('step')}; output in {out}", flush=True)
     return 0
 
@@ -314,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     except (SettingsError, FileNotFoundError, ValueError) as err:
         print(f"moeray: {err}", file=sys.stderr)
         return 2
-    except (JobsApiError, KubeError, StorageError) as err:  # the cluster or the storage said no
+    except (JobsApiError, KubeError, StorageError, TrackingError) as err:  # a cluster, storage or tracker said no
         print(f"moeray: {err}", file=sys.stderr)
         return 1
 
