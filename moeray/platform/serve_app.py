@@ -200,6 +200,9 @@ def build_app(args: dict[str, Any]) -> serve.Application:
                          health_check_period_s=HEALTH_CHECK_PERIOD_S)
     if settings.ingress == "colocated":
         return OpenAIModelDeployment.options(**model_options).bind(settings)
+    router = settings.routing.to_serve()  # the ingress's handle calls carry the prompt the router reads
+    if router is not None:
+        model_options["request_router_config"] = router
     model = ModelDeployment.options(**model_options).bind(settings)
     # The ingress drains as long as the model replicas: its open streams are theirs.
     return OpenAIIngress.options(name="openai", ray_actor_options={"num_cpus": 0.1},

@@ -78,6 +78,26 @@ class EngineSettings(_Strict):
         return EngineConfig(**self.model_dump())
 
 
+class RoutingSettings(_Strict):
+    """How the OpenAI ingress picks a model replica for each request (with `ingress: separate`)."""
+
+    policy: Literal["power_of_two", "prefix_cache"] = Field(
+        "power_of_two", description="power_of_two: Serve's default (the shorter queue of two random replicas); "
+        "prefix_cache: the replica that served the longest prefix of this prompt (Ray Serve's "
+        "PrefixCacheAffinityRouter, see moeray/platform/routing.py), so multi-turn chats and shared system prompts hit its prefix cache.")
+    imbalanced_threshold: int = Field(4, ge=1, description="prefix_cache: when the replicas' queues differ by "
+                                      "this many requests or more, load wins and power-of-two picks.")
+
+    def to_serve(self):
+        """Serve's RequestRouterConfig, or None for Serve's default router."""
+        if self.policy == "power_of_two":
+            return None
+        from ray.serve.config import RequestRouterConfig
+
+        return RequestRouterConfig(request_router_class="moeray.platform.routing.PromptPrefixRouter",
+                                   request_router_kwargs={"imbalanced_threshold": self.imbalanced_threshold})
+
+
 class AutoscalingSettings(_Strict):
     """Ray Serve autoscaling of the model deployment."""
 
@@ -148,12 +168,21 @@ class ServeSettings(_Strict):
                                                             "outputs and tool calls then start after it.")
     chat_template: str | None = Field(None, description="A Jinja chat template file that replaces the "
                                       "checkpoint's (for all requests).")
+    routing: RoutingSettings = Field(default_factory=RoutingSettings, description="Request routing across "
+                                     "model replicas.")
     app_name: str = Field("moeray", description="Ray Serve application name.")
     ingress: Literal["separate", "colocated"] = Field("separate", description="separate: an OpenAI ingress "
                                                       "deployment in front of the autoscaled model deployment; "
                                                       "colocated: the OpenAI app runs inside each model replica "
                                                       "(one Ray hop less per token; /metrics then shows the "
                                                       "replica that answers).")
+
+    @model_validator(mode="after")
+    def _routing_needs_the_ingress(self) -> ServeSettings:
+        if self.routing.policy != "power_of_two" and self.ingress == "colocated":
+            raise ValueError("routing.policy: prefix_cache routes the ingress's calls to the model replicas; "
+                             "with ingress: colocated Serve's proxy picks the replica, so use ingress: separate")
+        return self
 
     @model_validator(mode="after")
     def _adapter_names_are_distinct(self) -> ServeSettings:
