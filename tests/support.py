@@ -174,7 +174,7 @@ def write_random_adapter(model_folder: Path, out: Path, seed: int = 0, rank: int
     so it changes the output; kv_b_proj is among its targets). Returns the in-memory base model
     with the adapter applied, unmerged: the reference the served adapter must equal."""
     import moeray.model
-    from moeray.jobs.lora import apply_lora, lora_modules, save_adapter
+    from moeray.model.lora import apply_lora, lora_modules, save_adapter
 
     model = moeray.model.load(model_folder)
     apply_lora(model, LORA_TARGETS, rank=rank, alpha=2 * rank, seed=seed)

@@ -18,7 +18,7 @@ import torch
 
 import moeray.model
 from moeray.jobs.checkpointing import STATE_FILE
-from moeray.jobs.lora import apply_lora, merge_lora, save_adapter
+from moeray.model.lora import apply_lora, merge_lora, save_adapter
 from moeray.jobs.spec import JobSpec
 from moeray.model import save_checkpoint
 from moeray.storage import is_remote, local_copy, upload_dir

@@ -32,7 +32,7 @@ from moeray.engine.config import EngineConfig
 from moeray.engine.engine import Engine
 from moeray.engine.llm import Completion, GenerationResult
 from moeray.engine.params import SamplingParams
-from moeray.jobs.lora import LoraLinear, merge_lora
+from moeray.model.lora import LoraLinear, merge_lora
 from moeray.model.tokenizer import Tokenizer
 
 

@@ -65,7 +65,7 @@ def _model_message(name: str, err: BaseException) -> str:
 
 
 def _check_adapters(settings: ServeSettings) -> None:
-    from moeray.jobs.lora import read_adapter_config
+    from moeray.model.lora import read_adapter_config
     from moeray.storage import StorageError, local_copy
 
     for adapter, uri in settings.lora_adapters.items():

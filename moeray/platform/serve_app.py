@@ -52,7 +52,7 @@ def log_into_serve() -> None:
 def load_replica_service(settings: ServeSettings) -> ReplicaService:
     from moeray.engine import Engine
     from moeray.engine.build import build_engine
-    from moeray.jobs.lora import merged_variant
+    from moeray.model.lora import merged_variant
     from moeray.platform.default_model import resolve_model
     from moeray.storage import local_copy
 

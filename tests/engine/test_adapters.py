@@ -8,7 +8,7 @@ import torch
 import moeray.model
 from moeray import SamplingParams
 from moeray.engine import Engine, EngineConfig, InvalidRequestError
-from moeray.jobs.lora import AdapterError, merged_variant
+from moeray.model.lora import AdapterError, merged_variant
 from moeray.model.tokenizer import Tokenizer
 from support import moeray_greedy, write_random_adapter
 

@@ -165,7 +165,7 @@ def test_a_grammar_constrained_greedy_output_is_the_same_with_drafts(mtp_folder,
 
 @pytest.mark.parametrize("method", ["mtp", "ngram"])
 def test_lora_adapter_requests_batch_with_base_requests_under_speculation(mtp_folder, tmp_path, method):
-    from moeray.jobs.lora import merged_variant
+    from moeray.model.lora import merged_variant
 
     write_random_adapter(mtp_folder, tmp_path, seed=4)
     tokenizer = Tokenizer.from_pretrained(mtp_folder)

@@ -117,7 +117,7 @@ def test_greedy_constrained_output_is_the_same_whatever_the_cache_does(hf_folder
 def test_a_lora_adapter_request_is_constrained_too(hf_folder, tmp_path):
     import moeray.model
     from moeray.engine import Engine, EngineConfig
-    from moeray.jobs.lora import merged_variant
+    from moeray.model.lora import merged_variant
     from moeray.model.tokenizer import Tokenizer
     from support import write_random_adapter
 

@@ -10,7 +10,7 @@ import torch
 
 import moeray.model
 from moeray.jobs.data import DataError, flatten
-from moeray.jobs.lora import apply_lora
+from moeray.model.lora import apply_lora
 from moeray.jobs.methods import WorkerContext, method_for
 from moeray.jobs.methods.grpo import completion_logprobs
 from moeray.jobs.rollouts import RolloutEngine

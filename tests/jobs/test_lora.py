@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import moeray.model
-from moeray.jobs.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterError, LoraLinear, apply_lora,
+from moeray.model.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterError, LoraLinear, apply_lora,
                               load_adapter, lora_state_dict, merge_lora, save_adapter)
 from moeray.model import ModelArgs
 from moeray.model.checkpoint import save_checkpoint

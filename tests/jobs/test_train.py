@@ -88,7 +88,7 @@ def test_dpo_starts_at_ln2_and_learns_preferences(ray_session, tmp_path, base):
     assert result.metrics["rewards/accuracy"] >= 0.75
     # The exported PEFT adapter, served beside its base model, answers as the trained model does.
     from moeray.engine import Engine, EngineConfig
-    from moeray.jobs.lora import merged_variant
+    from moeray.model.lora import merged_variant
     from moeray.model.tokenizer import Tokenizer
 
     with result.checkpoint.as_directory() as folder:
