@@ -9,7 +9,7 @@ before it. Rounds alternate between the apps, each with conversations of its own
 so no round reuses another's cache). Reports the prefix-cache hit rate (cached prompt tokens /
 prompt tokens, from each response's usage) and TTFT p50 over turns 2..T, medians over rounds.
 
-    cd bench && ../.venv/bin/python prefix_routing.py [--rounds 3] [--conversations 8] [--turns 4]
+    cd bench && ../.venv/bin/python prefix_routing.py [--rounds 3] [--conversations 8] [--turns 6] [--cache-blocks 256]
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import random
 import statistics
 import time
@@ -72,9 +73,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--conversations", type=int, default=8)
-    parser.add_argument("--turns", type=int, default=4)
+    parser.add_argument("--turns", type=int, default=6)
     parser.add_argument("--port", type=int, default=8123)
+    parser.add_argument("--cache-blocks", type=int, default=256,
+                        help="latent-cache blocks per replica (16 tokens each): room for about half the chats, so "
+                             "a replica that sees every chat evicts")
     opts = parser.parse_args()
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
 
     import ray
     from ray import serve
@@ -86,7 +91,7 @@ def main() -> None:
     serve.start(http_options={"host": "127.0.0.1", "port": opts.port})
     base = {"model": str(folder), "served_model_name": "small", "replica_cpus": 0.5,
             "autoscaling": {"min_replicas": 2, "max_replicas": 2},
-            "engine": {"max_model_len": 2048, "enable_prefix_caching": True, "num_cache_blocks": 1024}}
+            "engine": {"max_model_len": 2048, "enable_prefix_caching": True, "num_cache_blocks": opts.cache_blocks}}
     policies = ("power_of_two", "prefix_cache")
     for policy in policies:
         serve.run(build_app({**base, "routing": {"policy": policy}}), name=policy, route_prefix=f"/{policy}")
