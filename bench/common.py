@@ -61,6 +61,15 @@ def timed(fn):
     return result, time.perf_counter() - start
 
 
+async def sse_chunks(http, url: str, body: dict):
+    """The JSON chunks of one streamed OpenAI response (POST `body` to `url`), up to [DONE]."""
+    async with http.stream("POST", url, json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                yield json.loads(line[6:])
+
+
 def report(name: str, results: dict, rows: list[tuple[str, str, str, str]]) -> None:
     """Print the JSON record and a readable table (metric, moeray, reference, ratio)."""
     print(json.dumps({"benchmark": name, **results}, indent=2))

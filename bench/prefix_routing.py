@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import random
 import statistics
@@ -24,7 +23,7 @@ import time
 
 import httpx
 
-from common import report, small_checkpoint
+from common import report, small_checkpoint, sse_chunks
 
 WORDS = ("model replica cache prefix token stream expert shard router batch latency throughput decode "
          "prefill request answer question python function return value list dict graph").split()
@@ -43,17 +42,12 @@ async def conversation(http: httpx.AsyncClient, url: str, seed: int, turns: int)
         body = {"model": "small", "prompt": history, "max_tokens": 16, "temperature": 0, "stream": True,
                 "stream_options": {"include_usage": True}, "ignore_eos": True}
         start, first, text, usage = time.perf_counter(), None, "", None
-        async with http.stream("POST", f"{url}/v1/completions", json=body, timeout=600) as response:
-            response.raise_for_status()
-            async for line in response.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if chunk.get("choices"):
-                    first = first or time.perf_counter()
-                    text += chunk["choices"][0]["text"]
-                if chunk.get("usage"):
-                    usage = chunk["usage"]
+        async for chunk in sse_chunks(http, f"{url}/v1/completions", body):
+            if chunk.get("choices"):
+                first = first or time.perf_counter()
+                text += chunk["choices"][0]["text"]
+            if chunk.get("usage"):
+                usage = chunk["usage"]
         cached = ((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0) if usage else 0
         results.append({"turn": turn, "ttft_s": first - start, "prompt_tokens": usage["prompt_tokens"],
                         "cached_tokens": cached})
@@ -62,7 +56,7 @@ async def conversation(http: httpx.AsyncClient, url: str, seed: int, turns: int)
 
 
 async def run_round(url: str, seeds: list[int], turns: int) -> dict:
-    async with httpx.AsyncClient() as http:
+    async with httpx.AsyncClient(timeout=600) as http:
         per_conversation = await asyncio.gather(*(conversation(http, url, seed, turns) for seed in seeds))
     later = [r for results in per_conversation for r in results if r["turn"] > 0]  # turn 1 has nothing to reuse
     return {"hit_rate": sum(r["cached_tokens"] for r in later) / sum(r["prompt_tokens"] for r in later),

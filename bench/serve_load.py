@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
 import statistics
@@ -20,7 +19,7 @@ import time
 
 import httpx
 
-from common import report, small_checkpoint, timed
+from common import report, small_checkpoint, sse_chunks, timed
 
 
 def workload(n: int, seed: int = 1) -> list[tuple[list[int], int]]:
@@ -36,18 +35,13 @@ async def one_client(http: httpx.AsyncClient, url: str, prompt: list[int], max_t
     start = time.perf_counter()
     first = last = None
     tokens = 0
-    async with http.stream("POST", url, json=body) as response:
-        response.raise_for_status()
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-            if chunk["choices"] and (chunk["choices"][0]["logprobs"] or {}).get("tokens"):
-                now = time.perf_counter()
-                first = first or now
-                last = now
+    async for chunk in sse_chunks(http, url, body):
+        if chunk.get("usage"):
+            tokens = chunk["usage"]["completion_tokens"]
+        if chunk["choices"] and (chunk["choices"][0]["logprobs"] or {}).get("tokens"):
+            now = time.perf_counter()
+            first = first or now
+            last = now
     assert tokens == max_tokens, (tokens, max_tokens)
     return {"ttft": first - start, "tpot": (last - first) / max(tokens - 1, 1), "tokens": tokens}
 

@@ -248,6 +248,19 @@ def deploy(settings: dict, route_prefix: str, port: int, name: str) -> str:
     return base
 
 
+def wait_for(condition, timeout_s: float, what: str) -> None:
+    """Poll `condition()` every 0.1 s until it holds; fail the test naming `what` after `timeout_s`."""
+    import time
+
+    import pytest
+
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
 def wait_healthy(base: str, timeout_s: float, still_starting=lambda: True) -> bool:
     """Poll GET {base}/health until it answers 200 (True), `timeout_s` passes or
     `still_starting()` turns false (False)."""

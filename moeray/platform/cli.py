@@ -26,10 +26,10 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from moeray.jobs.tracking import TrackingError
 from moeray.platform import kube, ray_jobs
 from moeray.platform.kube import KubeError
 from moeray.platform.preflight import check_serving
-from moeray.jobs.tracking import TrackingError
 from moeray.platform.ray_jobs import JobsApiError
 from moeray.platform.settings import ServeSettings, SettingsError
 from moeray.storage import StorageError

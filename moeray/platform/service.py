@@ -243,11 +243,15 @@ class ReplicaService:
         stats = self.engine.stats()
         spec = stats.speculative
         expert_shards, shard_health = self.experts.shard_view() if self.experts is not None else ({}, {})
-        return ReplicaStats(self.replica_id, stats.num_running, stats.num_waiting, stats.cache.usage,
-                            stats.prompt_tokens_total, stats.generation_tokens_total, self.engine.routed_token_counts(),
-                            *((spec.draft_tokens, spec.accepted_tokens, spec.verify_steps) if spec else (0, 0, 0)),
-                            stats.cached_prompt_tokens_total, stats.preemptions_total, stats.grammar_compiles_total,
-                            stats.grammar_compile_seconds_total, expert_shards, shard_health)
+        return ReplicaStats(
+            self.replica_id, stats.num_running, stats.num_waiting, stats.cache.usage, stats.prompt_tokens_total,
+            stats.generation_tokens_total, self.engine.routed_token_counts(),
+            spec_draft_tokens=spec.draft_tokens if spec else 0, spec_accepted_tokens=spec.accepted_tokens if spec else 0,
+            spec_verify_steps=spec.verify_steps if spec else 0,
+            cached_prompt_tokens_total=stats.cached_prompt_tokens_total, preemptions_total=stats.preemptions_total,
+            grammar_compiles_total=stats.grammar_compiles_total,
+            grammar_compile_seconds_total=stats.grammar_compile_seconds_total,
+            expert_shards=expert_shards, shard_health=shard_health)
 
     def shutdown(self) -> None:
         self.async_engine.shutdown()

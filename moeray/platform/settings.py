@@ -84,7 +84,8 @@ class RoutingSettings(_Strict):
     policy: Literal["power_of_two", "prefix_cache"] = Field(
         "power_of_two", description="power_of_two: Serve's default (the shorter queue of two random replicas); "
         "prefix_cache: the replica that served the longest prefix of this prompt (Ray Serve's "
-        "PrefixCacheAffinityRouter, see moeray/platform/routing.py), so multi-turn chats and shared system prompts hit its prefix cache.")
+        "PrefixCacheAffinityRouter, see moeray/platform/routing.py), so multi-turn chats and shared system "
+        "prompts hit its prefix cache.")
     imbalanced_threshold: int = Field(4, ge=1, description="prefix_cache: when the replicas' queues differ by "
                                       "this many requests or more, load wins and power-of-two picks.")
 

@@ -11,10 +11,9 @@ seconds."""
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
-from support import deploy, write_hf_model_folder
+from support import deploy, wait_for, write_hf_model_folder
 
 from moeray.engine import SamplingParams
 from moeray.platform.service import GenerateRequest
@@ -71,14 +70,6 @@ def replica_states(app: str) -> dict[str, int]:
 
 def running_replicas(app: str) -> int:
     return replica_states(app).get("RUNNING", 0)
-
-
-def wait_for(condition, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def test_a_downscale_during_streaming_finishes_the_streams_of_the_stopped_replica(serve_port, slow_model):
