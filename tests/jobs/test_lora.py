@@ -234,9 +234,8 @@ def test_peft_reads_the_adapter(tmp_path):
     assert not torch.allclose(logits(base_model()), theirs, atol=1e-3)  # the adapter really applied
 
 
-@pytest.mark.xfail(strict=True, reason="PEFT (on transformers >= 5) maps gate_proj/up_proj/down_proj targets of a "
-                   "DeepSeek model onto the fused routed-expert parameters only, so adapters on the dense MLP and "
-                   "the shared experts are dropped; moeray adapts exactly those (not the routed experts)")
 def test_peft_reads_an_adapter_on_mlp_projections(tmp_path):
+    """Adapters on the dense MLP and the shared experts (moeray does not adapt routed experts) load in
+    PEFT >= 0.22; earlier releases mapped these names onto the fused routed-expert parameters only."""
     ours, theirs = _peft_logits(tmp_path, ["gate_proj", "up_proj", "down_proj"], dropout=0.0)
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
