@@ -73,6 +73,24 @@ def check_writable(uri: str) -> None:
         raise StorageError(f"storage {uri} is not reachable: {err}") from None
 
 
+def file_exists(uri: str) -> bool:
+    """Whether the file `uri` (a path or an s3:// object) exists; an unreachable store raises StorageError."""
+    if not is_remote(uri):
+        return Path(uri).is_file()
+    from botocore.exceptions import ClientError
+
+    bucket, key = split_s3(uri)
+    try:
+        _client(quick=True).head_object(Bucket=bucket, Key=key)
+    except ClientError as err:
+        if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            return False
+        raise StorageError(f"cannot read {uri}: {err}") from None
+    except Exception as err:  # noqa: BLE001 - botocore raises many kinds; all mean unreachable
+        raise StorageError(f"storage for {uri} is not reachable: {err}") from None
+    return True
+
+
 def upload_dir(local: str | Path, uri: str) -> None:
     bucket, prefix = split_s3(uri)
     client = _client()
@@ -116,12 +134,13 @@ def ray_storage(uri: str):
     return f"{bucket}/{prefix}".rstrip("/"), filesystem
 
 
-def local_copy(uri: str, skip_suffixes: tuple[str, ...] = ()) -> Path:
+def local_copy(uri: str, skip_suffixes: tuple[str, ...] = (), revision: str = "") -> Path:
     """A local folder with the contents of `uri` (downloaded once per URI into the cache; a
     Hugging Face model id comes from huggingface_hub's own cache, see hub.py).
 
     `skip_suffixes` leaves matching files out (for example the weights of a model whose tensors
-    are read remotely, when only its tokenizer is needed here).
+    are read remotely, when only its tokenizer is needed here). A new `revision` downloads
+    `uri` again (an adapter stored again under the same URI and loaded again).
     """
     from moeray.hub import hub_snapshot, is_hub_id
 
@@ -132,7 +151,8 @@ def local_copy(uri: str, skip_suffixes: tuple[str, ...] = ()) -> Path:
     import hashlib
 
     cache = Path(os.environ.get("MOERAY_CACHE_DIR", Path.home() / ".cache" / "moeray")) / "downloads"
-    target = cache / hashlib.sha256(repr((uri, skip_suffixes)).encode()).hexdigest()[:16]
+    identity = (uri, skip_suffixes, revision) if revision else (uri, skip_suffixes)
+    target = cache / hashlib.sha256(repr(identity).encode()).hexdigest()[:16]
     if not (target / ".complete").exists():
         download_dir(uri, target, skip_suffixes)
         (target / ".complete").touch()

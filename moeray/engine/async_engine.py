@@ -7,7 +7,8 @@ Contract:
 - Leaving the iteration early (a client that disconnects) or calling `abort(request_id)`
   removes the request before the next step and frees its cache blocks.
 - One daemon thread owns the `Engine`; callers only enqueue commands, so no lock is held across
-  a model step. An exception in a step fails the requests of that step's batch, not the server.
+  a model step. `call(fn)` runs `fn(engine)` there between steps (adding or removing adapters).
+  An exception in a step fails the requests of that step's batch, not the server.
 - Given a function instead of an `Engine`, the engine thread builds it (the constructor waits
   and re-raises a build error). Do that when the process has no other torch work: OpenMP
   (libgomp) keeps one thread team per thread that ever ran a parallel region, and once two
@@ -93,6 +94,16 @@ class AsyncEngine:
             if not finished:
                 self._send(("abort", request_id))
 
+    async def call(self, fn: Callable[[Engine], Any]) -> Any:
+        """`fn(engine)` on the engine thread, between steps (torch work belongs there, see above);
+        its result, or its exception raised here."""
+        if self._stopped:
+            raise EngineDeadError("the engine has stopped")
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+        self._send(("call", fn, loop, done))
+        return await done
+
     @property
     def is_running(self) -> bool:
         """The engine thread is alive and accepting requests (what health checks ask)."""
@@ -142,6 +153,13 @@ class AsyncEngine:
                 return False
             if command[0] == "abort":
                 self.engine.abort(command[1])
+            elif command[0] == "call":
+                _, fn, loop, done = command
+                try:
+                    result, error = fn(self.engine), None
+                except Exception as err:  # noqa: BLE001 - handed to the caller
+                    result, error = None, err
+                _settle(loop, done, result, error)
             else:
                 _, request_id, prompt_ids, params, adapter = command
                 try:
@@ -168,6 +186,21 @@ class AsyncEngine:
             self._deliver_all([(output.request_id, output) for output in outputs])
         for request_id in list(self._streams):
             self._deliver(request_id, EngineDeadError("the engine was shut down"))
+
+
+def _settle(loop: asyncio.AbstractEventLoop, done: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    def settle() -> None:
+        if done.cancelled():
+            return
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(result)
+
+    try:
+        loop.call_soon_threadsafe(settle)
+    except RuntimeError:  # the caller's event loop has closed
+        pass
 
 
 def _put_all(items: list[tuple[str, asyncio.Queue, Any]]) -> None:

@@ -206,6 +206,22 @@ class Engine:
         if self.speculator is not None:
             self.speculator.forget(seq)
 
+    def add_adapter(self, name: str, model: DeepseekForCausalLM) -> None:
+        """Serve `model` (a LoRA variant of the base model, `merged_variant`) as adapter `name`
+        from the next step on. A name is a cache namespace too: give a changed adapter a new name."""
+        if name in self.adapters:
+            raise ValueError(f"the engine already has an adapter named {name!r}")
+        self.adapters[name] = self.runner.models[name] = model
+
+    def remove_adapter(self, name: str) -> None:
+        """Drop adapter `name`; refused while a request uses it."""
+        busy = [rid for rid, request in self.requests.items()
+                if any(seq.adapter == name for seq in request.seqs.values())]
+        if busy:
+            raise ValueError(f"adapter {name!r} still serves {len(busy)} request(s)")
+        self.adapters.pop(name, None)
+        self.runner.models.pop(name, None)
+
     def check_adapter(self, adapter: str | None) -> None:
         if adapter is not None and adapter not in self.adapters:
             raise InvalidRequestError(f"no adapter named {adapter!r}; this engine has "

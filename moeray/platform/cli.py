@@ -6,6 +6,7 @@
     moeray jobs logs ID [--follow] [--address URL | --k8s [--namespace NS]]
     moeray jobs list [--address URL | --k8s [--namespace NS]]
     moeray serve [MODEL] [--host H] [--port P] [--config FILE] [--api-key KEY ...] [--lora NAME=URI ...]
+                 [--max-loras N] [--lora-prefix URI] [--admin-api-key KEY ...]
                  [--expert-shards N] [--redundant-experts K] [--transport ray|collective]
                  [--reasoning-parser deepseek_r1] [--chat-template FILE] [--verbose]
 
@@ -68,7 +69,9 @@ def _speculative_flag(value: str | None) -> dict | None:
 
 def _serve(opts: argparse.Namespace) -> int:
     overrides = {"model": opts.model, "host": opts.host, "port": opts.port, "served_model_name": opts.served_model_name,
-                 "api_keys": opts.api_key or None, "lora_adapters": _lora_flags(opts.lora),
+                 "api_keys": opts.api_key or None, "admin_api_keys": opts.admin_api_key or None,
+                 "lora_adapters": _lora_flags(opts.lora), "max_loras": opts.max_loras,
+                 "lora_adapter_prefix": opts.lora_prefix,
                  "reasoning_parser": opts.reasoning_parser, "chat_template": opts.chat_template}
     if opts.max_replicas is not None:
         overrides["autoscaling"] = {"max_replicas": opts.max_replicas}
@@ -269,6 +272,11 @@ def main(argv: list[str] | None = None) -> int:
     serve_cmd.add_argument("--served-model-name")
     serve_cmd.add_argument("--lora", action="append", metavar="NAME=URI",
                            help="serve a PEFT LoRA adapter (folder or s3:// URI) as model NAME (repeatable)")
+    serve_cmd.add_argument("--max-loras", type=int, help="LoRA adapters a replica holds at once (LRU eviction)")
+    serve_cmd.add_argument("--lora-prefix", metavar="URI",
+                           help="folder or s3:// prefix: a request for model NAME loads <prefix>/NAME on first use")
+    serve_cmd.add_argument("--admin-api-key", action="append",
+                           help="key for /v1/load_lora_adapter and /v1/unload_lora_adapter (repeatable)")
     serve_cmd.add_argument("--max-replicas", type=int, help="autoscale the model deployment up to this many")
     serve_cmd.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     serve_cmd.add_argument("--proxy", choices=["python", "haproxy"], default="python",

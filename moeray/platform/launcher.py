@@ -29,7 +29,8 @@ class ReplicaFailedError(RuntimeError):
 def _application(settings: ServeSettings):
     from moeray.platform.serve_app import build_app
 
-    return build_app(settings.model_dump(mode="json") | {"api_keys": settings.api_key_values()})
+    return build_app(settings.model_dump(mode="json") | {"api_keys": settings.api_key_values(),
+                                                          "admin_api_keys": settings.admin_key_values()})
 
 
 def _failure(app_name: str) -> tuple[str, bool] | None:

@@ -33,6 +33,8 @@ REPLICA_TOTALS = (
     ("spec_verify_steps", "moeray_spec_decode_verify_steps", "Verifications (a sequence's drafts checked in one step)"),
     ("grammar_compiles_total", "moeray_grammar_compiles", "Grammars compiled (cache misses)"),
     ("grammar_compile_seconds_total", "moeray_grammar_compile_seconds", "Time spent compiling grammars"),
+    ("lora_loads_total", "moeray_lora_adapter_loads", "LoRA adapters loaded at runtime"),
+    ("lora_evictions_total", "moeray_lora_adapter_evictions", "LoRA adapters evicted for max_loras"),
 )
 
 

@@ -1,7 +1,9 @@
 """The OpenAI-compatible HTTP API as a FastAPI app over any `ModelClient`.
 
 Contract: `build_openai_app(client, settings)` serves `/v1/chat/completions`, `/v1/completions`,
-`/v1/models`, `/health` and `/metrics`. The app never touches an engine: a `ModelClient` hands
+`/v1/models`, `/health` and `/metrics`, and vLLM's admin routes `/v1/load_lora_adapter` and
+`/v1/unload_lora_adapter` (see adapters.py: a request's `model` may name any adapter of the
+app's catalog). With `api_keys` set, the admin routes take only `admin_api_keys`. The app never touches an engine: a `ModelClient` hands
 it streams of `GenerateChunk`s, either in process (`LocalClient`, tests) or through a Ray Serve
 handle (`serve_app`). A stream the client leaves is closed, which aborts the request in its
 replica.
@@ -27,11 +29,13 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
 from moeray.engine import InvalidRequestError
+from moeray.platform.adapters import AdapterRef, CatalogClient, local_catalog
 from moeray.platform.asgi import CountsOpenRequests, Lifecycle, RequestIds, request_id_of
 from moeray.platform.errors import to_openai_error
 from moeray.platform.metrics import RequestTimer, ServingMetrics
 from moeray.platform.pipeline import ChatFormat, CompletionFormat, Format, collect, merge, stream_events
-from moeray.platform.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError, new_id, now
+from moeray.platform.protocol import (ChatCompletionRequest, CompletionRequest, LoadLoraAdapterRequest, OpenAIError,
+                                     UnloadLoraAdapterRequest, new_id, now)
 from moeray.platform.service import GenerateChunk, GenerateRequest, ReplicaService
 from moeray.platform.settings import ServeSettings
 
@@ -45,6 +49,9 @@ class ModelClient(Protocol):
 
     async def ready(self) -> str | None:
         """None when a replica can serve a request now; otherwise why not."""
+
+    async def prepare_adapter(self, adapter: AdapterRef) -> None:
+        """Load `adapter` on a replica (which then holds it), raising what the load raised."""
 
 
 class LocalClient:
@@ -62,6 +69,9 @@ class LocalClient:
     async def ready(self) -> str | None:
         return None if self.service.async_engine.is_running else "the engine thread has stopped"
 
+    async def prepare_adapter(self, adapter: AdapterRef) -> None:
+        self.service.adapters.release(await self.service.adapters.acquire(adapter))
+
 
 def _param_of(location: tuple) -> str | None:
     """A pydantic error location as the request parameter OpenAI's style names: messages[0].role."""
@@ -76,9 +86,11 @@ def _sse(payload: dict[str, Any] | str) -> str:
 
 
 def build_openai_app(client: ModelClient, settings: ServeSettings, metrics: ServingMetrics | None = None,
-                     behind_serve_proxy: bool = False, lifecycle: Lifecycle | None = None) -> FastAPI:
+                     behind_serve_proxy: bool = False, lifecycle: Lifecycle | None = None,
+                     catalog: CatalogClient | None = None) -> FastAPI:
     """`behind_serve_proxy`: Serve's proxy sets the request id and returns it in the response, and
-    the request metrics also go to Ray's metrics agent (ray_metrics.py)."""
+    the request metrics also go to Ray's metrics agent (ray_metrics.py). `catalog`: the app's
+    adapters (default: one in this process, from the settings)."""
     app = FastAPI(title="moeray", description="OpenAI-compatible API for DeepSeek-V3-class MoE models")
     lifecycle = lifecycle or Lifecycle()
     app.add_middleware(CountsOpenRequests, lifecycle=lifecycle)
@@ -91,8 +103,9 @@ def build_openai_app(client: ModelClient, settings: ServeSettings, metrics: Serv
                               type="server_error", code="draining")
 
     model_name = settings.model_name
-    adapters = sorted(settings.lora_adapters)
+    catalog = catalog or local_catalog(settings)
     keys = [k.encode() for k in settings.api_key_values()]
+    admin_keys = [k.encode() for k in settings.admin_key_values()]
 
     def error_response(request: Request, err: BaseException) -> JSONResponse:
         error = to_openai_error(err, request_id_of(request))  # logs the cause of a 5xx in full
@@ -124,16 +137,26 @@ def build_openai_app(client: ModelClient, settings: ServeSettings, metrics: Serv
     async def unexpected_error(request: Request, err: Exception):
         return error_response(request, err)
 
-    def authorize(request: Request) -> None:
-        if not keys:
-            return
+    def bearer_matches(request: Request, accepted: list[bytes]) -> bool:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         matched = False
-        for key in keys:  # compare against every key: the time taken does not reveal which matched
+        for key in accepted:  # compare against every key: the time taken does not reveal which matched
             matched |= hmac.compare_digest(token.strip().encode(), key)
-        if scheme.lower() != "bearer" or not matched:
+        return scheme.lower() == "bearer" and matched
+
+    def authorize(request: Request) -> None:
+        if keys and not bearer_matches(request, keys):
             raise OpenAIError(401, "missing or incorrect API key: send Authorization: Bearer <key>",
                               code="invalid_api_key")
+
+    def authorize_admin(request: Request) -> None:
+        if admin_keys:
+            if not bearer_matches(request, admin_keys):
+                raise OpenAIError(401, "missing or incorrect admin API key: send Authorization: Bearer <admin key>",
+                                  code="invalid_api_key")
+        elif keys:
+            raise OpenAIError(403, "the admin routes are closed on a server with api_keys and no admin_api_keys",
+                              code="admin_routes_closed")
 
     async def read_body(request: Request) -> bytes:
         """The body, refused with 413 as soon as it is known to be over the limit."""
@@ -151,9 +174,7 @@ def build_openai_app(client: ModelClient, settings: ServeSettings, metrics: Serv
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def parse(request: Request, model: type[BaseModel]):
-        authorize(request)
-        refuse_while_draining()
+    async def read_json(request: Request, model: type[BaseModel]):
         try:
             body = model.model_validate_json(await read_body(request))
         except ValidationError as err:
@@ -165,15 +186,23 @@ def build_openai_app(client: ModelClient, settings: ServeSettings, metrics: Serv
             if problem["type"] == "model_type":
                 raise OpenAIError(400, "the request body must be a JSON object") from None
             raise OpenAIError(400, f"{param}: {problem['msg']}" if param else problem["msg"], param=param) from None
-        if body.model != model_name and body.model not in adapters:
-            served = ", ".join(f"'{name}'" for name in (model_name, *adapters))
-            raise OpenAIError(404, f"the model '{body.model}' does not exist; this server serves {served}",
-                              param="model", code="model_not_found")
         return body
 
-    def adapter_of(body) -> str | None:
-        """The LoRA adapter a request's `model` selects (None: the base model)."""
-        return body.model if body.model in adapters else None
+    async def parse(request: Request, model: type[BaseModel]):
+        """(the request body, the LoRA adapter its `model` selects; None: the base model)."""
+        authorize(request)
+        refuse_while_draining()
+        body = await read_json(request, model)
+        if body.model == model_name:
+            return body, None
+        adapter = await catalog.resolve(body.model)
+        if adapter is None:
+            names = [model_name, *(ref.name for ref in await catalog.listing())]
+            served = ", ".join(f"'{name}'" for name in names[:20]) + (f" and {len(names) - 20} more"
+                                                                       if len(names) > 20 else "")
+            raise OpenAIError(404, f"the model '{body.model}' does not exist; this server serves {served}",
+                              param="model", code="model_not_found")
+        return body, adapter
 
     async def start(http: Request, requests: list[GenerateRequest]
                     ) -> tuple[list[AsyncIterator[GenerateChunk]], list[GenerateChunk]]:
@@ -230,23 +259,23 @@ def build_openai_app(client: ModelClient, settings: ServeSettings, metrics: Serv
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body: ChatCompletionRequest = await parse(request, ChatCompletionRequest)
+        body, adapter = await parse(request, ChatCompletionRequest)
         params = sampling(body)
         request_id = new_id("chatcmpl")
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
-        generate = GenerateRequest(request_id, params, messages=messages, adapter=adapter_of(body),
+        generate = GenerateRequest(request_id, params, messages=messages, adapter=adapter,
                                    tools=body.tool_definitions(), parse_tool_calls=body.calls_tools)
         return await respond(request, body, ChatFormat(request_id, body.model, now(), params.n), [generate])
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body: CompletionRequest = await parse(request, CompletionRequest)
+        body, adapter = await parse(request, CompletionRequest)
         params = sampling(body)
         prompts = body.prompts()
         if not prompts:
             raise OpenAIError(400, "prompt must not be empty", param="prompt")
         request_id = new_id("cmpl")
-        requests = [GenerateRequest(f"{request_id}-{i}", params, prompt=p, adapter=adapter_of(body), echo=body.echo)
+        requests = [GenerateRequest(f"{request_id}-{i}", params, prompt=p, adapter=adapter, echo=body.echo)
                     for i, p in enumerate(prompts)]
         return await respond(request, body, CompletionFormat(request_id, body.model, now(), params.n, len(prompts)),
                              requests)
@@ -255,9 +284,33 @@ def build_openai_app(client: ModelClient, settings: ServeSettings, metrics: Serv
     @app.get("/v1/models")
     async def models(request: Request):
         authorize(request)
-        base = {"id": model_name, "object": "model", "created": 0, "owned_by": "moeray"}
-        return {"object": "list", "data": [base, *({"id": name, "object": "model", "created": 0, "owned_by": "moeray",
-                                                    "parent": model_name} for name in adapters)]}
+        base = {"id": model_name, "object": "model", "created": 0, "owned_by": "moeray", "root": model_name,
+                "parent": None}
+        return {"object": "list", "data": [base, *({"id": ref.name, "object": "model", "created": 0,
+                                                    "owned_by": "moeray", "root": ref.uri, "parent": model_name}
+                                                   for ref in await catalog.listing())]}
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(request: Request):
+        authorize_admin(request)
+        refuse_while_draining()
+        body = await read_json(request, LoadLoraAdapterRequest)
+        adapter = await catalog.load(body.lora_name, body.lora_path)
+        try:  # the weights too, on one replica, so that a bad adapter is refused here
+            await client.prepare_adapter(adapter)
+        except BaseException as err:
+            await catalog.unload(adapter.name)
+            raise to_openai_error(err, request_id_of(request)) from None
+        logger.info("loaded LoRA adapter %s from %s", adapter.name, adapter.uri)
+        return Response(f"Success: LoRA adapter '{adapter.name}' added successfully.", media_type="text/plain")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(request: Request):
+        authorize_admin(request)
+        body = await read_json(request, UnloadLoraAdapterRequest)
+        adapter = await catalog.unload(body.lora_name)
+        logger.info("unloaded LoRA adapter %s", adapter.name)
+        return Response(f"Success: LoRA adapter '{adapter.name}' removed successfully.", media_type="text/plain")
 
     @app.get("/health")
     async def health():

@@ -42,6 +42,10 @@ class OpenAIError(Exception):
         self.headers = headers or {}
         self.request_id = request_id  # also in the x-request-id header: the key to the server's log
 
+    def __reduce__(self):  # crosses Ray's process boundaries whole (the default pickles only the message)
+        return OpenAIError, (self.status, self.message, self.type, self.param, self.code, self.headers,
+                             self.request_id)
+
     def for_request(self, request_id: str) -> OpenAIError:
         """The same error carrying `request_id` (a new one: this one may be raised again)."""
         return OpenAIError(self.status, self.message, self.type, self.param, self.code, self.headers, request_id)
@@ -394,6 +398,16 @@ class CompletionRequest(_Request):
         if self.echo and self.logprobs is not None:
             params.prompt_logprobs = self.logprobs  # echo with logprobs scores the prompt (lm-eval's loglikelihood)
         return params
+
+
+# ---- runtime LoRA adapters (vLLM's admin routes) -----------------------------------------------
+class LoadLoraAdapterRequest(_Lenient):
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)  # a PEFT adapter folder or s3:// URI
+
+
+class UnloadLoraAdapterRequest(_Lenient):
+    lora_name: str = Field(min_length=1)
 
 
 def new_id(prefix: str) -> str:

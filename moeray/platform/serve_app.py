@@ -5,7 +5,9 @@ Contract:
   dict, so it works as a Serve `import_path` (`moeray.platform.serve_app:build_app`) from a YAML
   config (a KubeRay RayService) and from Python (`serve.run(build_app({...}))`).
 - `ModelDeployment` replicas each load the model and run one engine; `OpenAIIngress` owns the
-  HTTP routes and reaches the replicas through a streaming deployment handle.
+  HTTP routes and reaches the replicas through a streaming deployment handle. Both read the
+  app's adapter catalog (the `<app>-adapters` actor, adapters.py), so every replica serves the
+  adapters any ingress loaded.
 - A replica that cannot start for a reason retrying cannot heal raises `ReplicaStartupError`
   (the CLI reports it in one line instead of watching Serve retry).
 - A replica asked to stop (downscale, redeploy) takes no new requests and finishes its
@@ -23,6 +25,7 @@ from typing import Any
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from moeray.platform.adapters import AdapterRef, CatalogClient, app_catalog, configured_ref
 from moeray.platform.errors import ReplicaStartupError
 from moeray.platform.drain import watch_drain
 from moeray.platform.openai_api import LocalClient, build_openai_app
@@ -49,7 +52,7 @@ def log_into_serve() -> None:
             ours.addHandler(handler)
 
 
-def load_replica_service(settings: ServeSettings) -> ReplicaService:
+def load_replica_service(settings: ServeSettings, catalog: CatalogClient | None = None) -> ReplicaService:
     from moeray.engine import Engine
     from moeray.engine.build import build_engine
     from moeray.model.lora import merged_variant
@@ -71,14 +74,17 @@ def load_replica_service(settings: ServeSettings) -> ReplicaService:
             transport=ep.transport, fp8=engine_config.fp8, device=engine_config.device)
         experts.timeout_s = ep.timeout_s
 
+    configured = [configured_ref(name, uri) for name, uri in settings.lora_adapters.items()]
+
     def adapters(model):
-        return {name: merged_variant(model, local_copy(uri)) for name, uri in settings.lora_adapters.items()}
+        return {ref.engine_key: merged_variant(model, local_copy(ref.uri)) for ref in configured}
 
     def build() -> Engine:
         # Runs on the engine thread, so loading and stepping share one OpenMP team (see AsyncEngine).
         return build_engine(folder, engine_config, experts, chat_template=settings.chat_template, adapters=adapters)
 
-    return ReplicaService(build, reasoning_parser=settings.reasoning_parser, experts=experts)
+    return ReplicaService(build, reasoning_parser=settings.reasoning_parser, experts=experts,
+                          max_loras=settings.max_loras, configured_adapters=configured, catalog=catalog)
 
 
 class _HostsEngine:
@@ -87,8 +93,10 @@ class _HostsEngine:
     def __init__(self, settings: ServeSettings):
         log_into_serve()
         self.settings = settings
+        # The name Serve runs this app under (the one given to serve.run), not settings.app_name.
+        self.catalog = app_catalog(serve.get_replica_context().app_name, settings)
         try:
-            self.service = load_replica_service(self.settings)
+            self.service = load_replica_service(self.settings, self.catalog)
         except PERMANENT_STARTUP_ERRORS as err:
             raise ReplicaStartupError(str(err).splitlines()[0] if str(err) else type(err).__name__) from err
         self.exporter = ReplicaExporter(lambda: self.service.stats().as_dict())
@@ -115,6 +123,9 @@ class ModelDeployment(_HostsEngine):
     async def stats(self) -> dict[str, Any]:
         return self.service.stats().as_dict()
 
+    async def prepare_adapter(self, adapter: AdapterRef) -> None:
+        await LocalClient(self.service).prepare_adapter(adapter)
+
 
 class HandleClient:
     """`ModelClient` over a Serve deployment handle."""
@@ -138,6 +149,9 @@ class HandleClient:
     async def stats(self) -> dict[str, Any] | None:
         return await self.handle.stats.remote()
 
+    async def prepare_adapter(self, adapter: AdapterRef) -> None:
+        await self.handle.prepare_adapter.remote(adapter)
+
     async def ready(self) -> str | None:
         """Asks Serve's controller, not a replica: a replica busy with max_ongoing_requests
         streams would make a health call through the handle wait in line behind them."""
@@ -160,10 +174,12 @@ class OpenAIIngress:
         # The name Serve runs this app under (the one given to serve.run), not settings.app_name.
         app_name = serve.get_replica_context().app_name
         self.client = HandleClient(model, app_name)
+        self.catalog = app_catalog(app_name, settings)
         self.lifecycle = watch_drain(app_name)
 
     def __serve_build_asgi_app__(self):
-        return build_openai_app(self.client, self.settings, behind_serve_proxy=True, lifecycle=self.lifecycle)
+        return build_openai_app(self.client, self.settings, behind_serve_proxy=True, lifecycle=self.lifecycle,
+                                catalog=self.catalog)
 
 
 @serve.deployment
@@ -179,7 +195,7 @@ class OpenAIModelDeployment(_HostsEngine):
 
     def __serve_build_asgi_app__(self):
         return build_openai_app(LocalClient(self.service), self.settings, behind_serve_proxy=True,
-                                lifecycle=self.lifecycle)
+                                lifecycle=self.lifecycle, catalog=self.catalog)
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:

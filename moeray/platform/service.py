@@ -21,6 +21,7 @@ from typing import Any
 from moeray.engine import AsyncEngine, Engine, InvalidRequestError, SamplingParams
 from moeray.engine.sampler import TokenLogprobs
 from moeray.model.tokenizer import Tokenizer
+from moeray.platform.adapters import AdapterRef, CatalogClient, ResidentAdapters
 from moeray.platform.parsers.reasoning import ReasoningParser, prompt_opens_reasoning
 from moeray.platform.parsers.tool_calls import Arguments, CallStarted, Content, Malformed, ToolCallParser
 
@@ -31,7 +32,7 @@ class GenerateRequest:
     params: SamplingParams
     prompt: str | list[int] | None = None
     messages: list[dict[str, Any]] | None = None  # chat: the replica applies the template
-    adapter: str | None = None  # a LoRA adapter served beside the base model (the request's `model`)
+    adapter: AdapterRef | None = None  # a LoRA adapter served beside the base model (the request's `model`)
     tools: list[dict[str, Any]] | None = None  # tool definitions, for the chat template
     parse_tool_calls: bool = False  # the output may hold tool calls: parse them out
     echo: bool = False  # completions: every choice starts with the prompt (and its logprobs, if asked)
@@ -106,6 +107,9 @@ class ReplicaStats:
     # With expert shards: layer -> expert -> the shard serving it, and shard -> answering.
     expert_shards: dict[int, list[int]] = field(default_factory=dict)
     shard_health: dict[int, bool] = field(default_factory=dict)
+    lora_adapters: list[str] = field(default_factory=list)  # the adapters this replica holds now
+    lora_loads_total: int = 0  # adapters loaded since start (configured ones not counted), and evicted
+    lora_evictions_total: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return self.__dict__.copy()
@@ -147,10 +151,14 @@ class _ChoiceParsers:
 
 class ReplicaService:
     def __init__(self, engine: Engine | Callable[[], Engine], replica_id: str | None = None,
-                 reasoning_parser: str | None = None, experts: Any = None):
+                 reasoning_parser: str | None = None, experts: Any = None, max_loras: int = 4,
+                 configured_adapters: list[AdapterRef] = (), catalog: CatalogClient | None = None):
+        """`configured_adapters`: the engine's adapters from its build (named by their engine key);
+        `catalog`: the app's, which the replica follows to drop unloaded adapters."""
         # A build function runs on the engine thread (see AsyncEngine: one OpenMP team per process).
         self.async_engine = AsyncEngine(engine)
         self.engine = self.async_engine.engine
+        self.adapters = ResidentAdapters(self.async_engine, max_loras, list(configured_adapters), catalog)
         self.tokenizer: Tokenizer = self.engine.tokenizer
         self.replica_id = replica_id or f"pid-{os.getpid()}"
         self.reasoning_parser = reasoning_parser  # "deepseek_r1" or None
@@ -177,9 +185,21 @@ class ReplicaService:
                 for _ in range(request.params.n)]
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+        if request.adapter is None:
+            async for chunk in self._generate(request, None):
+                yield chunk
+            return
+        adapter = await self.adapters.acquire(request.adapter)
+        try:
+            async for chunk in self._generate(request, adapter):
+                yield chunk
+        finally:
+            self.adapters.release(adapter)
+
+    async def _generate(self, request: GenerateRequest, adapter: str | None) -> AsyncIterator[GenerateChunk]:
         prompt, opens_reasoning = self._prompt(request)
         try:
-            stream = await self.async_engine.generate(prompt, request.params, request.request_id, request.adapter)
+            stream = await self.async_engine.generate(prompt, request.params, request.request_id, adapter)
         except InvalidRequestError as err:
             if request.messages is not None and err.param == "prompt":
                 err.param = "messages"
@@ -251,7 +271,8 @@ class ReplicaService:
             cached_prompt_tokens_total=stats.cached_prompt_tokens_total, preemptions_total=stats.preemptions_total,
             grammar_compiles_total=stats.grammar_compiles_total,
             grammar_compile_seconds_total=stats.grammar_compile_seconds_total,
-            expert_shards=expert_shards, shard_health=shard_health)
+            expert_shards=expert_shards, shard_health=shard_health, lora_adapters=self.adapters.names,
+            lora_loads_total=self.adapters.loads_total, lora_evictions_total=self.adapters.evictions_total)
 
     def shutdown(self) -> None:
         self.async_engine.shutdown()

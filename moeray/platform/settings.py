@@ -143,9 +143,16 @@ class ServeSettings(_Strict):
     lora_adapters: dict[str, str] = Field(default_factory=dict, description="LoRA adapters served beside the "
                                           "base model: name -> PEFT adapter folder or s3:// URI. A request selects "
                                           "one by sending its name as `model`.")
+    max_loras: int = Field(4, ge=1, description="LoRA adapters a model replica holds at once (configured ones "
+                           "included); loading one more evicts the least recently used idle one.")
+    lora_adapter_prefix: str | None = Field(None, description="A folder or s3:// prefix of PEFT adapters: a "
+                                            "request whose `model` is NAME loads <prefix>/NAME on first use.")
     host: str = Field("127.0.0.1", description="HTTP listen address.")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
     api_keys: list[SecretStr] = Field(default_factory=list, description="Accepted bearer keys; empty: no auth.")
+    admin_api_keys: list[SecretStr] = Field(default_factory=list, description="Bearer keys for the admin "
+                                            "routes (loading and unloading LoRA adapters). With api_keys set "
+                                            "and these empty, the admin routes are closed.")
     engine: EngineSettings = Field(default_factory=EngineSettings, description="Engine options per replica.")
     autoscaling: AutoscalingSettings = Field(default_factory=AutoscalingSettings,
                                              description="Model deployment autoscaling.")
@@ -191,6 +198,13 @@ class ServeSettings(_Strict):
             raise ValueError(f"lora_adapters: the adapter name '{self.model_name}' is the base model's name")
         return self
 
+    @model_validator(mode="after")
+    def _configured_adapters_fit(self) -> ServeSettings:
+        if len(self.lora_adapters) > self.max_loras:
+            raise ValueError(f"max_loras: {self.max_loras} cannot hold the {len(self.lora_adapters)} adapters in "
+                             f"lora_adapters")
+        return self
+
     @property
     def model_name(self) -> str:
         if self.served_model_name:
@@ -204,6 +218,9 @@ class ServeSettings(_Strict):
 
     def api_key_values(self) -> list[str]:
         return [key.get_secret_value() for key in self.api_keys]
+
+    def admin_key_values(self) -> list[str]:
+        return [key.get_secret_value() for key in self.admin_api_keys]
 
     @classmethod
     def load(cls, config_file: str | Path | None = None, overrides: dict[str, Any] | None = None,
@@ -222,7 +239,8 @@ class ServeSettings(_Strict):
 
     def to_yaml(self) -> str:
         data = self.model_dump(mode="json")
-        data["api_keys"] = [key.get_secret_value() for key in self.api_keys]
+        data["api_keys"] = self.api_key_values()
+        data["admin_api_keys"] = self.admin_key_values()
         return yaml.safe_dump(data, sort_keys=False)
 
 
@@ -232,7 +250,7 @@ def _from_environment(environ: dict[str, str]) -> dict[str, Any]:
         if not name.startswith(ENV_PREFIX) or name in NOT_SETTINGS:
             continue
         path = name[len(ENV_PREFIX):].lower().split("__")
-        if path == ["api_keys"]:
+        if path in (["api_keys"], ["admin_api_keys"]):
             value: Any = [k.strip() for k in raw.split(",") if k.strip()]
         else:
             try:

@@ -24,8 +24,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 SCHEMA_PATH = REPO_ROOT / "helm" / "moeray" / "values.schema.json"
 
 # ServeSettings fields the chart sets itself: the bind address is fixed, and API keys come from the
-# Secret only (MOERAY_API_KEYS), never from values rendered into the RayService.
-SERVE_FIELDS_SET_BY_CHART = {"host", "api_keys"}
+# Secret only (MOERAY_API_KEYS, MOERAY_ADMIN_API_KEYS), never from values rendered into the RayService.
+SERVE_FIELDS_SET_BY_CHART = {"host", "api_keys", "admin_api_keys"}
 # RayService spec.upgradeStrategy.type values KubeRay knows (its CRD types the field as a string).
 UPGRADE_STRATEGIES = ("NewCluster", "NewClusterWithIncrementalUpgrade", "None")
 
@@ -190,13 +190,17 @@ def build_values_schema() -> dict[str, Any]:
         "rayVersion": string("Ray version in the image.", pattern=r"^[0-9]+\.[0-9]+\.[0-9]+"),
         "secrets": obj("Credentials: a Secret created from these values, or an existing one.", {
             "existingSecret": string("Name of a Secret with AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
-                                     "AWS_SESSION_TOKEN and/or MOERAY_API_KEYS; wins over create."),
+                                     "AWS_SESSION_TOKEN, MOERAY_API_KEYS and/or MOERAY_ADMIN_API_KEYS; "
+                                     "wins over create."),
             "create": boolean("Create a Secret from the values below."),
             "s3": obj("S3 credentials.", {"accessKeyId": string("AWS access key id."),
                                           "secretAccessKey": string("AWS secret access key."),
                                           "sessionToken": string("AWS session token.")}),
             "apiKeys": {"type": "array", "items": {"type": "string", "minLength": 1},
                         "description": "Bearer keys clients must send; empty: no auth."},
+            "adminApiKeys": {"type": "array", "items": {"type": "string", "minLength": 1},
+                             "description": "Bearer keys of the admin routes (loading and unloading LoRA "
+                                            "adapters); with apiKeys set and these empty, those routes are closed."},
         }),
         "s3": obj("Non-secret S3 settings.", {"endpointUrl": string("Custom S3 endpoint; empty: AWS."),
                                               "region": string("S3 region.", minLength=1)}),

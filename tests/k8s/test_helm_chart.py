@@ -61,8 +61,8 @@ def check_serve_config(rayservice: dict) -> None:
     assert application["import_path"] == "moeray.platform.serve_app:build_app"
     settings = ServeSettings.model_validate(application["args"])  # strict: unknown keys would fail
     # The chart sets every ServeSettings field except the keys, which come from the Secret.
-    assert set(application["args"]) == set(ServeSettings.model_fields) - {"api_keys"}
-    assert settings.api_keys == []
+    assert set(application["args"]) == set(ServeSettings.model_fields) - {"api_keys", "admin_api_keys"}
+    assert settings.api_keys == [] and settings.admin_api_keys == []
     assert serve_config["http_options"]["port"] == settings.port
 
 
@@ -135,11 +135,12 @@ def test_secret_values_appear_only_in_the_secret(render):
     manifests = render(CHART / "ci" / "gpu-expert-shards-values.yaml")
     secrets = [m for m in manifests if m["kind"] == "Secret"]
     assert secrets and secrets[0]["stringData"]["MOERAY_API_KEYS"] == "sk-test-one,sk-test-two"
+    assert secrets[0]["stringData"]["MOERAY_ADMIN_API_KEYS"] == "sk-test-admin"
     for manifest in manifests:
         if manifest["kind"] == "Secret":
             continue
         text = yaml.safe_dump(manifest)
-        for secret_value in ("sk-test-one", "sk-test-two", "example-secret-key", "AKIAEXAMPLE"):
+        for secret_value in ("sk-test-one", "sk-test-two", "sk-test-admin", "example-secret-key", "AKIAEXAMPLE"):
             assert secret_value not in text, f"{secret_value} leaked into {manifest['kind']}"
 
 
