@@ -109,6 +109,23 @@ def serve_port(ray_session):
     return port
 
 
+@pytest.fixture
+def deployed(serve_port):
+    """`deploy(settings, route_prefix, name)` for one test: the app, and the actors it shares, are
+    deleted after the test."""
+    from support import deploy, undeploy
+
+    names = []
+
+    def run(settings: dict, route_prefix: str, name: str) -> str:
+        names.append(name)
+        return deploy(settings, route_prefix, serve_port, name)
+
+    yield run
+    for name in names:
+        undeploy(name)
+
+
 @pytest.fixture(scope="session")
 def hf_folder(tmp_path_factory):
     """A random transformers DeepseekV3 checkpoint with the tiny tokenizer: (folder, reference model)."""

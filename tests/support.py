@@ -248,6 +248,20 @@ def deploy(settings: dict, route_prefix: str, port: int, name: str) -> str:
     return base
 
 
+def undeploy(name: str) -> None:
+    """Delete a Serve app and the actors its replicas share (the expert Router, which owns the
+    shards, and the adapter catalog): an idle app's pollers would otherwise slow every later test."""
+    import ray
+    from ray import serve
+
+    serve.delete(name)
+    for actor in (f"{name}-router", f"{name}-adapters"):
+        try:
+            ray.kill(ray.get_actor(actor, namespace="moeray"))
+        except ValueError:  # this app had none
+            pass
+
+
 def wait_for(condition, timeout_s: float, what: str) -> None:
     """Poll `condition()` every 0.1 s until it holds; fail the test naming `what` after `timeout_s`."""
     import time

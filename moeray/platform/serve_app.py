@@ -52,7 +52,9 @@ def log_into_serve() -> None:
             ours.addHandler(handler)
 
 
-def load_replica_service(settings: ServeSettings, catalog: CatalogClient | None = None) -> ReplicaService:
+def load_replica_service(settings: ServeSettings, app_name: str, catalog: CatalogClient | None = None
+                         ) -> ReplicaService:
+    """`app_name`: the name Serve runs the app under, which names the actors its replicas share."""
     from moeray.engine import Engine
     from moeray.engine.build import build_engine
     from moeray.model.lora import merged_variant
@@ -66,9 +68,9 @@ def load_replica_service(settings: ServeSettings, catalog: CatalogClient | None 
     if ep.shards:
         from moeray.actors.dispatch import start_expert_parallel
 
-        # One Router per deployed model, shared by every model replica (first one creates it).
+        # One Router per deployed app, shared by every model replica (the first one creates it).
         _, experts = start_expert_parallel(
-            str(folder), ep.shards, ep.redundant_experts, name=f"{settings.app_name}-router", namespace="moeray",
+            str(folder), ep.shards, ep.redundant_experts, name=f"{app_name}-router", namespace="moeray",
             num_cpus=ep.shard_cpus, num_gpus=ep.shard_gpus, strategy=ep.placement_strategy,
             dtype=engine_config.dtype, rebalance_interval_s=ep.rebalance_interval_s, detached=True,
             transport=ep.transport, fp8=engine_config.fp8, device=engine_config.device)
@@ -93,10 +95,12 @@ class _HostsEngine:
     def __init__(self, settings: ServeSettings):
         log_into_serve()
         self.settings = settings
-        # The name Serve runs this app under (the one given to serve.run), not settings.app_name.
-        self.catalog = app_catalog(serve.get_replica_context().app_name, settings)
+        # The name Serve runs this app under (the one given to serve.run), not settings.app_name:
+        # two apps of one cluster never share a Router or a catalog.
+        app_name = serve.get_replica_context().app_name
+        self.catalog = app_catalog(app_name, settings)
         try:
-            self.service = load_replica_service(self.settings, self.catalog)
+            self.service = load_replica_service(self.settings, app_name, self.catalog)
         except PERMANENT_STARTUP_ERRORS as err:
             raise ReplicaStartupError(str(err).splitlines()[0] if str(err) else type(err).__name__) from err
         self.exporter = ReplicaExporter(lambda: self.service.stats().as_dict())

@@ -2,7 +2,7 @@
 
 import pytest
 
-from support import API_KEY, deploy, write_hf_model_folder, write_random_adapter  # noqa: F401
+from support import API_KEY, deploy, undeploy, write_hf_model_folder, write_random_adapter  # noqa: F401
 
 
 @pytest.fixture(scope="session")
@@ -19,10 +19,11 @@ def lora_adapter(model_folder, tmp_path_factory):
     return folder, write_random_adapter(model_folder, folder, seed=8)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def served(serve_port, model_folder, lora_adapter):
     """The main app: the tiny transformers checkpoint, API keys on, one LoRA adapter beside it."""
     settings = {"model": str(model_folder), "served_model_name": "tiny-moe", "api_keys": [API_KEY],
                 "lora_adapters": {"tiny-moe-lora": str(lora_adapter[0])},
                 "engine": {"max_model_len": 256, "block_size": 4, "num_cache_blocks": 2048}}
-    return deploy(settings, "/", serve_port, "main")
+    yield deploy(settings, "/", serve_port, "main")
+    undeploy("main")

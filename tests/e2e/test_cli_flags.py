@@ -1,6 +1,5 @@
 """`moeray serve`'s flags on one real process: the model by its Hugging Face id, offline, from a
-cache huggingface_hub laid out from a Hub on 127.0.0.1, a LoRA adapter exported by a fine-tuning job
-(`--lora`), routed experts in two shards over the collective transport (`--expert-shards`,
+cache huggingface_hub laid out from a Hub on 127.0.0.1, a LoRA adapter (`--lora`), routed experts in two shards over the collective transport (`--expert-shards`,
 `--transport`), API keys (`--api-key`), a settings file (`--config`) and n-gram speculative
 decoding (`--speculative`; greedy answers are still the offline engine's, without it)."""
 
@@ -15,10 +14,8 @@ import openai
 import pytest
 
 from moeray import LLM, SamplingParams
-from moeray.jobs.export import export, trained_model
-from moeray.jobs.trainer import run
 from fake_hub import FakeHub
-from support import ServeProcess, make_spec, moeray_greedy, sft_rows, write_hf_model_folder, write_jsonl
+from support import ServeProcess, moeray_greedy, write_hf_model_folder, write_random_adapter
 
 pytestmark = pytest.mark.slow
 KEY = "sk-flags"
@@ -41,16 +38,8 @@ def shard_processes() -> int:
 def test_serve_flags_on_one_process(ray_session, tmp_path):
     base = tmp_path / "base"
     write_hf_model_folder(base, "v3", seed=5)
-    write_jsonl(tmp_path / "train.jsonl", sft_rows())
-    spec = make_spec(tmp_path, base, name="flags-lora", output_format="adapter",
-                     # A LoRA rate: at 3e-3, 4 steps from lora_B = 0 may leave the greedy tokens unchanged.
-                     train={"max_steps": 4, "learning_rate": 0.05},
-                     lora={"rank": 4, "alpha": 8, "target_modules": ["q_b_proj", "o_proj"]},
-                     checkpoint={"every_steps": 4})
-    result = run(spec)
-    with result.checkpoint.as_directory() as folder:
-        tuned = trained_model(spec, folder)
-        adapter = export(spec, folder)
+    adapter = tmp_path / "adapter"  # a job's adapter export is tests/jobs' subject; here, any adapter
+    tuned = write_random_adapter(base, adapter, seed=3)
     (tmp_path / "serve.yaml").write_text("served_model_name: tiny\nengine:\n  max_model_len: 128\n")
 
     hf_home = tmp_path / "hf"

@@ -5,18 +5,17 @@ import openai
 import pytest
 import ray
 
-from support import deploy
 from moeray import LLM, SamplingParams
 from support import API_KEY
 
 pytestmark = pytest.mark.slow
 
 
-def test_sharded_serving_equals_local_and_fails_clearly_without_shards(serve_port, model_folder):
+def test_sharded_serving_equals_local_and_fails_clearly_without_shards(deployed, model_folder):
     settings = {"model": str(model_folder), "served_model_name": "tiny-moe", "api_keys": [API_KEY],
                 "app_name": "ep", "engine": {"max_model_len": 256, "num_cache_blocks": 256},
                 "expert_parallel": {"shards": 2, "shard_cpus": 0.5, "timeout_s": 3}}
-    base = deploy(settings, "/ep", serve_port, "ep")
+    base = deployed(settings, "/ep", "ep")
     client = openai.OpenAI(base_url=f"{base}/v1", api_key=API_KEY, max_retries=0, timeout=60)
     reply = client.completions.create(model="tiny-moe", prompt="def f(x):", max_tokens=10, temperature=0,
                                       extra_body={"ignore_eos": True})

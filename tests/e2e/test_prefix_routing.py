@@ -6,7 +6,7 @@ five in a row would stay on the first one's replica only 1 time in 32)."""
 import httpx
 import pytest
 
-from support import API_KEY, deploy, wait_for
+from support import API_KEY, wait_for
 
 pytestmark = pytest.mark.slow
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
@@ -18,12 +18,12 @@ def running_replicas(app_name: str) -> int:
     return serve.status().applications[app_name].deployments["model"].replica_states.get("RUNNING", 0)
 
 
-def test_prefix_cache_routing_sends_a_shared_prompt_to_the_replica_that_cached_it(serve_port, model_folder):
+def test_prefix_cache_routing_sends_a_shared_prompt_to_the_replica_that_cached_it(deployed, model_folder):
     settings = {"model": str(model_folder), "served_model_name": "tiny-moe", "api_keys": [API_KEY],
                 "replica_cpus": 0.5, "autoscaling": {"min_replicas": 2, "max_replicas": 2},
                 "routing": {"policy": "prefix_cache"},
                 "engine": {"max_model_len": 256, "block_size": 4, "num_cache_blocks": 512}}
-    base = deploy(settings, "/routed", serve_port, "routed")
+    base = deployed(settings, "/routed", "routed")
     # /health answers once one replica runs; the test needs both, or every request has one choice.
     wait_for(lambda: running_replicas("routed") == 2, 120, "both model replicas to run")
     prompt = "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n" * 2

@@ -13,7 +13,7 @@ import pytest
 
 from moeray.model.tokenizer import Tokenizer
 from moeray.storage import upload_dir
-from support import API_KEY, deploy, moeray_greedy, wait_for, write_random_adapter
+from support import API_KEY, moeray_greedy, wait_for, write_random_adapter
 
 pytestmark = pytest.mark.slow
 ADMIN_KEY = "sk-test-admin"
@@ -37,7 +37,7 @@ def replica_adapters(handle, timeout_s: float = 60) -> dict[str, list[str]]:
     return seen
 
 
-def test_adapters_loaded_at_runtime_reach_every_replica(serve_port, s3_server, model_folder, tmp_path_factory):
+def test_adapters_loaded_at_runtime_reach_every_replica(deployed, s3_server, model_folder, tmp_path_factory):
     from ray import serve
 
     boto3.client("s3").create_bucket(Bucket="served-adapters")
@@ -49,11 +49,11 @@ def test_adapters_loaded_at_runtime_reach_every_replica(serve_port, s3_server, m
     expected = {name: Tokenizer.from_pretrained(model_folder).decode(moeray_greedy(model, PROMPT, GREEDY["max_tokens"]))
                 for name, model in references.items()}
 
-    base = deploy({"model": str(model_folder), "served_model_name": "tiny-moe", "api_keys": [API_KEY],
+    base = deployed({"model": str(model_folder), "served_model_name": "tiny-moe", "api_keys": [API_KEY],
                    "admin_api_keys": [ADMIN_KEY], "replica_cpus": 0.5, "max_loras": 2,
                    "autoscaling": {"min_replicas": 2, "max_replicas": 2},
                    "lora_adapter_prefix": "s3://served-adapters/library",
-                   "engine": {"max_model_len": 128, "block_size": 4, "num_cache_blocks": 256}}, f"/{APP}", serve_port, APP)
+                   "engine": {"max_model_len": 128, "block_size": 4, "num_cache_blocks": 256}}, f"/{APP}", APP)
     handle = serve.get_deployment_handle("model", APP)
     wait_for(lambda: serve.status().applications[APP].deployments["model"].replica_states.get("RUNNING", 0) == 2,
              120, "both model replicas to run")
@@ -90,4 +90,3 @@ def test_adapters_loaded_at_runtime_reach_every_replica(serve_port, s3_server, m
     # Each replica follows the catalog and lets the unloaded adapter go.
     wait_for(lambda: not any("sql" in names for names in replica_adapters(handle).values()), 60,
              "both replicas to drop the unloaded adapter")
-    serve.delete(APP)

@@ -6,7 +6,6 @@ import time
 import httpx
 import pytest
 
-from support import deploy
 from support import API_KEY
 
 pytestmark = pytest.mark.slow
@@ -33,11 +32,11 @@ def model_replicas(app_name: str) -> int:
     return status.replica_states.get("RUNNING", 0)
 
 
-def test_full_queue_answers_503_with_retry_after(serve_port, model_folder):
+def test_full_queue_answers_503_with_retry_after(deployed, model_folder):
     settings = {"model": str(model_folder), "served_model_name": "tiny-moe", "api_keys": [API_KEY],
                 "max_ongoing_requests": 1, "max_queued_requests": 1, "retry_after_s": 2,
                 "engine": {"max_model_len": 256, "num_cache_blocks": 256}}
-    base = deploy(settings, "/busy", serve_port, "busy")
+    base = deployed(settings, "/busy", "busy")
     stop = threading.Event()
     workers = [threading.Thread(target=long_stream, args=(base, stop), daemon=True) for _ in range(2)]
     for worker in workers:
@@ -59,12 +58,12 @@ def test_full_queue_answers_503_with_retry_after(serve_port, model_folder):
     assert waited < 10, f"the 503 came after {waited:.1f} s: it waited for a slot instead of refusing"
 
 
-def test_model_deployment_scales_out_under_load_and_back(serve_port, model_folder):
+def test_model_deployment_scales_out_under_load_and_back(deployed, model_folder):
     settings = {"model": str(model_folder), "served_model_name": "tiny-moe", "api_keys": [API_KEY],
                 "engine": {"max_model_len": 256, "num_cache_blocks": 256},
                 "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
                                 "upscale_delay_s": 0.5, "downscale_delay_s": 3, "look_back_period_s": 1}}
-    base = deploy(settings, "/scale", serve_port, "scale")
+    base = deployed(settings, "/scale", "scale")
     assert model_replicas("scale") == 1
     stop = threading.Event()
     workers = [threading.Thread(target=long_stream, args=(base, stop), daemon=True) for _ in range(4)]

@@ -10,7 +10,7 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
-from support import deploy
+from support import deploy, undeploy
 
 pytestmark = pytest.mark.slow
 MODEL = "moeray-default"
@@ -35,7 +35,8 @@ ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 @pytest.fixture(scope="module")
 def base(serve_port):
-    return deploy({"engine": {"max_model_len": 2048}}, "/structured", serve_port, "structured")
+    yield deploy({"engine": {"max_model_len": 2048}}, "/structured", serve_port, "structured")
+    undeploy("structured")
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +180,7 @@ def test_unknown_non_openai_fields_stay_ignored(client):
     assert response.choices[0].finish_reason in ("stop", "length")
 
 
-def test_a_chat_template_override_that_opens_reasoning_in_the_prompt(serve_port, tmp_path):
+def test_a_chat_template_override_that_opens_reasoning_in_the_prompt(deployed, tmp_path):
     """--chat-template with a template that writes <think> after the assistant tag (as DeepSeek-R1's
     does): the answer starts inside the reasoning block, which this random model never closes, so
     it is all reasoning_content, and a response_format grammar, which starts after the block, never
@@ -191,8 +192,8 @@ def test_a_chat_template_override_that_opens_reasoning_in_the_prompt(serve_port,
                                                "{{ '<｜Assistant｜><think>\\n' }}{% endif %}")
     assert template != config["chat_template"]
     (tmp_path / "thinking.jinja").write_text(template)
-    base = deploy({"engine": {"max_model_len": 2048}, "reasoning_parser": "deepseek_r1",
-                   "chat_template": str(tmp_path / "thinking.jinja")}, "/thinking", serve_port, "thinking")
+    base = deployed({"engine": {"max_model_len": 2048}, "reasoning_parser": "deepseek_r1",
+                     "chat_template": str(tmp_path / "thinking.jinja")}, "/thinking", "thinking")
     client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=120)
     for extra in ({}, {"response_format": {"type": "json_object"}}):
         message = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=12, temperature=0,

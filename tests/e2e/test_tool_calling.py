@@ -13,7 +13,7 @@ from moeray.jobs.export import export
 from moeray.jobs.spec import parse_spec
 from moeray.jobs.trainer import run
 from moeray.platform.default_model import DEFAULT_MODEL_DIR
-from support import deploy, write_jsonl
+from support import deploy, undeploy, write_jsonl
 
 pytestmark = pytest.mark.slow
 WEATHER = {"type": "function", "function": {
@@ -50,7 +50,8 @@ def served(ray_session, serve_port, tmp_path_factory):
         model = export(spec, folder)
     base = deploy({"model": str(model), "served_model_name": "tuned", "reasoning_parser": "deepseek_r1",
                    "engine": {"max_model_len": 2048}}, "/tools", serve_port, "tools")
-    return openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=120)
+    yield openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=120)
+    undeploy("tools")
 
 
 def ask(city: str) -> list[dict]:

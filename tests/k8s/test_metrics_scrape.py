@@ -14,7 +14,7 @@ import time
 import httpx
 import pytest
 
-from support import API_KEY, deploy, write_hf_model_folder
+from support import API_KEY, write_hf_model_folder
 
 pytestmark = pytest.mark.slow
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
@@ -54,17 +54,17 @@ def relabel(name: str, relabelings: list[dict]) -> str:
     return name
 
 
-def test_the_service_monitor_scrapes_moeray_series_from_the_model_replica(chart, ray_context, serve_port,
+def test_the_service_monitor_scrapes_moeray_series_from_the_model_replica(chart, ray_context, deployed,
                                                                           tmp_path_factory):
     chart_port, path, relabelings = scrape_target(chart)
     assert chart_port == 8080
     folder = tmp_path_factory.mktemp("scraped-model")
     write_hf_model_folder(folder, "v3", seed=21)
-    base = deploy({"model": str(folder), "served_model_name": "tiny-moe", "api_keys": [API_KEY],
+    base = deployed({"model": str(folder), "served_model_name": "tiny-moe", "api_keys": [API_KEY],
                    "expert_parallel": {"shards": 2, "shard_cpus": 0.5},
                    # A cache of 80 tokens: three 60-token requests at once must preempt.
                    "engine": {"max_model_len": 64, "block_size": 4, "num_cache_blocks": 20}},
-                  "/scraped", serve_port, "scraped")
+                    "/scraped", "scraped")
 
     def complete(prompt: list[int], max_tokens: int) -> None:
         response = httpx.post(f"{base}/v1/completions", headers=HEADERS, timeout=120,

@@ -8,7 +8,6 @@ import torch
 
 from moeray.kernels.policy import KernelPolicy, using
 import moeray.model
-from moeray import kernels
 from moeray.engine.attention import AttentionMetadata, StepAttention
 from moeray.engine.cache import LatentCache
 from moeray.kernels import cpu

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import moeray.model
-from moeray import LLM, SamplingParams, kernels
+from moeray import LLM, SamplingParams
 from moeray.kernels.fp8 import Fp8Linear, quantize_blocks
 from moeray.model import ModelArgs
 from moeray.model.checkpoint import save_checkpoint

@@ -30,7 +30,7 @@ def test_replica_serves_an_s3_model(s3_server, hf_folder, tmp_path, monkeypatch)
     uri = "s3://served-models/tiny-v3"
     upload_dir(hf_folder[0], uri)
 
-    service = load_replica_service(ServeSettings(model=uri))
+    service = load_replica_service(ServeSettings(model=uri), "remote")
     try:
         text = asyncio.run(_greedy_text(service, "hello world"))
     finally:

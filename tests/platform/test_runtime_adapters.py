@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from moeray.engine import EngineConfig
 from moeray.engine.build import build_engine
 from moeray.model.tokenizer import Tokenizer
-from moeray.platform.adapters import AdapterRef, local_catalog
+from moeray.platform.adapters import local_catalog
 from moeray.platform.openai_api import LocalClient, build_openai_app
 from moeray.platform.protocol import OpenAIError
 from moeray.platform.service import ReplicaService

@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 
 import pytest
-from support import deploy, wait_for, write_hf_model_folder
+from support import wait_for, write_hf_model_folder
 
 from moeray.engine import SamplingParams
 from moeray.platform.service import GenerateRequest
@@ -72,14 +72,14 @@ def running_replicas(app: str) -> int:
     return replica_states(app).get("RUNNING", 0)
 
 
-def test_a_downscale_during_streaming_finishes_the_streams_of_the_stopped_replica(serve_port, slow_model):
+def test_a_downscale_during_streaming_finishes_the_streams_of_the_stopped_replica(deployed, slow_model):
     from ray import serve
 
     # 8 requests fill a replica (max_ongoing_requests), so the second streams can only go to the new one.
     settings = {"model": slow_model, "engine": ENGINE, "graceful_shutdown_timeout_s": 180,
                 "max_ongoing_requests": 8, "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4,
                                 "upscale_delay_s": 0.5, "downscale_delay_s": 2, "look_back_period_s": 1}}
-    deploy(settings, "/downscale", serve_port, "downscale")
+    deployed(settings, "/downscale", "downscale")
     handle = serve.get_deployment_handle("model", "downscale")
     # 8 open on one replica: target 4, so 2. They are cancelled once the second streams run.
     first = [Stream(handle, f"load-{i}", max_tokens=MAX_MODEL_LEN - 64) for i in range(8)]
@@ -99,16 +99,15 @@ def test_a_downscale_during_streaming_finishes_the_streams_of_the_stopped_replic
     assert [s.outcome() for s in second] == [(None, {LONG_TOKENS}, {"length"})] * 2
     survivor = handle.stats.remote().result(timeout_s=60)["replica_id"]
     assert survivor == older and survivor not in newer  # the streams' replica was the one stopped
-    serve.delete("downscale")
 
 
-def test_a_redeploy_during_streaming_finishes_the_old_replicas_streams(serve_port, slow_model):
+def test_a_redeploy_during_streaming_finishes_the_old_replicas_streams(deployed, slow_model):
     from ray import serve
 
     from moeray.platform.serve_app import build_app
 
     settings = {"model": slow_model, "engine": ENGINE, "graceful_shutdown_timeout_s": 180}
-    deploy(settings, "/redeploy", serve_port, "redeploy")
+    deployed(settings, "/redeploy", "redeploy")
     handle = serve.get_deployment_handle("model", "redeploy")
     # Longer: these must outlast the start of the new version's replica.
     streams = [Stream(handle, f"old-{i}", n=4, max_tokens=2 * LONG_TOKENS) for i in range(3)]
@@ -126,4 +125,3 @@ def test_a_redeploy_during_streaming_finishes_the_old_replicas_streams(serve_por
         stream.join(timeout=300)
     assert [s.outcome() for s in streams] == [(None, {2 * LONG_TOKENS}, {"length"})] * 3
     assert handle.stats.remote().result(timeout_s=60)["replica_id"] != old
-    serve.delete("redeploy")

@@ -15,7 +15,6 @@ import httpx
 import pytest
 
 from bad_inputs import INTERNALS
-from support import deploy
 
 pytestmark = pytest.mark.slow
 MODEL = "moeray-default"
@@ -33,8 +32,8 @@ def _replica_pid(app: str) -> int:
     return int(_stats(app)["replica_id"].removeprefix("pid-"))
 
 
-def test_a_killed_replica_fails_its_requests_clearly_and_is_replaced(serve_port):
-    base = deploy({"engine": {"max_model_len": 2048}, "retry_after_s": 3}, "/killed", serve_port, "killed")
+def test_a_killed_replica_fails_its_requests_clearly_and_is_replaced(deployed):
+    base = deployed({"engine": {"max_model_len": 2048}, "retry_after_s": 3}, "/killed", "killed")
     reference = httpx.post(f"{base}/v1/completions", json=GREEDY, timeout=60).json()["choices"][0]["text"]
     streams, whole, progress = {}, {}, {}
 
