@@ -22,7 +22,7 @@ from moeray.jobs.spec import JobSpecError, parse_spec
 from moeray.model import save_checkpoint
 from moeray.model.tokenizer import Tokenizer
 from moeray.platform.default_model import DEFAULT_MODEL_DIR
-from support import ServeProcess, method_loss, write_jsonl
+from support import method_loss, write_jsonl
 
 REPO = Path(__file__).parents[2]
 EXAMPLE = REPO / "examples" / "eval" / "default-model.yaml"
@@ -177,31 +177,29 @@ metric_list:
 
 
 @pytest.mark.slow
-def test_lm_eval_against_moeray_serve_reports_what_moeray_eval_does(trained_on_tasks, tmp_path):
+def test_lm_eval_against_moeray_serve_reports_what_moeray_eval_does(trained_on_tasks, deployed, tmp_path):
     tasks = tmp_path / "lm_eval_tasks"
     tasks.mkdir()
     (tasks / "moeray_arithmetic.yaml").write_text(LM_EVAL_TASKS.format(arithmetic=REPO / "examples/eval/arithmetic.jsonl"))
     (tasks / "moeray_python_facts.yaml").write_text(
         LM_EVAL_CHOICE_TASK.format(facts=REPO / "examples/eval/python-facts.jsonl"))
-    server = ServeProcess([str(trained_on_tasks), "--served-model-name", "tasks-sft"], tmp_path / "serve.log").start()
-    try:
-        env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
-               "TOKENIZERS_PARALLELISM": "false"}
-        model_args = (f"model=tasks-sft,base_url={server.url}/v1/completions,tokenizer={trained_on_tasks},"
-                      "tokenizer_backend=huggingface,add_bos_token=True,num_concurrent=1,max_retries=1")
-        finished = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "local-completions", "--model_args",
-                                   model_args, "--tasks", "moeray_arithmetic,moeray_python_facts", "--include_path",
-                                   str(tasks), "--output_path", str(tmp_path / "lm_eval_out"), "--batch_size", "1"],
-                                  env=env, capture_output=True, text=True, timeout=600)
-        assert finished.returncode == 0, finished.stderr[-3000:]
-        results_file = next((tmp_path / "lm_eval_out").rglob("results_*.json"))
-        theirs = json.loads(results_file.read_text())["results"]
-        endpoint = {"url": f"{server.url}/v1", "model": "tasks-sft"}
-        spec = example_spec(endpoint=endpoint)
-        spec = spec.model_copy(update={"tasks": [spec.tasks[0], spec.tasks[2]]})  # the two lm-eval runs
-        ours = metrics(run_eval(spec))
-    finally:
-        server.stop()
+    # The app `moeray serve` runs, on the session's Ray (the CLI process itself is test_cli_serve's).
+    url = deployed({"model": str(trained_on_tasks), "served_model_name": "tasks-sft"}, "/lm-eval", "lm-eval")
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
+           "TOKENIZERS_PARALLELISM": "false"}
+    model_args = (f"model=tasks-sft,base_url={url}/v1/completions,tokenizer={trained_on_tasks},"
+                  "tokenizer_backend=huggingface,add_bos_token=True,num_concurrent=1,max_retries=1")
+    finished = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "local-completions", "--model_args",
+                               model_args, "--tasks", "moeray_arithmetic,moeray_python_facts", "--include_path",
+                               str(tasks), "--output_path", str(tmp_path / "lm_eval_out"), "--batch_size", "1"],
+                              env=env, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    results_file = next((tmp_path / "lm_eval_out").rglob("results_*.json"))
+    theirs = json.loads(results_file.read_text())["results"]
+    endpoint = {"url": f"{url}/v1", "model": "tasks-sft"}
+    spec = example_spec(endpoint=endpoint)
+    spec = spec.model_copy(update={"tasks": [spec.tasks[0], spec.tasks[2]]})  # the two lm-eval runs
+    ours = metrics(run_eval(spec))
     assert theirs["moeray_arithmetic"]["exact_match,first_number"] == pytest.approx(ours["arithmetic/exact_match"])
     assert theirs["moeray_python_facts"]["acc,none"] == pytest.approx(ours["python-facts/acc"])
     assert ours["arithmetic/exact_match"] > 0.3 and ours["python-facts/acc"] > 0.5  # not agreeing on zero
