@@ -64,8 +64,12 @@ def configured_ref(name: str, uri: str) -> AdapterRef:
     return AdapterRef(name, uri, "configured-" + hashlib.sha256(uri.encode()).hexdigest()[:8])
 
 
+def is_adapter_name(name: str) -> bool:
+    return len(name) <= MAX_NAME_LENGTH and ADAPTER_NAME.fullmatch(name) is not None
+
+
 def check_name(name: str, param: str = "lora_name") -> None:
-    if not (len(name) <= MAX_NAME_LENGTH and ADAPTER_NAME.fullmatch(name)):
+    if not is_adapter_name(name):
         raise OpenAIError(400, f"{param}: {name!r} is not an adapter name (letters, digits, '.', '_', '-', parts "
                                f"separated by '/', none starting with '.'; at most {MAX_NAME_LENGTH} characters)",
                           param=param)
@@ -107,7 +111,7 @@ class AdapterCatalog:
         """The adapter a request's `model` names, found under the prefix on first use; None: none."""
         with self._lock:
             ref, prefix = self._adapters.get(name), self.prefix
-        if ref is not None or prefix is None or not ADAPTER_NAME.fullmatch(name) or len(name) > MAX_NAME_LENGTH:
+        if ref is not None or prefix is None or not is_adapter_name(name):
             return ref
         from moeray.storage import StorageError, file_exists
 

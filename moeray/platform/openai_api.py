@@ -298,7 +298,7 @@ def build_openai_app(client: ModelClient, settings: ServeSettings, metrics: Serv
         adapter = await catalog.load(body.lora_name, body.lora_path)
         try:  # the weights too, on one replica, so that a bad adapter is refused here
             await client.prepare_adapter(adapter)
-        except BaseException as err:
+        except Exception as err:
             await catalog.unload(adapter.name)
             raise to_openai_error(err, request_id_of(request)) from None
         logger.info("loaded LoRA adapter %s from %s", adapter.name, adapter.uri)
