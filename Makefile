@@ -41,7 +41,7 @@ clean:
 # shape and a tokenizer trained on the standard library's source, pre-training with the MTP
 # objective, then the chat and tool-call fine-tune; the result goes to moeray/assets/default-model.
 default-model: $(STAMP)
-	$(PY) -m moeray.jobs.corpus build/stdlib.jsonl
+	$(PY) -m moeray.jobs.corpus build/stdlib.jsonl --limit-mb 12
 	$(PY) -m moeray.jobs.corpus build/chat.jsonl --chat
 	$(PY) scripts/build_default_model.py --out build/default-model-init
 	rm -rf build/checkpoints/pretrain-default build/checkpoints/sft-default build/default-model-pretrained build/default-model-chat

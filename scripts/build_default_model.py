@@ -24,6 +24,13 @@ from moeray.platform.default_model import DEFAULT_MODEL_DIR
 
 BOS, EOS, USER, ASSISTANT = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"
 PAD = "<｜pad｜>"
+# DeepSeek-V3's tool-call and tool-output markup and DeepSeek-R1's reasoning tags, one token each
+# (as in DeepSeek's own tokenizers): the model learns each tag as a single step, and a tag is never
+# split across BPE merges. Added as ordinary tokens, not special ones, so that decoding keeps them
+# and the tool-call and reasoning parsers see them in the text.
+MARKUP = ["<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>", "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>",
+          "<｜tool▁sep｜>", "<｜tool▁outputs▁begin｜>", "<｜tool▁outputs▁end｜>", "<｜tool▁output▁begin｜>",
+          "<｜tool▁output▁end｜>", "<think>", "</think>"]
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
@@ -39,14 +46,19 @@ CHAT_TEMPLATE = (
 
 
 def write_tokenizer(folder: Path, vocab_size: int) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS, EOS, PAD, USER, ASSISTANT],
+    # The markup's ids come after the merges, inside the model's vocab_size.
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(MARKUP), special_tokens=[BOS, EOS, PAD, USER, ASSISTANT],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tokenizer.train_from_iterator(stdlib_sources(), trainer=trainer)
+    tokenizer.add_tokens([AddedToken(tag, special=False, normalized=False) for tag in MARKUP])
+    if tokenizer.get_vocab_size(with_added_tokens=True) != vocab_size:
+        raise SystemExit(f"the tokenizer has {tokenizer.get_vocab_size(with_added_tokens=True)} tokens, the model "
+                         f"{vocab_size}: the corpus is too small for the merges")
     # bos through the post-processor as well as add_bos_token, so that Hugging Face's tokenizer
     # (lm-eval's, PEFT users') encodes exactly as moeray's does.
     tokenizer.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A $B",

@@ -146,13 +146,21 @@ class _BucketTiming:
     per_token_s: dict[bool, float] = field(default_factory=dict)  # drafting? -> averaged seconds per token
     samples: dict[bool, int] = field(default_factory=lambda: {True: 0, False: 0})
     steps: int = 0
+    chosen: bool | None = None  # the mode measured faster, once both are measured
+    interval: int = 0  # steps from one re-measurement of the other mode to the next
+    next_probe: int = 0  # the step at which that re-measurement starts
 
 
 class SpeedGate:
     """Drafting on or off for the next step, by measured speed (see the module docstring).
-    Batch sizes are bucketed by powers of two: 1, 2-3, 4-7, ... sequences decoding."""
+    Batch sizes are bucketed by powers of two: 1, 2-3, 4-7, ... sequences decoding. The mode not
+    chosen is re-measured `probe_interval` steps after a choice is made; each re-measurement
+    that confirms the choice doubles the wait for the next (up to `max_backoff` times
+    `probe_interval`), and one that overturns it starts again from `probe_interval`: a stable
+    workload pays for fewer probes of the slower mode."""
 
     probe_steps = 3  # steps of a mode measured at a time (the first of them pays for the switch)
+    max_backoff = 16
 
     def __init__(self, probe_interval: int = 64, smoothing: float = 0.25):
         self.probe_interval, self.smoothing = probe_interval, smoothing
@@ -166,7 +174,19 @@ class SpeedGate:
             if timing.samples[drafting] < self.probe_steps:
                 return drafting
         faster = timing.per_token_s[True] < timing.per_token_s[False]
-        return (not faster) if timing.steps % self.probe_interval < self.probe_steps else faster
+        if faster != timing.chosen:  # the first choice, or a re-measurement overturned it
+            timing.chosen, timing.interval = faster, self.probe_interval
+            timing.next_probe = timing.steps + timing.interval
+        elif timing.steps >= timing.next_probe + self.probe_steps:  # a re-measurement confirmed it
+            timing.interval = min(2 * timing.interval, self.max_backoff * self.probe_interval)
+            timing.next_probe = timing.steps + timing.interval
+        probing = timing.next_probe <= timing.steps < timing.next_probe + self.probe_steps
+        return not faster if probing else faster
+
+    def prefers_drafting(self, num_decoding: int) -> bool | None:
+        """The mode measured faster at this batch size; None before both are measured."""
+        timing = self._buckets.get(num_decoding.bit_length())
+        return None if timing is None else timing.chosen
 
     def observe(self, num_decoding: int, drafting: bool, seconds: float, tokens: int) -> None:
         """A decode-only step of that mode took `seconds` and emitted `tokens` tokens."""

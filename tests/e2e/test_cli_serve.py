@@ -1,5 +1,6 @@
-"""`moeray serve` as a user runs it: the embedded default model (what `make serve` runs), and
-bad models or settings failing fast, in one line, before Ray starts."""
+"""`moeray serve` as a user runs it: the embedded default model (what `make serve` runs) writing
+Python-looking code and calling a tool, and bad models or settings failing fast, in one line,
+before Ray starts."""
 
 import json
 import os
@@ -24,6 +25,20 @@ def test_cli_serves_the_default_model(tmp_path):
         reply = client.chat.completions.create(model="moeray-default", messages=[{"role": "user", "content": "hi"}],
                                                max_tokens=8)
         assert reply.choices[0].finish_reason in ("stop", "length")
+        # What the README shows a newcomer: code for a signature, indented like Python.
+        code = client.chat.completions.create(model="moeray-default", messages=[{"role": "user", "content": "def fib(n):"}],
+                                              max_tokens=48, temperature=0).choices[0].message.content
+        assert "\n    " in code and ("return" in code or "def " in code or '"""' in code), code
+        # And a tool call for a weather question, parsed out of DeepSeek-V3's markup.
+        weather = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city now.",
+                                                    "parameters": {"type": "object", "required": ["city"],
+                                                                   "properties": {"city": {"type": "string"}}}}}
+        answer = client.chat.completions.create(model="moeray-default", tools=[weather], tool_choice="auto",
+                                                messages=[{"role": "user", "content": "What is the weather in Oslo?"}],
+                                                max_tokens=64, temperature=0).choices[0]
+        assert answer.finish_reason == "tool_calls", answer
+        (call,) = answer.message.tool_calls
+        assert call.function.name == "get_weather" and "city" in json.loads(call.function.arguments)
     finally:
         assert server.stop() == 0, server.log()
     assert "drained in" in server.log()

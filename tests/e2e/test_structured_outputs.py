@@ -65,8 +65,10 @@ def test_a_streamed_json_schema_answer_validates(client):
     ({"structured_outputs": {"regex": r"[a-z]{4}\d{2}"}}, lambda t: len(t) == 6 and t[:4].isalpha() and t[4:].isdigit()),
     ({"structured_outputs": {"choice": ["yes", "no"]}}, lambda t: t in ("yes", "no")),
     ({"guided_choice": ["left", "right"]}, lambda t: t in ("left", "right")),
-    ({"guided_json": {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}},
-     lambda t: isinstance(json.loads(t)["n"], int)),
+    # Bounded: an unbounded integer lets a model write digits up to max_tokens.
+    ({"guided_json": {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 999}},
+                      "required": ["n"]}},
+     lambda t: 0 <= json.loads(t)["n"] <= 999),
 ], ids=["regex", "choice", "guided_choice", "guided_json"])
 def test_vllm_style_extras_constrain_completions_too(client, extra, check):
     for n in (1, 3):
@@ -120,10 +122,17 @@ def test_forced_tool_calls_carry_valid_arguments_streamed_and_not(client, tool_c
 
 
 def test_parallel_tool_calls_may_be_several(client):
-    response = client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER, TIME], max_tokens=300,
-                                              tool_choice="required", seed=5)
+    # The default model learned to end after one call; with the end of the call list banned
+    # (logit_bias), the grammar's only way on is another call, each parsed whole with its own id
+    # (the one cut by max_tokens is dropped).
+    from moeray.model.tokenizer import Tokenizer
+    from moeray.platform.default_model import DEFAULT_MODEL_DIR
+
+    calls_end = Tokenizer.from_pretrained(DEFAULT_MODEL_DIR).vocabulary()["<｜tool▁calls▁end｜>"]
+    response = client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER, TIME], max_tokens=120,
+                                              tool_choice="required", seed=5, logit_bias={str(calls_end): -100})
     calls = response.choices[0].message.tool_calls
-    assert len(calls) >= 2 and len({call.id for call in calls}) == len(calls)
+    assert len(calls) >= 2 and len({call.id for call in calls}) == len(calls), response
     for call in calls:
         arguments_of(call, {"get_weather": WEATHER, "get_time": TIME}[call.function.name])
 

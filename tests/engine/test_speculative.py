@@ -276,6 +276,25 @@ def test_expert_shards_give_the_same_greedy_tokens_under_speculation(ray_session
         ray_session.get(router.shutdown.remote())
 
 
+CODE_PROMPTS = ["def fib(n):", "class Stack:\n    def push(self, item):", "import os\n\ndef read(path):",
+                "def parse(text):\n    \"\"\"Parse", "for line in lines:", "    return self._"]
+
+
+def test_the_embedded_default_models_trained_mtp_head_drafts_losslessly():
+    from moeray.platform.default_model import DEFAULT_MODEL_DIR
+
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    expected = generate(LLM(DEFAULT_MODEL_DIR), CODE_PROMPTS, params)
+    for k in (1, 2, 3):
+        llm = LLM(DEFAULT_MODEL_DIR, speculative={"method": "mtp", "num_speculative_tokens": k, "adaptive": False,
+                                                  "min_acceptance": 0.0})
+        assert generate(llm, CODE_PROMPTS, params) == expected, k
+        # A trained head, not a random one: the first draft is right more often than not (0.6 here).
+        stats = llm.engine.stats().speculative
+        if k == 1:
+            assert stats.acceptance_rate > 0.45, stats
+
+
 def test_the_speed_gate_drafts_only_at_batch_sizes_where_drafting_measures_faster():
     gate = SpeedGate(probe_interval=12)
     chosen = []
@@ -293,6 +312,25 @@ def test_the_speed_gate_drafts_only_at_batch_sizes_where_drafting_measures_faste
     # Mostly the faster mode, with a few steps of the other one in each probe interval.
     assert sum(at_one) / len(at_one) > 0.7 and sum(at_32) / len(at_32) < 0.3
     assert any(at_32) and not all(at_one)  # the other mode is still re-measured
+
+
+def test_the_speed_gate_probes_less_while_its_choice_holds_and_follows_a_change():
+    gate = SpeedGate(probe_interval=8)
+    drafting_faster = False
+    drafted = []
+    for step in range(1200):
+        if step == 900:  # the workload changes: drafting now pays
+            drafting_faster = True
+        drafting = gate.choose(32)
+        drafted.append(drafting)
+        cost = (0.7 if drafting_faster else 1.5) if drafting else 1.0
+        gate.observe(32, drafting, cost * 1e-3, 32)
+    # Intervals of 8, 16, ... up to 128 steps between 3-step probes: fewer than 40 slow steps in
+    # 900, where a fixed interval of 8 would have spent over 300.
+    assert 10 < sum(drafted[:900]) < 40
+    # Found within two probes (the average of the slow mode takes a few samples to come down),
+    # then mostly kept.
+    assert gate.prefers_drafting(32) is True and sum(drafted[1160:]) / len(drafted[1160:]) > 0.8
 
 
 def test_with_the_gate_outputs_are_unchanged_and_counts_still_add_up(mtp_folder, reference):
