@@ -24,7 +24,9 @@ Contract:
 - `SpeedGate` (`adaptive`, on by default) decides for the whole batch whether drafting pays at
   the current batch size: it times decode steps with drafts and without (seconds per emitted
   token, averaged per batch-size bucket), runs whichever is faster, and re-measures the other
-  for a few steps every `gate_probe_interval` steps. Acceptance alone cannot say this: a
+  for a few steps `gate_probe_interval` steps after choosing; each re-measurement that
+  confirms the choice doubles the wait for the next (up to 16x), one that overturns it starts
+  again from `gate_probe_interval`, so a steady workload pays little for probing. Acceptance alone cannot say this: a
   verification's cost against a plain step depends on the model, the batch and the machine, so
   where drafts are accepted but verification costs more than they save (a small model, a large
   batch), drafting switches off. Gated-off MTP steps skip the MTP layer altogether; the
@@ -63,7 +65,7 @@ class SpeculativeConfig:
     min_acceptance: float = 0.25  # below this averaged acceptance a sequence stops drafting
     probe_interval: int = 8  # steps between one-draft probes of a sequence that stopped
     adaptive: bool = True  # SpeedGate: draft only at batch sizes where it measures faster
-    gate_probe_interval: int = 64  # steps between re-measurements of the mode the gate did not choose
+    gate_probe_interval: int = 64  # steps to the first re-measurement of the mode the gate did not choose
 
     def check(self, mtp_depth: int | None = None) -> None:
         """Reject bad options, naming them; with `mtp_depth` (the model's MTP layers) also a

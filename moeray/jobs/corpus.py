@@ -8,9 +8,14 @@ and first-level modules (tests and site-packages left out) in a fixed order, up 
 a user asks for a function (by its signature, or by its docstring's first line) and the
 assistant answers with the standard library's code; and weather, time and unit-conversion
 questions with tools offered, answered by an OpenAI-style tool call (or in plain words when no
-tool fits). All of it is deterministic for a given Python installation.
+tool fits). With `replay`, pre-training rows are mixed in as plain text rows, so that a
+fine-tune keeps modelling code (`--replay FILE --replay-rows N` takes them from FILE's training
+rows only: those outside the held-out split its pre-training job's `eval_fraction` and seed
+make, so replay never trains on the rows that measure the pre-training). All of it is
+deterministic for a given Python installation.
 
     python -m moeray.jobs.corpus OUT.jsonl [--limit-mb 8] [--chunk-lines 80] [--chat]
+        [--replay STDLIB.jsonl --replay-rows N --replay-eval-fraction 0.01 --replay-seed 0]
 """
 
 from __future__ import annotations
@@ -105,8 +110,9 @@ def _call(name: str, arguments: dict, index: int) -> dict:
     return {"id": f"call_{index}", "type": "function", "function": {"name": name, "arguments": json.dumps(arguments)}}
 
 
-def write_chat_jsonl(path: str | Path, limit_bytes: int = 8 << 20, tool_rows: int = 1200, seed: int = 0) -> int:
-    """SFT conversations (see the module docstring); returns the row count."""
+def write_chat_jsonl(path: str | Path, limit_bytes: int = 8 << 20, tool_rows: int = 1200, seed: int = 0,
+                     replay: list[dict] = ()) -> int:
+    """SFT conversations, and the `replay` text rows (see the module docstring); returns the row count."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -141,11 +147,23 @@ def write_chat_jsonl(path: str | Path, limit_bytes: int = 8 << 20, tool_rows: in
             ask, reply = rng.choice(PLAIN)
             answer = {"role": "assistant", "content": reply}
         rows.append({"messages": [{"role": "user", "content": ask}, answer], "tools": WEATHER_TOOLS})
+    rows += [{"text": row["text"]} for row in replay]
     rng.shuffle(rows)
     with path.open("w", encoding="utf-8") as out:
         for row in rows:
             out.write(json.dumps(row) + "\n")
     return len(rows)
+
+
+def replay_rows(path: Path, count: int, eval_fraction: float, seed: int) -> list[dict]:
+    """`count` rows of the pre-training file `path`, evenly spaced over its training split."""
+    from moeray.jobs.trainer import held_out_threshold, row_hash  # torch: only replay needs it
+
+    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    below = held_out_threshold(rows, eval_fraction, seed) if eval_fraction else None
+    training = [row for row in rows if below is None or row_hash(row, seed) >= below]
+    step = max(len(training) / max(count, 1), 1.0)
+    return [training[int(i * step)] for i in range(min(count, len(training)))]
 
 
 def main() -> None:
@@ -154,9 +172,16 @@ def main() -> None:
     parser.add_argument("--limit-mb", type=float, default=8.0)
     parser.add_argument("--chunk-lines", type=int, default=80)
     parser.add_argument("--chat", action="store_true", help="write the SFT conversations instead")
+    parser.add_argument("--replay", type=Path, help="with --chat: pre-training JSONL to mix text rows from")
+    parser.add_argument("--replay-rows", type=int, default=0)
+    parser.add_argument("--replay-eval-fraction", type=float, default=0.01,
+                        help="the pre-training job's data.eval_fraction: its held-out rows are never replayed")
+    parser.add_argument("--replay-seed", type=int, default=0, help="the pre-training job's train.seed")
     opts = parser.parse_args()
     if opts.chat:
-        rows = write_chat_jsonl(opts.out, int(opts.limit_mb * (1 << 20)))
+        replay = replay_rows(opts.replay, opts.replay_rows, opts.replay_eval_fraction, opts.replay_seed) \
+            if opts.replay else []
+        rows = write_chat_jsonl(opts.out, int(opts.limit_mb * (1 << 20)), replay=replay)
     else:
         rows = write_stdlib_jsonl(opts.out, int(opts.limit_mb * (1 << 20)), opts.chunk_lines)
     print(f"wrote {rows} rows to {opts.out}")

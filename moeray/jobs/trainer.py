@@ -52,6 +52,13 @@ def row_hash(row: dict[str, Any], seed: int) -> int:
     return int.from_bytes(hashlib.blake2b(f"{seed}:{canonical}".encode(), digest_size=8).digest(), "little")
 
 
+def held_out_threshold(rows: list[dict[str, Any]], fraction: float, seed: int) -> int:
+    """`data.eval_fraction`'s split of `rows` (at least two): those whose `row_hash` is below the
+    returned value are held out, at least one row and at most all but one."""
+    count = min(max(round(len(rows) * fraction), 1), len(rows) - 1)
+    return sorted(row_hash(row, seed) for row in rows)[count]
+
+
 def _validated_rows(method: Method, uri: str) -> list[dict[str, Any]]:
     rows = read_jsonl(uri)
     for line, row in rows:
@@ -79,13 +86,10 @@ def prepare(spec: JobSpec) -> Prepared:
     eval_rows = _validated_rows(method, spec.data.eval) if spec.data.eval else []
     held_out_below = None
     if spec.data.eval_fraction:
-        # At least one row held out and one kept, as many as the fraction says otherwise.
-        count = min(max(round(len(train_rows) * spec.data.eval_fraction), 1), len(train_rows) - 1)
-        if count <= 0:
+        if len(train_rows) < 2:
             raise ValueError(f"data.eval_fraction: {spec.data.train} has {len(train_rows)} row(s), too few to hold "
                              "any out")
-        hashes = sorted(row_hash(row, spec.train.seed) for row in train_rows)
-        held_out_below = hashes[count]
+        held_out_below = held_out_threshold(train_rows, spec.data.eval_fraction, spec.train.seed)
         eval_rows = [row for row in train_rows if row_hash(row, spec.train.seed) < held_out_below]
         train_rows = [row for row in train_rows if row_hash(row, spec.train.seed) >= held_out_below]
     return Prepared(len(train_rows), len(eval_rows), held_out_below)

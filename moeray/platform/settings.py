@@ -42,9 +42,10 @@ class SpeculativeSettings(_Strict):
     min_acceptance: float = Field(0.25, ge=0, lt=1, description="A sequence whose averaged acceptance falls "
                                   "below this stops drafting (probing with one draft now and then).")
     adaptive: bool = Field(True, description="Time decode steps with drafts and without, per batch size, and "
-                           "draft only where that is faster (re-measured every gate_probe_interval steps).")
-    gate_probe_interval: int = Field(64, ge=6, description="adaptive: steps between re-measurements of the mode "
-                                     "not chosen.")
+                           "draft only where that is faster (the other mode re-measured gate_probe_interval steps after "
+                           "choosing, then at doubling intervals while the choice holds).")
+    gate_probe_interval: int = Field(64, ge=6, description="adaptive: steps to the first re-measurement of "
+                                     "the mode not chosen.")
 
 
 class EngineSettings(_Strict):

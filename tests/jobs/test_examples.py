@@ -1,14 +1,16 @@
 """The example job specs in examples/jobs/ run with `moeray jobs run` as the README says, on the
 session Ray: each as shipped, but for its output and checkpoint paths (a temporary folder) and,
-for the 1,000-step pre-training of the default model, its step count."""
+for the 1,500-step pre-training of the default model, its step count."""
 
+import json
 from pathlib import Path
 
 import pytest
 import yaml
 
 from moeray import LLM, SamplingParams
-from moeray.jobs.corpus import write_chat_jsonl, write_stdlib_jsonl
+from moeray.jobs.corpus import replay_rows, write_chat_jsonl, write_stdlib_jsonl
+from moeray.jobs.trainer import held_out_threshold, row_hash
 from moeray.platform.cli import main
 
 pytestmark = pytest.mark.slow
@@ -58,7 +60,12 @@ def test_pretrain_default_then_sft_default_train_the_default_shape_with_its_mtp_
     pretrained = run_example("pretrain-default.yaml", tmp_path / "pretrain", monkeypatch, capsys, base_model=str(init),
                              data={"train": str(tmp_path / "stdlib.jsonl")}, train={"max_steps": 3})
     assert moeray.model.mtp_depth_of(pretrained) == 1 and len(greedy(pretrained)) == 8
-    write_chat_jsonl(tmp_path / "chat.jsonl", limit_bytes=1 << 20, tool_rows=100)
+    # Replayed pre-training rows come from its training split only, never from what measures it.
+    replay = replay_rows(tmp_path / "stdlib.jsonl", 20, eval_fraction=0.01, seed=0)
+    stdlib_rows = [json.loads(line) for line in (tmp_path / "stdlib.jsonl").read_text().splitlines()]
+    held_out = [row for row in stdlib_rows if row_hash(row, 0) < held_out_threshold(stdlib_rows, 0.01, 0)]
+    assert len(replay) == 20 and held_out and not any(row in held_out for row in replay)
+    write_chat_jsonl(tmp_path / "chat.jsonl", limit_bytes=1 << 20, tool_rows=100, replay=replay)
     chat = run_example("sft-default.yaml", tmp_path / "sft", monkeypatch, capsys, base_model=str(pretrained),
                        data={"train": str(tmp_path / "chat.jsonl")}, train={"max_steps": 3})
     assert moeray.model.mtp_depth_of(chat) == 1 and len(greedy(chat)) == 8
