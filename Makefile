@@ -42,7 +42,7 @@ clean:
 # objective, then the chat and tool-call fine-tune; the result goes to moeray/assets/default-model.
 default-model: $(STAMP)
 	$(PY) -m moeray.jobs.corpus build/stdlib.jsonl --limit-mb 12
-	$(PY) -m moeray.jobs.corpus build/chat.jsonl --chat --replay build/stdlib.jsonl --replay-rows 800
+	$(PY) -m moeray.jobs.corpus build/chat.jsonl --chat --replay build/stdlib.jsonl --replay-rows 400
 	$(PY) scripts/build_default_model.py --out build/default-model-init
 	rm -rf build/checkpoints/pretrain-default build/checkpoints/sft-default build/default-model-pretrained build/default-model-chat
 	$(VENV)/bin/moeray jobs run examples/jobs/pretrain-default.yaml

@@ -157,7 +157,8 @@ def write_chat_jsonl(path: str | Path, limit_bytes: int = 8 << 20, tool_rows: in
 
 def replay_rows(path: Path, count: int, eval_fraction: float, seed: int) -> list[dict]:
     """`count` rows of the pre-training file `path`, evenly spaced over its training split."""
-    from moeray.jobs.trainer import held_out_threshold, row_hash  # torch: only replay needs it
+    # torch and Ray come with the trainer: imported only where replay needs its split.
+    from moeray.jobs.trainer import held_out_threshold, row_hash
 
     rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
     below = held_out_threshold(rows, eval_fraction, seed) if eval_fraction else None

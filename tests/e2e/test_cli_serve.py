@@ -26,8 +26,9 @@ def test_cli_serves_the_default_model(tmp_path):
                                                max_tokens=8)
         assert reply.choices[0].finish_reason in ("stop", "length")
         # What the README shows a newcomer: code for a signature, indented like Python.
-        code = client.chat.completions.create(model="moeray-default", messages=[{"role": "user", "content": "def fib(n):"}],
-                                              max_tokens=48, temperature=0).choices[0].message.content
+        code = client.chat.completions.create(model="moeray-default", max_tokens=48, temperature=0,
+                                              messages=[{"role": "user", "content": "def fib(n):"}]
+                                              ).choices[0].message.content
         assert "\n    " in code and ("return" in code or "def " in code or '"""' in code), code
         # And a tool call for a weather question, parsed out of DeepSeek-V3's markup.
         weather = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city now.",

@@ -122,15 +122,16 @@ def test_forced_tool_calls_carry_valid_arguments_streamed_and_not(client, tool_c
 
 
 def test_parallel_tool_calls_may_be_several(client):
-    # The default model learned to end after one call; with the end of the call list banned
-    # (logit_bias), the grammar's only way on is another call, each parsed whole with its own id
-    # (the one cut by max_tokens is dropped).
+    # The default model learned to end after one call. A newline is what the grammar takes after a
+    # call to start another one (ending the list is markup it can also spell out byte by byte), so
+    # a strong bias towards it gives several calls, each parsed whole with its own id; the one cut
+    # by max_tokens is dropped.
     from moeray.model.tokenizer import Tokenizer
     from moeray.platform.default_model import DEFAULT_MODEL_DIR
 
-    calls_end = Tokenizer.from_pretrained(DEFAULT_MODEL_DIR).vocabulary()["<｜tool▁calls▁end｜>"]
-    response = client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER, TIME], max_tokens=120,
-                                              tool_choice="required", seed=5, logit_bias={str(calls_end): -100})
+    newline = Tokenizer.from_pretrained(DEFAULT_MODEL_DIR).vocabulary()["Ċ"]  # byte-level BPE's "\n"
+    response = client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER, TIME], max_tokens=200,
+                                              tool_choice="required", seed=5, logit_bias={str(newline): 30})
     calls = response.choices[0].message.tool_calls
     assert len(calls) >= 2 and len({call.id for call in calls}) == len(calls), response
     for call in calls:
