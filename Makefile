@@ -37,7 +37,7 @@ serve: $(STAMP)
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
 
-# Rebuild the embedded default model from scratch (about 45 minutes on 2 cores): the `default`
+# Rebuild the embedded default model from scratch (about 30 minutes on 2 cores): the `default`
 # shape and a tokenizer trained on the standard library's source, pre-training with the MTP
 # objective, then the chat and tool-call fine-tune; the result goes to moeray/assets/default-model.
 default-model: $(STAMP)
