@@ -52,7 +52,8 @@ def write_tokenizer(folder: Path, vocab_size: int) -> None:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     # The markup's ids come after the merges, inside the model's vocab_size.
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(MARKUP), special_tokens=[BOS, EOS, PAD, USER, ASSISTANT],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(MARKUP),
+                                  special_tokens=[BOS, EOS, PAD, USER, ASSISTANT],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tokenizer.train_from_iterator(stdlib_sources(), trainer=trainer)
     tokenizer.add_tokens([AddedToken(tag, special=False, normalized=False) for tag in MARKUP])

@@ -26,11 +26,12 @@ Contract:
   token, averaged per batch-size bucket), runs whichever is faster, and re-measures the other
   for a few steps `gate_probe_interval` steps after choosing; each re-measurement that
   confirms the choice doubles the wait for the next (up to 16x), one that overturns it starts
-  again from `gate_probe_interval`, so a steady workload pays little for probing. Acceptance alone cannot say this: a
-  verification's cost against a plain step depends on the model, the batch and the machine, so
-  where drafts are accepted but verification costs more than they save (a small model, a large
-  batch), drafting switches off. Gated-off MTP steps skip the MTP layer altogether; the
-  entries they leave stale lower acceptance for a while, never an output.
+  again from `gate_probe_interval`, so a steady workload pays little for probing. Acceptance
+  alone cannot say whether drafting pays: a verification's cost against a plain step depends on
+  the model, the batch and the machine, so where drafts are accepted but verification costs
+  more than they save (a small model, a large batch), drafting switches off. Gated-off MTP
+  steps skip the MTP layer altogether; the entries they leave stale lower acceptance for a
+  while, never an output.
 - MTP drafting (`MtpDrafter`, driven by the runner): after each step, every position the main
   model computed (up to the verified end) runs through MTP depth 0 with the token after it:
   (h_i, t_{i+1}) at position i writes that position's entry in the MTP layer's own latent cache
@@ -184,11 +185,6 @@ class SpeedGate:
             timing.next_probe = timing.steps + timing.interval
         probing = timing.next_probe <= timing.steps < timing.next_probe + self.probe_steps
         return not faster if probing else faster
-
-    def prefers_drafting(self, num_decoding: int) -> bool | None:
-        """The mode measured faster at this batch size; None before both are measured."""
-        timing = self._buckets.get(num_decoding.bit_length())
-        return None if timing is None else timing.chosen
 
     def observe(self, num_decoding: int, drafting: bool, seconds: float, tokens: int) -> None:
         """A decode-only step of that mode took `seconds` and emitted `tokens` tokens."""

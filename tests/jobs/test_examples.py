@@ -63,7 +63,8 @@ def test_pretrain_default_then_sft_default_train_the_default_shape_with_its_mtp_
     # Replayed pre-training rows come from its training split only, never from what measures it.
     replay = replay_rows(tmp_path / "stdlib.jsonl", 20, eval_fraction=0.01, seed=0)
     stdlib_rows = [json.loads(line) for line in (tmp_path / "stdlib.jsonl").read_text().splitlines()]
-    held_out = [row for row in stdlib_rows if row_hash(row, 0) < held_out_threshold(stdlib_rows, 0.01, 0)]
+    below = held_out_threshold(stdlib_rows, 0.01, 0)
+    held_out = [row for row in stdlib_rows if row_hash(row, 0) < below]
     assert len(replay) == 20 and held_out and not any(row in held_out for row in replay)
     write_chat_jsonl(tmp_path / "chat.jsonl", limit_bytes=1 << 20, tool_rows=100, replay=replay)
     chat = run_example("sft-default.yaml", tmp_path / "sft", monkeypatch, capsys, base_model=str(pretrained),
