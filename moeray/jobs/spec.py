@@ -62,6 +62,8 @@ class DataSpec(_Strict):
                              "a share of the training rows (eval_fraction).")
     eval_fraction: float = Field(0.0, ge=0, le=0.5, description="Share of training rows held out for "
                                  "evaluation when no eval file is given.")
+    shuffle: bool = Field(True, description="Shuffle the training examples once, seeded by train.seed, "
+                          "before the first epoch; false: the order they are read in.")
 
     @model_validator(mode="after")
     def _one_eval_source(self) -> DataSpec:

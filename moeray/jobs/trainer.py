@@ -39,6 +39,9 @@ from moeray.model.tokenizer import Tokenizer
 from moeray.storage import absolute_local, check_writable, local_copy, ray_storage
 
 
+SHUFFLE_KEY = "_shuffle_key"  # the column training examples are sorted by when data.shuffle is on
+
+
 @dataclass(frozen=True)
 class Prepared:
     num_train_rows: int  # data rows (documents, conversations, prompts) used for training
@@ -110,6 +113,9 @@ def _encode_lines(batch: dict[str, Any], spec_data: dict[str, Any], training: bo
         rows = [row for row in rows if (row_hash(row, spec.train.seed) < held_out_below) == wanted]
     tokenizer = Tokenizer.from_pretrained(local_copy(spec.base_model, skip_suffixes=(".safetensors",)))
     examples = method.encode(rows, tokenizer, training) if rows else []
+    if training and spec.data.shuffle:
+        for example in examples:  # int64 in Arrow: 63 bits of the hash
+            example[SHUFFLE_KEY] = row_hash(example, spec.train.seed) >> 1
     return pa.Table.from_pylist(examples)
 
 
@@ -120,9 +126,18 @@ def _dataset(spec: JobSpec, uri: str, training: bool, keep: str, held_out_below:
     # read_text, not read_json: chat rows differ in shape from line to line (tool calls, optional
     # fields), which Arrow's schema inference over a block refuses; the method parses each line.
     lines = ray.data.read_text(path, filesystem=filesystem)
-    return lines.map_batches(_encode_lines, batch_format="numpy", batch_size=None, fn_kwargs={
+    examples = lines.map_batches(_encode_lines, batch_format="numpy", batch_size=None, fn_kwargs={
         "spec_data": spec.model_dump(), "training": training, "keep": keep,
-        "held_out_below": held_out_below}).materialize()
+        "held_out_below": held_out_below})
+    if training and spec.data.shuffle:
+        # After encoding, so packed and cut rows mix across the whole file: a corpus written in
+        # some order (the standard library, alphabetically) otherwise trains as a drifting stream.
+        # A sort by a seeded hash of each example's content, not random_shuffle: Ray Data hands
+        # blocks on in no fixed order (preserve_order is off), and a seeded random_shuffle of blocks
+        # that arrive in another order is another order, where a sort is the same one whatever the
+        # blocks' order, so a resumed or repeated job reads the examples in the same order.
+        examples = examples.sort(SHUFFLE_KEY)
+    return examples.materialize()
 
 
 def _datasets(spec: JobSpec, prepared: Prepared) -> dict[str, Any]:
@@ -194,6 +209,8 @@ def _evaluate_tasks(spec: JobSpec, task_engine, model, is_rank0: bool) -> dict[s
 
 def _rounds(shard, rows_per_round: int):
     for batch in shard.iter_batches(batch_size=rows_per_round, batch_format="pyarrow", prefetch_batches=2):
+        if SHUFFLE_KEY in batch.column_names:
+            batch = batch.drop_columns([SHUFFLE_KEY])
         yield batch.to_pylist()
 
 

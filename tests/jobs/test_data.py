@@ -1,6 +1,8 @@
-"""Fine-tuning data: JSONL reading and validation, SFT/DPO tokenization, packing, batching, splits."""
+"""Fine-tuning data: JSONL reading and validation, SFT/DPO tokenization, packing, batching, splits, and
+the order the trainer reads its examples in."""
 
 import json
+import re
 from itertools import pairwise
 
 import pytest
@@ -9,8 +11,11 @@ import torch
 from moeray.jobs.data import (IGNORE_INDEX, DataError, pack, pad_batch, read_jsonl, split_eval, tokenize_dpo,
                               tokenize_sft, tokenize_text, validate_dpo_row, validate_sft_row,
                               validate_text_row)
+from moeray.jobs import trainer
+from moeray.jobs.spec import parse_spec
 from moeray.model.tokenizer import Tokenizer
-from support import EOS, write_tiny_tokenizer
+from moeray.platform.default_model import DEFAULT_MODEL_DIR
+from support import EOS, write_jsonl, write_tiny_tokenizer
 
 CONVERSATION = [
     {"role": "system", "content": "You are terse."},
@@ -278,3 +283,29 @@ def test_bad_tool_messages_are_named_with_their_line(change, message):
     messages = [change.get(i, m) for i, m in enumerate(TOOL_CONVERSATION)]
     with pytest.raises(DataError, match=rf"train\.jsonl:4: {message}"):
         validate_sft_row({"messages": messages}, "train.jsonl", 4)
+
+
+def _dataset_order(spec_data: dict) -> dict[str, list[int]]:
+    """Each dataset the trainer builds for `spec_data`, as the row numbers of its examples in order."""
+    spec = parse_spec(spec_data)
+    tokenizer = Tokenizer.from_pretrained(DEFAULT_MODEL_DIR)
+    datasets = trainer._datasets(spec, trainer.prepare(spec))
+    return {name: [int(re.search(r"row (\d+)", tokenizer.decode(example["input_ids"])).group(1))
+                   for example in dataset.iter_rows()] for name, dataset in datasets.items()}
+
+
+def test_training_examples_are_shuffled_once_by_the_seed(ray_session, tmp_path):
+    rows = [{"messages": [{"role": "user", "content": f"row {i}"}, {"role": "assistant", "content": "ok"}]}
+            for i in range(120)]
+    spec = {"name": "order", "base_model": str(DEFAULT_MODEL_DIR), "method": "sft", "output": str(tmp_path / "out"),
+            "data": {"train": write_jsonl(tmp_path / "train.jsonl", rows), "eval_fraction": 0.1},
+            "train": {"seed": 3}, "checkpoint": {"storage": str(tmp_path / "ckpt")}}
+    shuffled = _dataset_order(spec)
+    assert sorted(shuffled["train"] + shuffled["eval"]) == list(range(120))  # nothing lost, nothing repeated
+    assert shuffled["train"] != sorted(shuffled["train"])
+    # The same seed: the same order, so a resumed job sees it again (held-out rows come in read order).
+    assert _dataset_order(spec)["train"] == shuffled["train"]
+    assert _dataset_order({**spec, "train": {"seed": 4}})["train"] != shuffled["train"]
+    read_order = _dataset_order({**spec, "data": {**spec["data"], "shuffle": False}})
+    # Read order: Ray Data keeps each block's rows in file order but not the blocks' (preserve_order is off).
+    assert sorted(read_order["train"]) == sorted(shuffled["train"]) and read_order["train"] != shuffled["train"]

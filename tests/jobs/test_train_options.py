@@ -51,7 +51,9 @@ def test_moe_options_reach_the_trainer(ray_session, tmp_path, base):
     spec = make_spec(tmp_path, base, name="job-moe", train={"max_steps": 1},
                      moe={"freeze_router": True, "bias_update_rate": rate, "router_aux_loss_coef": coef},
                      checkpoint={"every_steps": 1}, eval={"every_steps": 100})
-    # What one worker's first step sees: the first rows of the training side of the split.
+    # What one worker's first step sees: the first rows of the training side of the split, with the
+    # shuffle off (one small file is one block, read in order).
+    spec = spec.model_copy(update={"data": spec.data.model_copy(update={"shuffle": False})})
     batch = encoded_rows(spec, sft_rows(), Tokenizer.from_pretrained(base))[:spec.train.per_device_batch_size]
     reference = moeray.model.load(base).train()
     with torch.no_grad():
