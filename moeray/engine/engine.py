@@ -281,10 +281,12 @@ class Engine:
         plan = self.scheduler.schedule()
         if not plan.chunks:
             return []
-        mtp = self.speculator is not None and self.speculator.uses_mtp
-        # Block tables as the step ran (a sequence that finishes below gives its blocks back, but
-        # its MTP cache entries are still written: cached prefixes keep them).
-        tables = [list(chunk.seq.block_table) for chunk in plan.chunks] if mtp else None
+        drafting = self.speculator is not None and self.speculator.plan(plan.chunks)
+        mtp = drafting and self.speculator.uses_mtp
+        # Block tables as the step ran: a sequence that finishes below gives its blocks back (the
+        # block manager gives it a new, empty list), but its MTP cache entries are still written
+        # through these, since cached prefixes keep them.
+        tables = [chunk.seq.block_table for chunk in plan.chunks] if mtp else None
         result = self.runner.execute(plan.chunks, self._pending_copies, want_hidden=mtp)
         self._pending_copies = []
         self.scheduler.complete(plan.chunks)
@@ -308,7 +310,7 @@ class Engine:
                 if not chunk.seq.is_finished:  # the verified drafts' latents stay
                     self.scheduler.accept(chunk.seq, emitted[id(chunk)] - 1)
         if self.speculator is not None:
-            self.speculator.timed(plan.chunks, emitted, time.perf_counter() - started)
+            self.speculator.timed(emitted, time.perf_counter() - started)
             self.speculator.propose(plan.chunks, emitted, result.hidden, tables, self._draft_room)
         return [self._collect(request) for request in touched.values()]
 

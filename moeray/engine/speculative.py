@@ -30,17 +30,20 @@ Contract:
   alone cannot say whether drafting pays: a verification's cost against a plain step depends on
   the model, the batch and the machine, so where drafts are accepted but verification costs
   more than they save (a small model, a large batch), drafting switches off. Gated-off MTP
-  steps skip the MTP layer altogether; the entries they leave stale lower acceptance for a
-  while, never an output.
+  steps skip the MTP layer altogether (see below).
 - MTP drafting (`MtpDrafter`, driven by the runner): after each step, every position the main
   model computed (up to the verified end) runs through MTP depth 0 with the token after it:
   (h_i, t_{i+1}) at position i writes that position's entry in the MTP layer's own latent cache
   layer (index num_hidden_layers, same block tables), and a sequence's last row gives its first
   draft. Drafts 2..k chain depth 0 on its own hidden state, as vLLM does for V3's single layer.
-  Every sequence's rows are computed, drafting or not, so every cached block's MTP entries are
-  there for a later request that shares it. Stale MTP entries (a prefix shared up to a block
-  boundary, a forked sibling's first token) only lower the acceptance rate; they can never
-  change an output.
+  While drafting is on, every sequence's rows are computed, its prompt's included, so every
+  cached block's MTP entries are there for a later request that shares it; while the gate has
+  it off, none are (the MTP layer's work on prompts would otherwise cost a large batch more
+  than speculation ever saves there). Stale MTP entries (positions computed while gated off, a
+  prefix shared up to a block boundary, a forked sibling's first token) only lower the
+  acceptance rate; they can never change an output. Re-measurements of drafting after a
+  gated-off stretch therefore see lower acceptance than a fresh start would: the gate leans to
+  staying off where it measured off faster.
 """
 
 from __future__ import annotations
@@ -245,12 +248,24 @@ class Speculator:
         self.ngram = None if self.uses_mtp else NgramProposer(config)
         self.stats = SpeculativeStats()
         self.gate = SpeedGate(config.gate_probe_interval) if config.adaptive else None
-        self._chosen: tuple[int, bool] | None = None  # (sequences decoding, drafting?) of the next step
+        self._chosen: tuple[int, bool] | None = None  # (sequences decoding, drafting?) of the running step
+        self._next: tuple[int, bool] = (0, True)  # the same, decided for the step after it
         self._propose_s = 0.0  # time the last propose took: part of the cost of the step it drafted for
+        self._decode_only = False  # whether the running step's chunks all decode
 
-    def timed(self, chunks, emitted: dict[int, int], seconds: float) -> None:
-        """A step ran in `seconds` (forward and sampling); a decode-only one informs the gate."""
-        if self.gate is not None and self._chosen is not None and all(_decodes(chunk) for chunk in chunks):
+    def plan(self, chunks) -> bool:
+        """Before a step runs: whether its results draft for the next one (the gate's choice for
+        the sequences that sample in it). True means an MTP step must keep its hidden states and
+        block tables for `propose`; a gated-off step needs neither."""
+        num_decoding = sum(1 for chunk in chunks if chunk.samples)
+        drafting = self.gate is None or self.gate.choose(num_decoding)
+        self._next = (num_decoding, drafting)
+        self._decode_only = all(_decodes(chunk) for chunk in chunks)  # before the step moves the sequences on
+        return drafting
+
+    def timed(self, emitted: dict[int, int], seconds: float) -> None:
+        """The step `plan` saw ran in `seconds` (forward and sampling); a decode-only one informs the gate."""
+        if self.gate is not None and self._chosen is not None and self._decode_only:
             num_decoding, drafting = self._chosen
             self.gate.observe(num_decoding, drafting, seconds + self._propose_s, sum(emitted.values()))
         self._chosen = None
@@ -278,20 +293,18 @@ class Speculator:
         return max(0, min(self.policy.budget(seq.seq_id), room(seq)))
 
     def propose(self, chunks, emitted: dict[int, int], hidden, tables, room) -> None:
-        """Drafts for the next step, on `seq.draft_token_ids`. `hidden` [T, D] are the step's final
-        hidden states (MTP), `tables` the block tables the step ran with, `room(seq)` the most
-        drafts worth verifying."""
+        """Drafts for the next step, on `seq.draft_token_ids`, as `plan` decided. `hidden` [T, D] are
+        the step's final hidden states (MTP), `tables` the block tables the step ran with (both
+        None when `plan` said no drafting), `room(seq)` the most drafts worth verifying."""
         start = time.perf_counter()
-        num_decoding = sum(1 for chunk in chunks if id(chunk) in emitted and not chunk.seq.is_finished)
-        drafting = self.gate is None or self.gate.choose(num_decoding)
-        self._chosen = (num_decoding, drafting)
+        self._chosen = self._next
+        drafting = self._next[1]
         try:
             self._propose(chunks, emitted, hidden, tables, room, drafting)
         finally:
             # After a step with prompt chunks the MTP rows are mostly prompt positions, work either
             # mode pays: not a cost of the drafts.
-            decode_only = all(_decodes(chunk) for chunk in chunks)
-            self._propose_s = time.perf_counter() - start if decode_only else 0.0
+            self._propose_s = time.perf_counter() - start if self._decode_only else 0.0
 
     def _propose(self, chunks, emitted, hidden, tables, room, drafting: bool) -> None:
         if not self.uses_mtp:
@@ -300,16 +313,19 @@ class Speculator:
                 if count:
                     chunk.seq.draft_token_ids = self.ngram.propose(chunk.seq.seq_id, chunk.seq.token_ids, count)
             return
+        if not drafting:
+            # Gated off: no MTP work at all, prompt rows included. Those are most of the MTP
+            # layer's cost at a large batch (a prompt's every position, against one row per
+            # decoding sequence), which would otherwise make speculation slower than off even
+            # when it never drafts. Their entries stay stale: lower acceptance, never an output.
+            return
         from moeray.engine.runner import MtpRows  # torch: only the MTP path needs it
 
         rows, offset, owners = [], 0, []
         for chunk, table in zip(chunks, tables):
             seq = chunk.seq
-            if not drafting and _decodes(chunk):  # gated off: no MTP work for decode rows at all
-                offset += chunk.num_tokens
-                continue
             valid = emitted[id(chunk)] if chunk.draft else chunk.num_tokens  # positions whose latents stay
-            count = self._budget(seq, room) if drafting and id(chunk) in emitted else 0  # it sampled this step
+            count = self._budget(seq, room) if id(chunk) in emitted else 0  # it sampled this step
             # Chained drafts write entries past the sequence's last token: room for them first.
             if count > 1 and not self.block_manager.ensure_capacity(seq, seq.num_tokens + count - 2):
                 count = 1
