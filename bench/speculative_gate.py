@@ -2,7 +2,7 @@
 
 Four engines on the same prompts, in alternating rounds, medians: speculation off; MTP with the
 speed gate (`adaptive`); MTP drafting every step (`adaptive: false`); and MTP with the gate
-forced off (every cost speculation adds besides its drafts: the MTP cache, hidden states, bookkeeping). It also
+forced off (what speculation costs when it never drafts: the MTP cache's memory, the speed gate's bookkeeping). It also
 counts the gate's choices per number of decoding sequences.
 
     cd bench && ../.venv/bin/python speculative_gate.py [--model DIR] [--k 2] [--batch 32] [--rounds 5]
