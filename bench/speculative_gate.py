@@ -2,8 +2,8 @@
 
 Four engines on the same prompts, in alternating rounds, medians: speculation off; MTP with the
 speed gate (`adaptive`); MTP drafting every step (`adaptive: false`); and MTP with the gate
-forced off (what speculation costs when it never drafts: the MTP cache's memory, the speed gate's bookkeeping). It also
-counts the gate's choices per number of decoding sequences.
+forced off (what speculation costs when it never drafts: the MTP cache's memory, the speed
+gate's bookkeeping). It also counts the gate's choices per number of decoding sequences.
 
     cd bench && ../.venv/bin/python speculative_gate.py [--model DIR] [--k 2] [--batch 32] [--rounds 5]
 """
